@@ -1,0 +1,154 @@
+"""Every message on the bus, as typed msgspec structs.
+
+Requests come from outside (the edge, or any backend publishing directly), so they forbid unknown
+fields and are validated once more by the worker. Events are a tagged union on `type`; every event
+carries its `seq` (0 = start, then one per event, which is also the SSE `id:`) and the `attempt`
+that produced it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from contracts.errors import ErrorCode, LlmbusError
+from contracts.subjects import MODEL_NAME, REQUEST_ID
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    role: Role
+    content: str
+    images: list[str] | None = None  # base64, for vision models
+
+
+class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling options, passed to the backend as Ollama's `options`."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    num_predict: int | None = None  # max tokens to generate; -1 = until the model stops
+    num_ctx: int | None = None
+    stop: list[str] | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+# `format` is Ollama's structured output: "json" or a JSON Schema object.
+Format = Literal["json"] | dict[str, Any]
+
+
+class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """A chat (`messages`) or completion (`prompt`) request on `llm.req.generate.<model>`."""
+
+    id: str
+    model: str
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    system: str | None = None
+    options: Options = msgspec.field(default_factory=Options)
+    format: Format | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def validate(self) -> None:
+        """Checks msgspec's types cannot express; raises `LlmbusError(bad_request)`."""
+        if not REQUEST_ID.match(self.id):
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "id must be 8-128 characters of [A-Za-z0-9_-]")
+        validate_model(self.model)
+        if (self.messages is None) == (self.prompt is None):
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "exactly one of `messages` or `prompt` is required")
+        if self.messages is not None:
+            if not self.messages:
+                raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` must not be empty")
+            if all(m.role == "system" for m in self.messages):
+                raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` needs at least one non-system message")
+        num_predict = self.options.num_predict
+        if num_predict is not None and (num_predict == 0 or num_predict < -1):
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`options.num_predict` must be positive or -1")
+
+
+def validate_model(model: str) -> None:
+    if not MODEL_NAME.match(model):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"invalid model name {model[:64]!r}")
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(msgspec.Struct, omit_defaults=True):
+    total_ms: float
+    ttft_ms: float | None = None  # time to first token, from when the worker started the request
+    tokens_per_s: float | None = None  # generation speed reported by the backend
+
+
+class _Event(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    seq: int
+    attempt: int
+
+
+class Start(_Event, tag="start"):
+    request_id: str
+    model: str
+
+
+class Token(_Event, tag="token"):
+    text: str
+
+
+class Done(_Event, tag="done"):
+    finish_reason: str  # "stop", "length", ...
+    usage: Usage
+    timings: Timings
+
+
+class Error(_Event, tag="error"):
+    code: ErrorCode
+    message: str
+    retry_after: float | None = None
+
+
+Event = Start | Token | Done | Error
+TERMINAL_TYPES = frozenset({"done", "error"})
+
+
+class EventHead(msgspec.Struct):
+    """Just what a relay needs from an event: decoding skips the rest of the payload."""
+
+    type: str
+    seq: int
+
+
+class ErrorDetail(msgspec.Struct, omit_defaults=True):
+    code: ErrorCode
+    message: str
+    request_id: str | None = None
+    retry_after: float | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    """The HTTP error body: `{"error": {"code", "message", "request_id", "retry_after"?}}`."""
+
+    error: ErrorDetail
+
+
+class Completion(msgspec.Struct, omit_defaults=True):
+    """The non-streaming HTTP response for a generate or chat request."""
+
+    request_id: str
+    model: str
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings

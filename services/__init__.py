@@ -1,0 +1,1 @@
+"""llmbus services: the shared runtime and one package per service."""

@@ -1,0 +1,1 @@
+"""The edge: HTTP front door that publishes requests onto the bus and relays their events."""

@@ -1,0 +1,98 @@
+"""`POST /v1/chat` and `POST /v1/generate`: validate, publish, then stream SSE or answer once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.response import Stream
+
+from contracts import Completion, Done, Error, Event, Token
+from services.edge.bodies import ChatBody, GenerateBody
+from services.edge.dispatch import Dispatcher, EventFeed
+from services.edge.errors import error_response, request_id_of
+from services.edge.sse import frame
+
+_decode_event = msgspec.json.Decoder(Event).decode
+_encode = msgspec.json.Encoder().encode
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@post("/v1/chat", summary="Chat with a model", status_code=200)
+async def chat(request: Request[Any, Any, Any], data: ChatBody) -> Response[bytes] | Stream:
+    return await _generate(request, data)
+
+
+@post("/v1/generate", summary="Complete a prompt", status_code=200)
+async def generate(request: Request[Any, Any, Any], data: GenerateBody) -> Response[bytes] | Stream:
+    return await _generate(request, data)
+
+
+async def _generate(
+    request: Request[Any, Any, Any], body: ChatBody | GenerateBody
+) -> Response[bytes] | Stream:
+    request_id = request_id_of(request)
+    wire = body.to_request(request_id)
+    wire.validate()
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    feed = await dispatcher.submit(wire, body.timeout)
+    if body.stream or "text/event-stream" in request.headers.get("accept", ""):
+        return Stream(
+            _sse(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
+        )
+    return await _until_done_or_disconnect(request, feed, wire.model)
+
+
+async def _sse(feed: EventFeed) -> AsyncIterator[bytes]:
+    # Litestar cancels this generator when the client disconnects; `close` then cancels upstream.
+    try:
+        async for batch in feed.batches():
+            yield frame(batch)
+    finally:
+        feed.close()
+
+
+async def _until_done_or_disconnect(
+    request: Request[Any, Any, Any], feed: EventFeed, model: str
+) -> Response[bytes]:
+    collect = asyncio.ensure_future(_collect(feed, model))
+    # The body has been read, so the next ASGI message can only be the client hanging up.
+    hangup = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({collect, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not collect.done():
+            collect.cancel()
+        feed.close()
+    if collect.cancelled():
+        return Response(b"", status_code=499)  # nobody is listening any more
+    result = collect.result()
+    if isinstance(result, Error):
+        return error_response(result.code, result.message, feed.request_id, result.retry_after)
+    return Response(_encode(result), media_type="application/json", headers={"X-Request-Id": feed.request_id})
+
+
+async def _collect(feed: EventFeed, model: str) -> Completion | Error:
+    parts: list[str] = []
+    async for batch in feed.batches():
+        for _, data in batch:
+            event = _decode_event(data)
+            if isinstance(event, Token):
+                parts.append(event.text)
+            elif isinstance(event, Done):
+                return Completion(
+                    request_id=feed.request_id,
+                    model=model,
+                    text="".join(parts),
+                    finish_reason=event.finish_reason,
+                    usage=event.usage,
+                    timings=event.timings,
+                )
+            elif isinstance(event, Error):
+                return event
+    raise RuntimeError("event feed ended without a terminal event")  # feeds always end with one

@@ -1,0 +1,49 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NotFoundError
+
+from contracts import subjects
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    nats: bool
+    stream: bool
+    consumer: bool
+    generators: bool
+
+
+@get("/health/live", summary="The edge process is up")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/health/ready", summary="NATS connected, request stream and consumer present, a generator alive")
+async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
+    nc = request.app.state.nc
+    js = nc.jetstream()
+    state = Readiness(ready=False, nats=nc.is_connected, stream=False, consumer=False, generators=False)
+    if state.nats:
+        try:
+            await js.stream_info(subjects.REQUEST_STREAM)
+            state.stream = True
+            await js.consumer_info(subjects.REQUEST_STREAM, "generator")
+            state.consumer = True
+        except (NotFoundError, NatsTimeoutError):
+            pass
+        try:
+            # Every worker is a NATS micro service; one PING answer proves a live generator.
+            await nc.request("$SRV.PING.llmbus-generator", b"", timeout=0.5)
+            state.generators = True
+        except (NoRespondersError, NatsTimeoutError):
+            pass
+    state.ready = state.nats and state.stream and state.consumer and state.generators
+    return Response(state, status_code=200 if state.ready else 503)

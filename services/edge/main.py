@@ -1,0 +1,26 @@
+"""`llmbus edge`: serve the Litestar app with uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.edge.app import create_app
+from services.runtime import tracing
+from services.runtime.service import setup_logging
+from services.runtime.settings import Settings
+
+
+def main(settings: Settings) -> None:
+    setup_logging(settings.log_level)
+    tracing.setup("llmbus-edge")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    tracing.shutdown()

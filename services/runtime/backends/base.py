@@ -1,0 +1,37 @@
+"""What a worker needs from a model server, whatever API it speaks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import msgspec
+
+from contracts import GenerateRequest
+
+
+class Final(msgspec.Struct):
+    """The last item of a generation stream: why it stopped and what it cost."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_s: float | None = None
+
+
+class Backend(Protocol):
+    url: str
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
+        """Streams text pieces, then exactly one `Final`.
+
+        Raises `LlmbusError` with a stable code. Closing the iterator (or cancelling the task that
+        drives it) closes the upstream HTTP response, so the server stops generating.
+        """
+        ...
+
+    async def version(self) -> str:
+        """A cheap reachability probe; raises `LlmbusError(backend_unavailable)`."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,103 @@
+"""NATS connection and the idempotent provisioning of streams and consumers.
+
+Every service calls `provision` at start-up, so start order never matters and a fresh server is
+set up by whichever service comes first. Updating an existing stream with the same config is a
+no-op on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from contracts import subjects
+from services.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    return await nats.connect(
+        settings.nats_url,
+        name=name,
+        max_reconnect_attempts=-1,  # a service outlives NATS restarts
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    return [
+        # Requests: work-queue retention, so each is removed once a worker acks it.
+        StreamConfig(
+            name=subjects.REQUEST_STREAM,
+            subjects=[subjects.REQUEST_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=settings.dedupe_window_s,
+            max_msg_size=settings.max_body_bytes * 2,
+            discard=DiscardPolicy.NEW,
+        ),
+        # Events: every event of every request, briefly, for resume and for continuing after a crash.
+        StreamConfig(
+            name=subjects.EVENT_STREAM,
+            subjects=[subjects.EVENT_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.MEMORY,
+            max_age=settings.event_max_age_s,
+            max_bytes=256 * 1024 * 1024,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> None:
+    for config in stream_configs(settings):
+        assert config.name is not None
+        try:
+            await js.stream_info(config.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+async def ensure_consumer(
+    js: JetStreamContext, settings: Settings, durable: str, filter_subject: str
+) -> None:
+    """A durable pull consumer shared by every replica of one worker kind."""
+    await js.add_consumer(
+        subjects.REQUEST_STREAM,
+        ConsumerConfig(
+            durable_name=durable,
+            filter_subject=filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            max_ack_pending=-1,
+            max_waiting=4096,
+        ),
+    )

@@ -1,0 +1,106 @@
+"""`llmbus up`: the local stack as separate processes, supervised.
+
+Embedded nats-server first, then each service as its own process (as in production). A service
+that dies is restarted. Ctrl-C (or SIGTERM) stops the services gracefully, then NATS. Children run
+in their own sessions so a terminal's Ctrl-C reaches only this supervisor, which keeps that order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from services.runtime.nats_server import NatsServer
+from services.runtime.settings import Settings
+
+SERVICES = ("generator", "edge")
+
+
+def _say(line: str) -> None:
+    print(f"llmbus: {line}", flush=True)
+
+
+def _backend_status(url: str) -> str:
+    try:
+        version = httpx.get(f"{url}/api/version", timeout=2).json().get("version", "?")
+        return f"Ollama {version} at {url}"
+    except (httpx.HTTPError, ValueError):
+        return (
+            f"NOT REACHABLE at {url} — start Ollama or set LLMBUS_OLLAMA_URL; "
+            "until then requests fail with backend_unavailable"
+        )
+
+
+def _wait_ready(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def up(settings: Settings) -> int:
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    data = Path(settings.data_dir).resolve()
+    nats = NatsServer(data / "nats", port=settings.nats_port).start()
+    _say(f"NATS with JetStream at {nats.url} (data in {data / 'nats'})")
+    env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(name: str) -> None:
+        children[name] = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", name], env=env, start_new_session=True
+        )
+
+    for name in SERVICES:
+        spawn(name)
+    edge_url = f"http://{settings.http_host}:{settings.http_port}"
+    _say(f"model backend: {_backend_status(settings.ollama_url)}")
+    if _wait_ready(edge_url, 30):
+        _say(f"edge ready at {edge_url}  (API docs: {edge_url}/schema)  — Ctrl-C stops everything")
+    else:
+        _say(f"edge at {edge_url} is not ready yet; see the service logs above")
+
+    restarts: dict[str, float] = {}
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for name, proc in list(children.items()):
+                # Back off a crash loop: at most one restart per second per service.
+                crashed = proc.poll() is not None and not stopping
+                if crashed and time.monotonic() - restarts.get(name, 0.0) > 1.0:
+                    _say(f"{name} exited with {proc.returncode}; restarting")
+                    restarts[name] = time.monotonic()
+                    spawn(name)
+    finally:
+        _say("stopping")
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.shutdown_grace_s + 5
+        for proc in children.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        nats.stop()
+        _say("stopped")
+    return 0
