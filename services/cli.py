@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from services.runtime.settings import Settings
 
-SERVICES = ("edge", "generator")
+# Every long-running service: `llmbus NAME` runs `services.NAME.main.main(settings)`, and
+# `llmbus up` starts each as its own process, in this order.
+SERVICES = ("generator", "edge")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,14 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         from services.up import up
 
         sys.exit(up(settings))
-    if args.command == "edge":
-        from services.edge.main import main as edge
-
-        edge(settings)
-    elif args.command == "generator":
-        from services.generator.main import main as generator
-
-        generator(settings)
+    if args.command in SERVICES:
+        importlib.import_module(f"services.{args.command}.main").main(settings)
     elif args.command == "contracts":
         from contracts.export import main as export_main
 

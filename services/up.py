@@ -16,11 +16,9 @@ from pathlib import Path
 
 import httpx
 
+from services.cli import SERVICES
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
-
-SERVICES = ("generator", "edge")
-
 
 def _say(line: str) -> None:
     print(f"llmbus: {line}", flush=True)

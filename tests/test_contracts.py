@@ -1,0 +1,42 @@
+"""The wire contract: subject encoding, validation, and the exported schema documents."""
+
+from __future__ import annotations
+
+import pytest
+
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, subjects
+from contracts.export import main as export_main
+
+
+@pytest.mark.parametrize(
+    "model", ["llama3.2:3b", "qwen2.5-coder:1.5b", "hf.co/org/m.gguf:Q4_K_M", "a%2Eb", "x"]
+)
+def test_model_subject_encoding_round_trips(model: str) -> None:
+    subject = subjects.generate_subject(model)
+    assert subject.count(".") == 3  # llm.req.generate.<one token>
+    assert subjects.model_from_subject(subject) == model
+
+
+def test_exported_schemas_are_current() -> None:
+    assert export_main(check=True) == 0, "run `llmbus contracts` and commit the result"
+
+
+def test_every_error_code_maps_to_an_http_status() -> None:
+    assert {code.http_status for code in ErrorCode} <= {400, 401, 403, 404, 413, 429, 499, 500, 502, 503, 504}
+    assert ErrorCode.QUEUE_FULL.http_status == 503
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GenerateRequest(id="short", model="m", prompt="x"),
+        GenerateRequest(id="abcdefgh", model="bad model", prompt="x"),
+        GenerateRequest(id="abcdefgh", model="m"),
+        GenerateRequest(id="abcdefgh", model="m", prompt="x", messages=[Message("user", "y")]),
+        GenerateRequest(id="abcdefgh", model="m", messages=[]),
+    ],
+)
+def test_validation_refuses_requests_a_worker_cannot_run(request_: GenerateRequest) -> None:
+    with pytest.raises(LlmbusError) as info:
+        request_.validate()
+    assert info.value.code is ErrorCode.BAD_REQUEST
