@@ -20,6 +20,7 @@ from services.cli import SERVICES
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
 
+
 def _say(line: str) -> None:
     print(f"llmbus: {line}", flush=True)
 

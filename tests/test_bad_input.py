@@ -70,6 +70,7 @@ USER = [{"role": "user", "content": "hi"}]
         ),
         ("/v1/nothing-here", b"{}", "not_found", 404),
     ],
+    ids=lambda value: value[:40].decode(errors="replace") if isinstance(value, bytes) else None,
 )
 async def test_bad_input_is_refused_with_a_stable_code(
     client: AsyncClient,
@@ -91,7 +92,7 @@ async def test_bad_input_is_refused_with_a_stable_code(
     info = await nc.jetstream().stream_info(subjects.REQUEST_STREAM)
     await nc.close()
     assert info.state.messages == 0 and info.state.first_seq <= 1  # nothing was ever published
-    assert fake_ollama.calls == []
+    assert [c.path for c in fake_ollama.calls if c.path != "/api/version"] == []
 
 
 async def test_wrong_method_is_a_clear_error(client: AsyncClient) -> None:

@@ -51,7 +51,6 @@ async def test_non_streaming_client_disconnect_cancels_upstream(
     fake_ollama.config.first_token_delay = 30
     body = {**BODY, "stream": False}
     task = asyncio.create_task(client.post("/v1/chat", json=body))
-    while not fake_ollama.calls:
-        await asyncio.sleep(0.01)
+    await fake_ollama.wait_calls(1, path="/api/chat")
     task.cancel()
     await fake_ollama.wait_disconnected(1, timeout=5)

@@ -35,14 +35,21 @@ def request_id_of(request: Request[Any, Any, Any]) -> str:
 
 
 def error_response(
-    code: ErrorCode, message: str, request_id: str, retry_after: float | None = None
+    code: ErrorCode,
+    message: str,
+    request_id: str,
+    retry_after: float | None = None,
+    status: int | None = None,
 ) -> Response[bytes]:
     body = ErrorBody(ErrorDetail(code=code, message=message, request_id=request_id, retry_after=retry_after))
     hdrs = {"X-Request-Id": request_id}
     if retry_after is not None:
         hdrs["Retry-After"] = str(max(1, round(retry_after)))
     return Response(
-        msgspec.json.encode(body), status_code=code.http_status, media_type="application/json", headers=hdrs
+        msgspec.json.encode(body),
+        status_code=status or code.http_status,
+        media_type="application/json",
+        headers=hdrs,
     )
 
 
@@ -61,7 +68,7 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     code = _STATUS_CODES.get(exc.status_code)
     if code is None:
         code = ErrorCode.INTERNAL if exc.status_code >= 500 else ErrorCode.BAD_REQUEST
-    return error_response(code, str(exc.detail), request_id_of(request))
+    return error_response(code, str(exc.detail), request_id_of(request), status=exc.status_code)
 
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
+from litestar.params import JSONBody
 from litestar.response import Stream
 
 from contracts import Completion, Done, Error, Event, Token
@@ -23,12 +24,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @post("/v1/chat", summary="Chat with a model", status_code=200)
-async def chat(request: Request[Any, Any, Any], data: ChatBody) -> Response[bytes] | Stream:
+async def chat(request: Request[Any, Any, Any], data: JSONBody[ChatBody]) -> Response[bytes] | Stream:
     return await _generate(request, data)
 
 
 @post("/v1/generate", summary="Complete a prompt", status_code=200)
-async def generate(request: Request[Any, Any, Any], data: GenerateBody) -> Response[bytes] | Stream:
+async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]) -> Response[bytes] | Stream:
     return await _generate(request, data)
 
 
@@ -66,10 +67,9 @@ async def _until_done_or_disconnect(
         await asyncio.wait({collect, hangup}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hangup.cancel()
-        if not collect.done():
-            collect.cancel()
         feed.close()
-    if collect.cancelled():
+    if not collect.done():
+        collect.cancel()
         return Response(b"", status_code=499)  # nobody is listening any more
     result = collect.result()
     if isinstance(result, Error):

@@ -61,12 +61,13 @@ class NatsServer:
         args = [server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         if self.config_file:
             args += ["-c", str(self.config_file)]
-        log = (self.store_dir / "nats-server.log").open("ab")
-        self.proc = subprocess.Popen([*args, *self.extra_args], stdout=log, stderr=subprocess.STDOUT)
+        self.log_path = self.store_dir / "nats-server.log"
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([*args, *self.extra_args], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; see {log.name}")
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; see {self.log_path}")
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
                 return self
             time.sleep(0.02)
