@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
+from services.edge.compat.ollama import router as ollama_router
+from services.edge.compat.openai import router as openai_router
 from services.edge.dispatch import Dispatcher
 from services.edge.errors import exception_handlers
 from services.edge.generation import chat, generate
@@ -29,7 +31,7 @@ def create_app(settings: Settings) -> Litestar:
             await nc.drain()
 
     return Litestar(
-        route_handlers=[chat, generate, live, ready],
+        route_handlers=[chat, generate, live, ready, openai_router, ollama_router],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,

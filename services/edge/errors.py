@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -53,33 +54,49 @@ def error_response(
     )
 
 
-def on_llmbus_error(request: Request[Any, Any, Any], exc: LlmbusError) -> Response[bytes]:
-    return error_response(exc.code, exc.message, request_id_of(request), exc.retry_after)
+class Failure(msgspec.Struct):
+    """Any exception, reduced to what every error shape (native, OpenAI, Ollama) needs."""
+
+    code: ErrorCode
+    message: str
+    status: int
+    retry_after: float | None = None
 
 
-def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
-    detail = exc.extra if exc.extra else exc.detail
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        detail = "; ".join(str(item.get("message", item)) for item in detail)
-    return error_response(ErrorCode.BAD_REQUEST, f"invalid request body: {detail}", request_id_of(request))
-
-
-def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    code = _STATUS_CODES.get(exc.status_code)
-    if code is None:
-        code = ErrorCode.INTERNAL if exc.status_code >= 500 else ErrorCode.BAD_REQUEST
-    return error_response(code, str(exc.detail), request_id_of(request), status=exc.status_code)
-
-
-def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def describe(request: Request[Any, Any, Any], exc: Exception) -> Failure:
+    if isinstance(exc, LlmbusError):
+        return Failure(exc.code, exc.message, exc.code.http_status, exc.retry_after)
+    if isinstance(exc, ValidationException):
+        detail = exc.extra if exc.extra else exc.detail
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            detail = "; ".join(str(item.get("message", item)) for item in detail)
+        return Failure(ErrorCode.BAD_REQUEST, f"invalid request body: {detail}", 400)
+    if isinstance(exc, HTTPException):
+        code = _STATUS_CODES.get(exc.status_code)
+        if code is None:
+            code = ErrorCode.INTERNAL if exc.status_code >= 500 else ErrorCode.BAD_REQUEST
+        return Failure(code, str(exc.detail), exc.status_code)
     rid = request_id_of(request)
     log.error("unhandled error in request %s", rid, exc_info=exc)
-    return error_response(ErrorCode.INTERNAL, f"internal error; see the edge log for request {rid}", rid)
+    return Failure(ErrorCode.INTERNAL, f"internal error; see the edge log for request {rid}", 500)
 
 
-exception_handlers = {
-    LlmbusError: on_llmbus_error,
-    ValidationException: on_validation_error,
-    HTTPException: on_http_error,
-    Exception: on_unexpected,
-}
+Render = Callable[[Failure, str], Response[bytes]]
+
+
+def handlers(
+    render: Render,
+) -> dict[type[Exception], Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:
+    """Litestar exception handlers that describe any failure, then `render` it in one API's shape."""
+
+    def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        return render(describe(request, exc), request_id_of(request))
+
+    return {Exception: handle}
+
+
+def _native(failure: Failure, request_id: str) -> Response[bytes]:
+    return error_response(failure.code, failure.message, request_id, failure.retry_after, failure.status)
+
+
+exception_handlers = handlers(_native)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from contracts import Completion, Done, Error, Event, Token
 from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import error_response, request_id_of
+from services.edge.hangup import ClientGone, unless_client_leaves
 from services.edge.sse import frame
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -60,18 +60,10 @@ async def _sse(feed: EventFeed) -> AsyncIterator[bytes]:
 async def _until_done_or_disconnect(
     request: Request[Any, Any, Any], feed: EventFeed, model: str
 ) -> Response[bytes]:
-    collect = asyncio.ensure_future(_collect(feed, model))
-    # The body has been read, so the next ASGI message can only be the client hanging up.
-    hangup = asyncio.ensure_future(request.receive())
     try:
-        await asyncio.wait({collect, hangup}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hangup.cancel()
-        feed.close()
-    if not collect.done():
-        collect.cancel()
+        result = await unless_client_leaves(request, feed, _collect(feed, model))
+    except ClientGone:
         return Response(b"", status_code=499)  # nobody is listening any more
-    result = collect.result()
     if isinstance(result, Error):
         return error_response(result.code, result.message, feed.request_id, result.retry_after)
     return Response(_encode(result), media_type="application/json", headers={"X-Request-Id": feed.request_id})

@@ -1,0 +1,293 @@
+"""OpenAI-compatible routes under `/openai/v1`: chat completions and completions.
+
+Streaming answers are `data: {chunk}` lines ending with `data: [DONE]`, as the OpenAI SDKs expect;
+errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response, Router, post
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from contracts import Done, Error, ErrorCode, GenerateRequest, LlmbusError, Message, Options, Token
+from services.edge.compat.events import events
+from services.edge.dispatch import Dispatcher, EventFeed
+from services.edge.errors import handlers, request_id_of
+from services.edge.hangup import ClientGone, unless_client_leaves
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_ContentPart] | None = None
+
+
+class JsonSchemaSpec(msgspec.Struct):
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    """Fields both endpoints share. Unknown fields are ignored, as OpenAI's SDKs send many."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int = 1
+    timeout: float | None = None
+
+    def options(self) -> Options:
+        if self.n != 1:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "only n=1 is supported")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return Options(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop,
+            num_predict=self.max_completion_tokens or self.max_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+
+class ChatCompletionBody(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    response_format: ResponseFormat | None = None
+
+    def to_request(self, request_id: str) -> GenerateRequest:
+        fmt: Any = None
+        if self.response_format is not None and self.response_format.type == "json_object":
+            fmt = "json"
+        elif self.response_format is not None and self.response_format.type == "json_schema":
+            spec = self.response_format.json_schema
+            if spec is None or spec.schema is None:
+                raise LlmbusError(ErrorCode.BAD_REQUEST, "response_format.json_schema.schema is required")
+            fmt = spec.schema
+        return GenerateRequest(
+            id=request_id,
+            model=self.model,
+            options=self.options(),
+            format=fmt,
+            messages=[Message(role=_role(m.role), content=_text(m.content)) for m in self.messages],
+        )
+
+
+class CompletionBody(_Sampling, kw_only=True):
+    prompt: str
+
+    def to_request(self, request_id: str) -> GenerateRequest:
+        return GenerateRequest(id=request_id, model=self.model, prompt=self.prompt, options=self.options())
+
+
+def _role(role: str) -> Literal["system", "user", "assistant", "tool"]:
+    return "system" if role == "developer" else role  # type: ignore[return-value]
+
+
+def _text(content: str | list[_ContentPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text or "" for part in content if part.type == "text")
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(
+    code: ErrorCode, message: str, request_id: str, status: int | None = None
+) -> Response[bytes]:
+    status = status or code.http_status
+    body = {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "server_error"),
+            "param": None,
+            "code": code.value,
+        }
+    }
+    return Response(
+        _encode(body), status_code=status, media_type="application/json", headers={"X-Request-Id": request_id}
+    )
+
+
+class _Shape:
+    """Builds one endpoint's objects: `chat.completion(.chunk)` or `text_completion`."""
+
+    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time())
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> bytes:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return self._data(
+            {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        )
+
+    def usage_chunk(self, done: Done) -> bytes:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._data(
+            {
+                "id": self.id,
+                "object": obj,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": msgspec.to_builtins(done.usage),
+            }
+        )
+
+    def whole(self, text: str, done: Done) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": done.finish_reason,
+                "logprobs": None,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": done.finish_reason, "logprobs": None}
+            obj = "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": msgspec.to_builtins(done.usage),
+        }
+
+    @staticmethod
+    def _data(obj: dict[str, Any]) -> bytes:
+        return b"data: " + _encode(obj) + b"\n\n"
+
+
+async def _answer(
+    request: Request[Any, Any, Any], body: ChatCompletionBody | CompletionBody, chat: bool
+) -> Response[bytes] | Stream:
+    request_id = request_id_of(request)
+    try:
+        wire = body.to_request(request_id)
+        wire.validate()
+        dispatcher: Dispatcher = request.app.state.dispatcher
+        feed = await dispatcher.submit(wire, body.timeout)
+    except LlmbusError as exc:
+        return openai_error(exc.code, exc.message, request_id)
+    shape = _Shape(chat, request_id, body.model)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return Stream(
+            _stream(feed, shape, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
+        )
+    try:
+        result = await unless_client_leaves(request, feed, _collect(feed))
+    except ClientGone:
+        return Response(b"", status_code=499)
+    if isinstance(result, Error):
+        return openai_error(result.code, result.message, request_id)
+    text, done = result
+    return Response(
+        _encode(shape.whole(text, done)), media_type="application/json", headers={"X-Request-Id": request_id}
+    )
+
+
+async def _collect(feed: EventFeed) -> tuple[str, Done] | Error:
+    parts: list[str] = []
+    async for event in events(feed):
+        if isinstance(event, Token):
+            parts.append(event.text)
+        elif isinstance(event, Done):
+            return "".join(parts), event
+        elif isinstance(event, Error):
+            return event
+    raise RuntimeError("event feed ended without a terminal event")
+
+
+async def _stream(feed: EventFeed, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
+    try:
+        if shape.chat:
+            yield shape.chunk(None, first=True)
+        async for event in events(feed):
+            if isinstance(event, Token):
+                yield shape.chunk(event.text)
+            elif isinstance(event, Done):
+                yield shape.chunk(None if shape.chat else "", finish_reason=event.finish_reason)
+                if include_usage:
+                    yield shape.usage_chunk(event)
+            elif isinstance(event, Error):
+                error = {"message": event.message, "type": "server_error", "code": event.code.value}
+                yield b"data: " + _encode({"error": error}) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        feed.close()
+
+
+@post("/chat/completions", summary="OpenAI-compatible chat completions", status_code=200)
+async def chat_completions(
+    request: Request[Any, Any, Any], data: JSONBody[ChatCompletionBody]
+) -> Response[bytes] | Stream:
+    return await _answer(request, data, chat=True)
+
+
+@post("/completions", summary="OpenAI-compatible completions", status_code=200)
+async def completions(
+    request: Request[Any, Any, Any], data: JSONBody[CompletionBody]
+) -> Response[bytes] | Stream:
+    return await _answer(request, data, chat=False)
+
+
+router = Router(
+    path="/openai/v1",
+    route_handlers=[chat_completions, completions],
+    tags=["OpenAI-compatible"],
+    exception_handlers=handlers(lambda f, rid: openai_error(f.code, f.message, rid, f.status)),  # type: ignore[arg-type]
+)

@@ -1,0 +1,35 @@
+"""Non-streaming answers still notice a client that hangs up, and stop the work upstream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from litestar import Request
+
+from services.edge.dispatch import EventFeed
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+async def unless_client_leaves(request: Request[Any, Any, Any], feed: EventFeed, work: Awaitable[T]) -> T:
+    """Awaits `work` (which reads `feed`); if the client hangs up first, cancels it and the request.
+
+    The body has been read, so the next ASGI message can only be `http.disconnect`.
+    """
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        feed.close()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()
