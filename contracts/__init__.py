@@ -1,9 +1,12 @@
 """The llmbus wire contract: subjects, message types, header names and error codes."""
 
 from contracts import headers, subjects
+from contracts.embed import Embeddings, EmbedRequest, EmbedResponse, EmbedTimings, EmbedUsage, Vectors
 from contracts.errors import ErrorCode, LlmbusError
 from contracts.messages import (
+    TERMINAL_EVENTS,
     TERMINAL_TYPES,
+    Accepted,
     Completion,
     Done,
     Error,
@@ -15,17 +18,34 @@ from contracts.messages import (
     GenerateRequest,
     Message,
     Options,
+    Restart,
     Start,
     Timings,
     Token,
     Usage,
     validate_model,
 )
+from contracts.models import (
+    ModelEvent,
+    ModelInfo,
+    UsageEvent,
+    canonical_model,
+)
+from contracts.route import ClassifyReply, ClassifyRequest, LabelScore, Routed
 
 __all__ = [
+    "TERMINAL_EVENTS",
     "TERMINAL_TYPES",
+    "Accepted",
+    "ClassifyReply",
+    "ClassifyRequest",
     "Completion",
     "Done",
+    "EmbedRequest",
+    "EmbedResponse",
+    "EmbedTimings",
+    "EmbedUsage",
+    "Embeddings",
     "Error",
     "ErrorBody",
     "ErrorCode",
@@ -34,13 +54,21 @@ __all__ = [
     "EventHead",
     "Format",
     "GenerateRequest",
+    "LabelScore",
     "LlmbusError",
     "Message",
+    "ModelEvent",
+    "ModelInfo",
     "Options",
+    "Restart",
+    "Routed",
     "Start",
     "Timings",
     "Token",
     "Usage",
+    "UsageEvent",
+    "Vectors",
+    "canonical_model",
     "headers",
     "subjects",
     "validate_model",

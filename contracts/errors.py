@@ -20,6 +20,7 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     INTERNAL = "internal"
     BACKEND_ERROR = "backend_error"
+    INVALID_OUTPUT = "invalid_output"  # a task's answer did not match its output schema, even retried
     QUEUE_FULL = "queue_full"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -46,6 +47,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CANCELLED: 499,
     ErrorCode.INTERNAL: 500,
     ErrorCode.BACKEND_ERROR: 502,
+    ErrorCode.INVALID_OUTPUT: 502,
     ErrorCode.QUEUE_FULL: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,

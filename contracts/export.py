@@ -15,16 +15,33 @@ from typing import Any
 import msgspec
 
 from contracts import headers, subjects
+from contracts.embed import Embeddings, EmbedRequest, EmbedResponse, Vectors
 from contracts.messages import (
+    Accepted,
     Completion,
     Done,
     Error,
     ErrorBody,
     Event,
     GenerateRequest,
+    Restart,
     Start,
     Token,
 )
+from contracts.models import (
+    CopyRequest,
+    CreateRequest,
+    LoadRequest,
+    ModelDetails,
+    ModelEvent,
+    ModelInfo,
+    ModelList,
+    ModelRef,
+    OpAccepted,
+    PullRequest,
+    UsageEvent,
+)
+from contracts.route import CLASSIFY_SUBJECT, ROUTE_SUBJECT, ClassifyReply, ClassifyRequest, Routed
 
 HERE = Path(__file__).parent
 SCHEMAS = HERE / "schemas"
@@ -34,12 +51,37 @@ MESSAGES: dict[str, Any] = {
     "GenerateRequest": GenerateRequest,
     "Event": Event,
     "Start": Start,
+    "Routed": Routed,
     "Token": Token,
+    "Restart": Restart,
     "Done": Done,
     "Error": Error,
     "ErrorBody": ErrorBody,
     "Completion": Completion,
+    "Accepted": Accepted,
+    "EmbedRequest": EmbedRequest,
+    "Vectors": Vectors,
+    "Embeddings": Embeddings,
+    "EmbedResponse": EmbedResponse,
+    "ClassifyRequest": ClassifyRequest,
+    "ClassifyReply": ClassifyReply,
+    "UsageEvent": UsageEvent,
+    "ModelInfo": ModelInfo,
+    "ModelEvent": ModelEvent,
+    "ModelRef": ModelRef,
+    "PullRequest": PullRequest,
+    "CreateRequest": CreateRequest,
+    "CopyRequest": CopyRequest,
+    "LoadRequest": LoadRequest,
+    "OpAccepted": OpAccepted,
+    "ModelList": ModelList,
+    "ModelDetails": ModelDetails,
 }
+# The janitor's messages (contracts/models.py): usage, lifecycle events, the admin API's bodies.
+_MODEL_TYPES = [ModelEvent, UsageEvent, ModelInfo, ModelRef, PullRequest, CreateRequest, CopyRequest]
+_MODEL_TYPES += [LoadRequest, OpAccepted, ModelList, ModelDetails]
+_MODEL_MESSAGES = ["UsageEvent", "ModelEvent", "ModelRef", "PullRequest", "CreateRequest", "CopyRequest"]
+_MODEL_MESSAGES += ["LoadRequest"]
 
 
 def _ref(name: str) -> str:
@@ -54,10 +96,16 @@ def json_schemas() -> dict[str, str]:
 
 
 def asyncapi() -> str:
-    (event, _), components = msgspec.json.schema_components(
-        [Event, GenerateRequest], ref_template=_ref("{name}")
+    (event, *_), components = msgspec.json.schema_components(
+        [Event, GenerateRequest, EmbedRequest, ClassifyRequest, ClassifyReply, ErrorBody],
+        ref_template=_ref("{name}"),
     )
     components["Event"] = event  # the tagged union: anyOf the event types, discriminated by `type`
+    (model_event, *_), model_components = msgspec.json.schema_components(
+        _MODEL_TYPES, ref_template=_ref("{name}")
+    )
+    components |= model_components
+    components["ModelEvent"] = model_event  # progress, done or error, discriminated by `type`
     header_schema = {
         "type": "object",
         "properties": {
@@ -67,6 +115,10 @@ def asyncapi() -> str:
             },
             headers.REPLY: {"type": "string", "description": "subject for the request's events"},
             headers.DEADLINE: {"type": "string", "description": "absolute deadline, Unix epoch milliseconds"},
+            headers.SEQ: {
+                "type": "string",
+                "description": "seq of the first event to publish (set by the classifier: 2)",
+            },
             headers.TRACEPARENT: {"type": "string", "description": "W3C trace context"},
         },
     }
@@ -86,6 +138,34 @@ def asyncapi() -> str:
                 "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
                 "messages": {"generateRequest": {"$ref": "#/components/messages/GenerateRequest"}},
             },
+            "routeRequests": {
+                "address": ROUTE_SUBJECT,
+                "description": "Requests whose `model` is `auto` or `route:NAME`: the classifier picks a "
+                "model, publishes `start` and `routed`, and republishes to generateRequests.",
+                "messages": {"generateRequest": {"$ref": "#/components/messages/GenerateRequest"}},
+            },
+            "classify": {
+                "address": CLASSIFY_SUBJECT,
+                "description": "Core NATS request/reply (the `llmbus-classify` micro service): score a "
+                "text against labels.",
+                "messages": {"classifyRequest": {"$ref": "#/components/messages/ClassifyRequest"}},
+            },
+            "classifyReplies": {
+                "address": None,
+                "description": "The requester's reply inbox: a ClassifyReply, or an ErrorBody with the "
+                "`Nats-Service-Error-Code` header set to the HTTP status.",
+                "messages": {
+                    "classifyReply": {"$ref": "#/components/messages/ClassifyReply"},
+                    "errorBody": {"$ref": "#/components/messages/ErrorBody"},
+                },
+            },
+            "embedRequests": {
+                "address": subjects.EMBED_PREFIX + "{model}",
+                "description": "Embedding requests, stored in the work-queue stream "
+                f"{subjects.REQUEST_STREAM}; answered by `vectors`... and one `embeddings` or `error`.",
+                "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
+                "messages": {"embedRequest": {"$ref": "#/components/messages/EmbedRequest"}},
+            },
             "requestEvents": {
                 "address": subjects.EVENT_PREFIX + "{requestId}",
                 "description": "start, token..., then exactly one done or error; kept briefly in "
@@ -99,18 +179,59 @@ def asyncapi() -> str:
                 "parameters": {"requestId": {}},
                 "messages": {"cancel": {"$ref": "#/components/messages/Cancel"}},
             },
+            "usageEvents": {
+                "address": subjects.USAGE_PREFIX + "{model}",
+                "description": "Core NATS, after every request's terminal event (the janitor's last use).",
+                "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
+                "messages": {"usageEvent": {"$ref": "#/components/messages/UsageEvent"}},
+            },
+            "modelEvents": {
+                "address": subjects.MODEL_EVENT_PREFIX + "{host}.{model}",
+                "description": "Core NATS: every step a janitor takes (pull/create progress, done with the "
+                "unload reason, error); also sent to an admin request's `progress` subject.",
+                "parameters": {"host": {}, "model": {"description": "percent-encoded, as above"}},
+                "messages": {"modelEvent": {"$ref": "#/components/messages/ModelEvent"}},
+            },
+            "modelAdmin": {
+                "address": subjects.ADMIN_PREFIX + "{host}.{verb}",
+                "description": "The janitor's admin API (micro service `llmbus-janitor`), request/reply: "
+                "list, ps (no body), show, delete, unload (ModelRef), pull (PullRequest), create "
+                "(CreateRequest), copy (CopyRequest), load (LoadRequest). `llm.admin.{verb}` reaches any "
+                "janitor. Replies: ModelList, ModelDetails, OpAccepted or ModelInfo; a failure is an "
+                "ErrorBody with the `Nats-Service-Error-Code` header set to the HTTP status.",
+                "parameters": {"host": {}, "verb": {}},
+                "messages": {
+                    name[0].lower() + name[1:]: {"$ref": f"#/components/messages/{name}"}
+                    for name in ("ModelRef", "PullRequest", "CreateRequest", "CopyRequest", "LoadRequest")
+                },
+            },
         },
         "operations": {
             "submit": {"action": "send", "channel": {"$ref": "#/channels/generateRequests"}},
+            "submitRouted": {"action": "send", "channel": {"$ref": "#/channels/routeRequests"}},
+            "classify": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/classify"},
+                "reply": {"channel": {"$ref": "#/channels/classifyReplies"}},
+            },
+            "submitEmbed": {"action": "send", "channel": {"$ref": "#/channels/embedRequests"}},
             "followEvents": {"action": "receive", "channel": {"$ref": "#/channels/requestEvents"}},
             "cancelRequest": {"action": "send", "channel": {"$ref": "#/channels/cancel"}},
+            "followUsage": {"action": "receive", "channel": {"$ref": "#/channels/usageEvents"}},
+            "followModelEvents": {"action": "receive", "channel": {"$ref": "#/channels/modelEvents"}},
+            "administerModels": {"action": "send", "channel": {"$ref": "#/channels/modelAdmin"}},
         },
         "components": {
             "schemas": components,
             "messages": {
                 "GenerateRequest": {"headers": header_schema, "payload": {"$ref": _ref("GenerateRequest")}},
+                "EmbedRequest": {"headers": header_schema, "payload": {"$ref": _ref("EmbedRequest")}},
                 "Event": {"payload": {"$ref": _ref("Event")}},
                 "Cancel": {"payload": {"type": "null"}},
+                "ClassifyRequest": {"payload": {"$ref": _ref("ClassifyRequest")}},
+                "ClassifyReply": {"payload": {"$ref": _ref("ClassifyReply")}},
+                "ErrorBody": {"payload": {"$ref": _ref("ErrorBody")}},
+                **{name: {"payload": {"$ref": _ref(name)}} for name in _MODEL_MESSAGES},
             },
         },
     }

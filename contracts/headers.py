@@ -8,6 +8,14 @@ MSG_ID = "Nats-Msg-Id"
 REPLY = "Llmbus-Reply"
 # Absolute deadline, Unix epoch milliseconds; a worker never starts an expired request.
 DEADLINE = "Llmbus-Deadline"
+# The `seq` of the first event a worker publishes, when an earlier hop (the classifier) already
+# published `start` and `routed`; that worker then continues the numbering and skips `start`.
+SEQ = "Llmbus-Seq"
 # W3C trace context, so direct publishers join the same trace.
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+
+# On a dead letter in `LLM_DLQ`: why it was given up, where it was published, how often delivered.
+DLQ_REASON = "Llmbus-Dlq-Reason"
+DLQ_SUBJECT = "Llmbus-Dlq-Subject"
+DLQ_DELIVERIES = "Llmbus-Dlq-Deliveries"

@@ -8,11 +8,13 @@ that produced it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from contracts.embed import Embeddings, Vectors
 from contracts.errors import ErrorCode, LlmbusError
+from contracts.route import Routed
 from contracts.subjects import MODEL_NAME, REQUEST_ID
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -107,10 +109,14 @@ class Token(_Event, tag="token"):
     text: str
 
 
+_OUTPUT = "A task's answer, parsed and validated against its output schema (POST /v1/tasks/{name} only)."
+
+
 class Done(_Event, tag="done"):
     finish_reason: str  # "stop", "length", ...
     usage: Usage
     timings: Timings
+    output: Annotated[Any, msgspec.Meta(description=_OUTPUT)] = None
 
 
 class Error(_Event, tag="error"):
@@ -119,8 +125,21 @@ class Error(_Event, tag="error"):
     retry_after: float | None = None
 
 
-Event = Start | Token | Done | Error
-TERMINAL_TYPES = frozenset({"done", "error"})
+class Restart(_Event, tag="restart"):
+    """The text streamed so far is void: a new attempt could not continue it and starts over.
+
+    Sent only when a worker crashed mid-stream and the backend cannot continue from a prefix (a
+    `prompt` request); a client discards the text it has and keeps reading.
+    """
+
+    reason: str
+
+
+# `routed` (contracts/route.py) comes between `start` and the first token of a routed request.
+# An embed request's events (contracts/embed.py): `vectors`..., then `embeddings` or `error`.
+Event = Start | Routed | Token | Restart | Vectors | Embeddings | Done | Error
+TERMINAL_EVENTS = (Done, Error, Embeddings)
+TERMINAL_TYPES = frozenset({"done", "error", "embeddings"})
 
 
 class EventHead(msgspec.Struct):
@@ -128,6 +147,20 @@ class EventHead(msgspec.Struct):
 
     type: str
     seq: int
+
+
+class Accepted(msgspec.Struct, omit_defaults=True):
+    """The edge's record that it accepted a request, on `llm.out.<id>.accepted` (kept in `LLM_OUT`).
+
+    It lets `GET /v1/requests/{id}/events` tell a queued request from an unknown one, bounds a
+    resumed stream by the request's deadline, and detects an `Idempotency-Key` reused for another
+    request (`fingerprint` is a hash of the request without its id).
+    """
+
+    request_id: str
+    model: str
+    deadline_ms: int  # Unix epoch milliseconds
+    fingerprint: str = ""
 
 
 class ErrorDetail(msgspec.Struct, omit_defaults=True):
@@ -152,3 +185,4 @@ class Completion(msgspec.Struct, omit_defaults=True):
     finish_reason: str
     usage: Usage
     timings: Timings
+    routed: Routed | None = None  # how an `auto` or `route:NAME` request was routed

@@ -17,23 +17,13 @@ from pathlib import Path
 import httpx
 
 from services.cli import SERVICES
+from services.local import launch
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
 
 
 def _say(line: str) -> None:
     print(f"llmbus: {line}", flush=True)
-
-
-def _backend_status(url: str) -> str:
-    try:
-        version = httpx.get(f"{url}/api/version", timeout=2).json().get("version", "?")
-        return f"Ollama {version} at {url}"
-    except (httpx.HTTPError, ValueError):
-        return (
-            f"NOT REACHABLE at {url} — start Ollama or set LLMBUS_OLLAMA_URL; "
-            "until then requests fail with backend_unavailable"
-        )
 
 
 def _wait_ready(url: str, timeout: float) -> bool:
@@ -58,10 +48,11 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    backend = launch.plan(settings)  # Ollama, a configured server, or the embedded llama.cpp
     data = Path(settings.data_dir).resolve()
     nats = NatsServer(data / "nats", port=settings.nats_port).start()
     _say(f"NATS with JetStream at {nats.url} (data in {data / 'nats'})")
-    env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url}
+    env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
     children: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(name: str) -> None:
@@ -69,10 +60,12 @@ def up(settings: Settings) -> int:
             [sys.executable, "-m", "services.cli", name], env=env, start_new_session=True
         )
 
-    for name in SERVICES:
+    for name in ("local", *SERVICES) if backend.local else SERVICES:
         spawn(name)
     edge_url = f"http://{settings.http_host}:{settings.http_port}"
-    _say(f"model backend: {_backend_status(settings.ollama_url)}")
+    _say(f"model backend: {backend.message}")
+    if backend.local and not launch.wait_local(backend, children["local"], lambda: stopping):
+        _say("the embedded model servers did not start; see the `local` log above")
     if _wait_ready(edge_url, 30):
         _say(f"edge ready at {edge_url}  (API docs: {edge_url}/schema)  — Ctrl-C stops everything")
     else:

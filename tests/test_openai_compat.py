@@ -20,7 +20,9 @@ MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
 
 @pytest.fixture
 async def sdk(edge: Edge, generator: Generator) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=f"{edge.url}/openai/v1", api_key="unused", max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=f"{edge.url}/openai/v1", api_key="unused", max_retries=0
+    ) as client:
         yield client
 
 
@@ -36,7 +38,9 @@ async def test_streaming_chat_matches_the_native_stream_token_for_token(
     sdk: openai.AsyncOpenAI, edge: Edge
 ) -> None:
     stream = await sdk.chat.completions.create(
-        model="llama3.2:1b", messages=MESSAGES, stream=True,  # type: ignore[arg-type]
+        model="llama3.2:1b",
+        messages=MESSAGES,
+        stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True},
     )
     pieces, finish, usage = [], None, None
@@ -71,7 +75,8 @@ async def test_json_schema_response_format_reaches_the_backend(
 ) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     chat = await sdk.chat.completions.create(
-        model="llama3.2:1b", messages=MESSAGES,  # type: ignore[arg-type]
+        model="llama3.2:1b",
+        messages=MESSAGES,  # type: ignore[arg-type]
         response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
     )
     assert "city" in json.loads(chat.choices[0].message.content or "")
@@ -97,7 +102,9 @@ async def test_errors_come_in_openai_shape(sdk: openai.AsyncOpenAI) -> None:
     assert bad.value.code == "bad_request"
 
 
-async def test_disconnect_mid_stream_cancels_upstream(sdk: openai.AsyncOpenAI, fake_ollama: FakeOllama) -> None:
+async def test_disconnect_mid_stream_cancels_upstream(
+    sdk: openai.AsyncOpenAI, fake_ollama: FakeOllama
+) -> None:
     fake_ollama.config.tokens = 1000
     fake_ollama.config.token_interval = 0.05
     stream = await sdk.chat.completions.create(model="llama3.2:1b", messages=MESSAGES, stream=True)  # type: ignore[arg-type]

@@ -37,6 +37,9 @@ async def test_up_runs_the_stack_and_ctrl_c_stops_every_process(tmp_path: Path) 
     fake = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.fakes.ollama", "--port", str(ollama_port), stdout=asyncio.subprocess.PIPE
     )
+    assert fake.stdout is not None
+    # Listening before `llmbus up` looks: with no Ollama it would start the embedded model instead.
+    await _read_until(fake.stdout, "listening", 10)
     env = {
         **os.environ,
         "LLMBUS_HTTP_PORT": str(http_port),
@@ -54,9 +57,7 @@ async def test_up_runs_the_stack_and_ctrl_c_stops_every_process(tmp_path: Path) 
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        assert fake.stdout is not None
         assert up.stdout is not None
-        await _read_until(fake.stdout, "listening", 10)
         banner = "".join(await _read_until(up.stdout, "edge ready", 60))
         assert f"http://127.0.0.1:{http_port}" in banner
         assert f"http://127.0.0.1:{ollama_port}" in banner  # says where model calls go
@@ -88,6 +89,7 @@ async def test_up_says_when_the_backend_is_unreachable(tmp_path: Path) -> None:
         "LLMBUS_HTTP_PORT": str(http_port),
         "LLMBUS_NATS_PORT": str(nats_port),
         "LLMBUS_OLLAMA_URL": "http://127.0.0.1:9",
+        "LLMBUS_LOCAL": "off",  # with the `local` extra, the embedded llama.cpp would answer instead
         "LLMBUS_DATA_DIR": str(tmp_path / "data"),
     }
     up = await asyncio.create_subprocess_exec(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from contracts import Format, GenerateRequest, Message, Options
 
 Timeout = Annotated[float, msgspec.Meta(gt=0, description="Seconds; bounded by the server maximum")]
+# true: SSE; false: one JSON answer; "deferred": 202 at once with the id and an events URL to follow.
+Stream = bool | Literal["deferred"]
 
 
 class ChatBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -16,7 +18,7 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages: list[Message]
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
-    stream: bool = False
+    stream: Stream = False
     timeout: Timeout | None = None
 
     def to_request(self, request_id: str) -> GenerateRequest:
@@ -31,7 +33,7 @@ class GenerateBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     system: str | None = None
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
-    stream: bool = False
+    stream: Stream = False
     timeout: Timeout | None = None
 
     def to_request(self, request_id: str) -> GenerateRequest:

@@ -1,10 +1,19 @@
-"""Publishing a request onto JetStream and following its events: the edge's whole bus side."""
+"""Publishing a request onto JetStream and following its events: the edge's whole bus side.
+
+A feed follows `llm.out.<id>` live (a core subscription made before the request is published, so
+nothing is missed) and falls back on the copy in `LLM_OUT` whenever the live path cannot be
+trusted: to replay a request it attaches to (resume, an idempotent retry), to fill a gap in the
+numbering (the edge's NATS connection dropped for a moment) and when it has heard nothing for a
+while. Every event passes one `Sequencer`, so the client gets each `seq` once and in order.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -13,10 +22,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
 
 from contracts import (
     TERMINAL_TYPES,
+    Accepted,
+    EmbedRequest,
     Error,
     ErrorCode,
     EventHead,
@@ -25,50 +37,117 @@ from contracts import (
     headers,
     subjects,
 )
-from services.runtime import tracing
+from contracts.route import ROUTE_SUBJECT, is_routed
+from services.edge import observability
+from services.edge.routing import RouteFallback
+from services.runtime import events, tracing
+from services.runtime.events import RawEvent, Sequencer
+from services.runtime.inventory import InventoryView
+from services.runtime.retry import Backoff, with_backoff
+
+__all__ = ["Dispatcher", "EventFeed", "RawEvent"]
 
 _encode = msgspec.json.Encoder().encode
 _decode_head = msgspec.json.Decoder(EventHead).decode
+_decode_accepted = msgspec.json.Decoder(Accepted).decode
 
-# One raw event: its head (type, seq) and the payload exactly as the worker encoded it, so the
-# relay never re-encodes a token.
-RawEvent = tuple[EventHead, bytes]
+# A gap in the numbering is waited for this long (a worker that reconnected, or saw the event
+# stream's leader change, republishes what did not make it), then filled from LLM_OUT or skipped.
+GAP_WAIT_S = 5.0
+# A feed that hears nothing looks at LLM_OUT after this long, then less and less often.
+IDLE_PROBE_S = 2.0
+IDLE_PROBE_MAX_S = 30.0
+_STORE_ERRORS = (NatsTimeoutError, NoRespondersError, TimeoutError, OSError)
+_PUBLISH_ERRORS = (NoStreamResponseError, NoRespondersError, NatsTimeoutError, TimeoutError)
+# How long the edge keeps trying to get a request persisted before it answers 503.
+PUBLISH_PATIENCE_S = 6.0
+PUBLISH_BACKOFF = Backoff(retries=6, base_s=0.2, max_s=2.0)
+
+Request = GenerateRequest | EmbedRequest
 
 
 class EventFeed:
-    """The events of one request, in order, ending after its terminal event or its deadline."""
+    """The events of one request, in order, ending after its terminal event or its deadline.
 
-    def __init__(self, nc: Client, request_id: str, deadline: float) -> None:
+    `after` is the last `seq` the client already has (`Last-Event-ID`); `replay` reads what is
+    stored first (a feed attached to a request that may have started); `cancel_on_close` makes a
+    client that goes away cancel the request (not for detached or idempotent requests).
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        request_id: str,
+        deadline: float,
+        *,
+        after: int = -1,
+        replay: bool = False,
+        cancel_on_close: bool = True,
+    ) -> None:
         self._nc = nc
         self.request_id = request_id
+        self.subject = subjects.event_subject(request_id)
         self.deadline = deadline  # event-loop time
+        self.replay = replay
+        self.cancel_on_close = cancel_on_close
         self.finished = False
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sequencer = Sequencer(after)
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: look at LLM_OUT now
+        self.first_event = asyncio.Event()  # a routed request's proof that a classifier took it
+        self.guard: asyncio.Task[None] | None = None  # its bounded wait (services/edge/routing.py)
+        self.last: RawEvent | None = None  # the newest event delivered (the terminal one, in the end)
+        self.first_token_at: float | None = None  # perf_counter() when the first token was delivered
+        self._sub: Any = None
 
     async def subscribe(self) -> None:
+        first = self.first_event
+
         async def put(msg: Msg) -> None:
             self._queue.put_nowait(msg)
+            if not first.is_set():
+                first.set()
 
         # A callback subscription: nats-py runs one task per subscription, not one per message.
-        self._sub = await self._nc.subscribe(subjects.event_subject(self.request_id), cb=put)
+        self._sub = await self._nc.subscribe(self.subject, cb=put)
 
     async def batches(self) -> AsyncIterator[list[RawEvent]]:
         """Yields every event already queued at once, so a burst costs one write downstream."""
         queue = self._queue
+        sequencer = self._sequencer
+        idle = IDLE_PROBE_S
         try:
             async with asyncio.timeout_at(self.deadline):
+                if self.replay:
+                    out = await self._backfill()
+                    if out:
+                        yield self._seen(out)
                 while not self.finished:
-                    batch = [await queue.get()]
-                    while not queue.empty():
-                        batch.append(queue.get_nowait())
-                    out: list[RawEvent] = []
-                    for msg in batch:
-                        head = _decode_head(msg.data)
-                        out.append((head, msg.data))
-                        if head.type in TERMINAL_TYPES:
-                            self.finished = True
-                            break
-                    yield out
+                    out = []
+                    try:
+                        async with asyncio.timeout(GAP_WAIT_S if sequencer.gap else idle):
+                            msg = await queue.get()
+                    except TimeoutError:  # this wait's own bound, not the deadline
+                        if sequencer.gap:
+                            out = await self._backfill()
+                            sequencer.skip_gap(out)  # never wait for an event the bus lost
+                        elif await self._stored_newer():
+                            out = await self._backfill()
+                        idle = min(idle * 2, IDLE_PROBE_MAX_S)
+                    else:
+                        idle = IDLE_PROBE_S
+                        poked = msg is None
+                        if msg is not None:
+                            sequencer.offer(_decode_head(msg.data), msg.data, out)
+                        while not queue.empty():
+                            msg = queue.get_nowait()
+                            if msg is None:
+                                poked = True
+                            else:
+                                sequencer.offer(_decode_head(msg.data), msg.data, out)
+                        if poked:  # the edge reconnected: events may have passed it by
+                            out += await self._backfill()
+                    if out:
+                        yield self._seen(out)
         except TimeoutError:
             self.finished = True
             error = Error(
@@ -78,21 +157,56 @@ class EventFeed:
                 message="no result within the request's deadline",
             )
             self.cancel()
-            yield [(EventHead(type="error", seq=-1), _encode(error))]
+            self.last = (EventHead(type="error", seq=-1), _encode(error))
+            yield [self.last]
+
+    def _seen(self, out: list[RawEvent]) -> list[RawEvent]:
+        if self._sequencer.ended:
+            self.finished = True
+        self.last = out[-1]
+        if self.first_token_at is None and any(head.type == "token" for head, _ in out):
+            self.first_token_at = time.perf_counter()
+        return out
+
+    async def _backfill(self) -> list[RawEvent]:
+        """What LLM_OUT holds that this feed has not delivered yet, in order."""
+        out: list[RawEvent] = []
+        with contextlib.suppress(*_STORE_ERRORS):
+            for head, data in await events.read(self._nc, self.subject, wait=2.0):
+                self._sequencer.offer(head, data, out)
+        return out
+
+    async def _stored_newer(self) -> bool:
+        """Whether LLM_OUT has an event this feed has not seen (its live delivery was lost)."""
+        try:
+            data = await events.last(self._nc, self.subject)
+        except _STORE_ERRORS:
+            return False
+        if data is None:
+            return False
+        head = _decode_head(data)
+        return head.seq >= self._sequencer.next or head.type in TERMINAL_TYPES
+
+    def poke(self) -> None:
+        """Makes the feed look at LLM_OUT now (its live subscription may have missed events)."""
+        self._queue.put_nowait(None)
 
     def cancel(self) -> None:
         """Asks workers to stop this request."""
         _in_background(self._nc.publish(subjects.cancel_subject(self.request_id)))
 
     def close(self) -> None:
-        """Cancels upstream unless the request ended, and unsubscribes.
+        """Cancels upstream unless the request ended (or outlives its client), and unsubscribes.
 
         It does not await, so it is safe in the `finally` of a task being cancelled (a client that
         hung up): the work is handed to background tasks.
         """
-        if not self.finished:
+        if not self.finished and self.cancel_on_close:
             self.cancel()
-        _in_background(self._sub.unsubscribe())
+        if self.guard is not None:
+            self.guard.cancel()
+        if self._sub is not None:
+            _in_background(self._sub.unsubscribe())
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -108,31 +222,188 @@ def _in_background(coro: Coroutine[Any, Any, None]) -> None:
     task.add_done_callback(_background.discard)
 
 
+def fingerprint(request: Request) -> str:
+    """Identifies a request's content whatever its id: an `Idempotency-Key` reused for another."""
+    body = _encode(msgspec.structs.replace(request, id="-"))
+    return hashlib.blake2b(body, digest_size=12).hexdigest()
+
+
 class Dispatcher:
-    def __init__(self, nc: Client, *, max_timeout_s: float) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        max_timeout_s: float,
+        fallback: RouteFallback | None = None,
+        inventory: InventoryView | None = None,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.max_timeout_s = max_timeout_s
+        self.fallback = fallback
+        self.inventory = inventory  # the janitors' models: refuse one no host has, before queueing
+        self._feeds: weakref.WeakSet[EventFeed] = weakref.WeakSet()
+        self._watcher: asyncio.Task[None] | None = None
 
-    async def submit(self, request: GenerateRequest, timeout_s: float | None = None) -> EventFeed:
-        """Persists the request on JetStream; returns its event feed, subscribed before publishing."""
-        timeout = min(timeout_s or self.max_timeout_s, self.max_timeout_s)
+    def _track(self, feed: EventFeed) -> EventFeed:
+        self._feeds.add(feed)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_reconnects())
+        return feed
+
+    async def _watch_reconnects(self) -> None:
+        """After the edge's NATS connection comes back, every open feed looks at LLM_OUT."""
+        reconnects = self.nc.stats["reconnects"]
+        while not self.nc.is_closed:
+            await asyncio.sleep(0.25)
+            if self.nc.stats["reconnects"] != reconnects and self.nc.is_connected:
+                reconnects = self.nc.stats["reconnects"]
+                for feed in list(self._feeds):
+                    if not feed.finished:
+                        feed.poke()
+
+    async def submit(
+        self,
+        request: Request,
+        timeout_s: float | None = None,
+        *,
+        subject: str = "",
+        idempotent: bool = False,
+        detached: bool = False,
+        after: int = -1,
+    ) -> EventFeed:
+        """Persists the request on JetStream; returns its event feed, subscribed before publishing.
+
+        `subject` defaults to the request's generate subject (`llm.req.generate.<model>`).
+        `idempotent`: the id came from an `Idempotency-Key`; if that request was accepted before
+        (same content), the feed attaches to it instead of running it again, replaying after
+        `after`. `detached`: the request outlives the feed (closing it does not cancel).
+        """
         loop = asyncio.get_running_loop()
-        feed = EventFeed(self.nc, request.id, loop.time() + timeout)
+        keep = idempotent or detached
+        if idempotent:
+            accepted = await self._accepted(request.id)
+            if accepted is not None:
+                if accepted.fingerprint and accepted.fingerprint != fingerprint(request):
+                    raise LlmbusError(
+                        ErrorCode.BAD_REQUEST,
+                        "this Idempotency-Key was used for a different request; use a new key",
+                    )
+                feed = await self._follow(request.id, accepted, after=after, cancel_on_close=not keep)
+                observability.accepted(feed, request.model)
+                return feed
+        routed = isinstance(request, GenerateRequest) and is_routed(request.model)  # "auto", "route:x"
+        if self.inventory is not None and not routed:
+            self.inventory.require(request.model)  # model_not_found (or "being pulled") at once
+        timeout = min(timeout_s or self.max_timeout_s, self.max_timeout_s)
+        feed = EventFeed(self.nc, request.id, loop.time() + timeout, after=after, cancel_on_close=not keep)
+        self._track(feed)
         await feed.subscribe()
-        subject = subjects.generate_subject(request.model)
+        subject = subject or (ROUTE_SUBJECT if routed else subjects.generate_subject(request.model))
+        deadline_ms = int((time.time() + timeout) * 1000)
         hdrs = {
             headers.MSG_ID: request.id,
             headers.REPLY: subjects.event_subject(request.id),
-            headers.DEADLINE: str(int((time.time() + timeout) * 1000)),
+            headers.DEADLINE: str(deadline_ms),
         }
+        payload = _encode(request)
+
+        async def publish() -> PubAck:
+            return await self.js.publish(subject, payload, headers=hdrs, timeout=2)
+
         try:
             with tracing.publish_span(subject, request.id, hdrs):
-                await self.js.publish(subject, _encode(request), headers=hdrs, timeout=5)
-        except (NoStreamResponseError, NoRespondersError, NatsTimeoutError, TimeoutError) as exc:
+                # Retried through a leader election or a reconnect: safe, `Nats-Msg-Id` de-duplicates.
+                ack = await with_backoff(
+                    publish,
+                    backoff=PUBLISH_BACKOFF,
+                    retryable=lambda exc: isinstance(exc, _PUBLISH_ERRORS),
+                    deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S),
+                )
+        except _PUBLISH_ERRORS as exc:
             feed.finished = True
             feed.close()
             raise LlmbusError(
                 ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
             ) from exc
+        observability.accepted(feed, request.model)
+        if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
+            feed.replay = True
+            return feed
+        accepted = Accepted(
+            request_id=request.id,
+            model=request.model,
+            deadline_ms=deadline_ms,
+            fingerprint=fingerprint(request) if idempotent else "",
+        )
+        # Fire and forget: it only serves resume and idempotent retries, which read it from LLM_OUT.
+        await self.nc.publish(subjects.accepted_subject(request.id), _encode(accepted))
+        if routed and self.fallback is not None:
+            assert isinstance(request, GenerateRequest)
+            feed.guard = asyncio.create_task(self.fallback.guard(feed, request, hdrs, ack.seq))
         return feed
+
+    async def attach(self, request_id: str, *, after: int = -1) -> EventFeed:
+        """A feed on a request accepted earlier (by any edge): stored events after `after`, then live.
+
+        Closing it never cancels the request. Raises `not_found` for an id with no trace in LLM_OUT.
+        """
+        accepted = await self._accepted(request_id)
+        if accepted is None and not await self._has_events(request_id):
+            raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {request_id} (or it ended too long ago)")
+        return await self._follow(request_id, accepted, after=after, cancel_on_close=False)
+
+    async def cancel(self, request_id: str) -> bool:
+        """Asks workers to stop the request; False when it has already ended.
+
+        Raises `not_found` for an id with no trace in LLM_OUT.
+        """
+        accepted = await self._accepted(request_id)
+        last = await self._last_event(request_id)
+        if accepted is None and last is None:
+            raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {request_id} (or it ended too long ago)")
+        if last is not None and _decode_head(last).type in TERMINAL_TYPES:
+            return False
+        await self.nc.publish(subjects.cancel_subject(request_id))
+        return True
+
+    async def _follow(
+        self, request_id: str, accepted: Accepted | None, *, after: int, cancel_on_close: bool
+    ) -> EventFeed:
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        # The request's own deadline, plus a little for its terminal event to arrive; a feed on a
+        # request that ended long ago still gets the time to replay it.
+        end = accepted.deadline_ms / 1000 + 5 if accepted is not None else now + self.max_timeout_s
+        deadline = loop.time() + max(end - now, 5.0)
+        feed = EventFeed(
+            self.nc, request_id, deadline, after=after, replay=True, cancel_on_close=cancel_on_close
+        )
+        self._track(feed)
+        await feed.subscribe()
+        return feed
+
+    async def _accepted(self, request_id: str) -> Accepted | None:
+        try:
+            data = await events.last(self.nc, subjects.accepted_subject(request_id))
+        except _STORE_ERRORS as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, "the event store is unavailable", retry_after=1
+            ) from exc
+        if data is None:
+            return None
+        try:
+            return _decode_accepted(data)
+        except msgspec.DecodeError:
+            return None
+
+    async def _last_event(self, request_id: str) -> bytes | None:
+        try:
+            return await events.last(self.nc, subjects.event_subject(request_id))
+        except _STORE_ERRORS as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, "the event store is unavailable", retry_after=1
+            ) from exc
+
+    async def _has_events(self, request_id: str) -> bool:
+        return await self._last_event(request_id) is not None

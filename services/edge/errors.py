@@ -69,7 +69,12 @@ def describe(request: Request[Any, Any, Any], exc: Exception) -> Failure:
     if isinstance(exc, ValidationException):
         detail = exc.extra if exc.extra else exc.detail
         if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-            detail = "; ".join(str(item.get("message", item)) for item in detail)
+            detail = "; ".join(
+                f"`{item['key']}`: {item.get('message')}"
+                if item.get("key")
+                else str(item.get("message", item))
+                for item in detail
+            )
         return Failure(ErrorCode.BAD_REQUEST, f"invalid request body: {detail}", 400)
     if isinstance(exc, HTTPException):
         code = _STATUS_CODES.get(exc.status_code)

@@ -10,11 +10,12 @@ from litestar import Request, Response, post
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from contracts import Completion, Done, Error, Event, Token
+from contracts import Completion, Done, Error, ErrorCode, Event, LlmbusError, Restart, Routed, Token, subjects
 from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import error_response, request_id_of
 from services.edge.hangup import ClientGone, unless_client_leaves
+from services.edge.requests import deferred, last_event_id
 from services.edge.sse import frame
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -36,16 +37,38 @@ async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]
 async def _generate(
     request: Request[Any, Any, Any], body: ChatBody | GenerateBody
 ) -> Response[bytes] | Stream:
-    request_id = request_id_of(request)
+    key = idempotency_key(request)
+    request_id = key or request_id_of(request)
     wire = body.to_request(request_id)
     wire.validate()
     dispatcher: Dispatcher = request.app.state.dispatcher
-    feed = await dispatcher.submit(wire, body.timeout)
-    if body.stream or "text/event-stream" in request.headers.get("accept", ""):
+    detached = body.stream == "deferred"
+    feed = await dispatcher.submit(
+        wire,
+        body.timeout,
+        idempotent=key is not None,
+        detached=detached,
+        after=last_event_id(request) if key else -1,
+    )
+    if detached:
+        feed.close()  # the client follows it at the events URL, on any edge
+        return deferred(request_id)
+    if body.stream is True or "text/event-stream" in request.headers.get("accept", ""):
         return Stream(
             _sse(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
         )
     return await _until_done_or_disconnect(request, feed, wire.model)
+
+
+def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
+    """The `Idempotency-Key` header, which becomes the request id: a retry attaches to that request."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not subjects.REQUEST_ID.match(key):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "Idempotency-Key must be 8-128 characters of [A-Za-z0-9_-]")
+    request.scope.setdefault("state", {})["request_id"] = key  # errors name it too
+    return key
 
 
 async def _sse(feed: EventFeed) -> AsyncIterator[bytes]:
@@ -71,19 +94,25 @@ async def _until_done_or_disconnect(
 
 async def _collect(feed: EventFeed, model: str) -> Completion | Error:
     parts: list[str] = []
+    routed: Routed | None = None
     async for batch in feed.batches():
         for _, data in batch:
             event = _decode_event(data)
             if isinstance(event, Token):
                 parts.append(event.text)
+            elif isinstance(event, Restart):
+                parts.clear()  # a new attempt starts the answer over
+            elif isinstance(event, Routed):
+                routed = event
             elif isinstance(event, Done):
                 return Completion(
                     request_id=feed.request_id,
-                    model=model,
+                    model=model if routed is None else routed.model,
                     text="".join(parts),
                     finish_reason=event.finish_reason,
                     usage=event.usage,
                     timings=event.timings,
+                    routed=routed,
                 )
             elif isinstance(event, Error):
                 return event

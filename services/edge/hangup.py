@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from litestar import Request
 
-from services.edge.dispatch import EventFeed
-
 T = TypeVar("T")
+
+
+class Closable(Protocol):
+    """An `EventFeed`, or anything that stops the work upstream when closed."""
+
+    def close(self) -> None: ...
 
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-async def unless_client_leaves(request: Request[Any, Any, Any], feed: EventFeed, work: Awaitable[T]) -> T:
+async def unless_client_leaves(request: Request[Any, Any, Any], feed: Closable, work: Awaitable[T]) -> T:
     """Awaits `work` (which reads `feed`); if the client hangs up first, cancels it and the request.
 
     The body has been read, so the next ASGI message can only be `http.disconnect`.

@@ -19,6 +19,7 @@ class Readiness(msgspec.Struct):
     stream: bool
     consumer: bool
     generators: bool
+    models: int | None = None  # models some host serves (the janitors' inventory); None: no janitor yet
 
 
 @get("/health/live", summary="The edge process is up")
@@ -35,8 +36,9 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
         try:
             await js.stream_info(subjects.REQUEST_STREAM)
             state.stream = True
-            await js.consumer_info(subjects.REQUEST_STREAM, "generator")
-            state.consumer = True
+            # `generator`, or one `generator-<models>` per backend host (LLMBUS_GENERATE_MODELS).
+            names = [c.name for c in await js.consumers_info(subjects.REQUEST_STREAM)]
+            state.consumer = any(n == "generator" or n.startswith("generator-") for n in names)
         except (NotFoundError, NatsTimeoutError):
             pass
         try:
@@ -46,4 +48,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
         except (NoRespondersError, NatsTimeoutError):
             pass
     state.ready = state.nats and state.stream and state.consumer and state.generators
+    inventory = getattr(request.app.state, "inventory", None)
+    if inventory is not None and inventory.populated:
+        state.models = len(inventory.ready_models())
     return Response(state, status_code=200 if state.ready else 503)

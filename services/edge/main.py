@@ -11,7 +11,7 @@ from services.runtime.settings import Settings
 
 
 def main(settings: Settings) -> None:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, "llmbus-edge")
     tracing.setup("llmbus-edge")
     uvicorn.run(
         create_app(settings),
@@ -20,7 +20,8 @@ def main(settings: Settings) -> None:
         loop="uvloop",
         http="httptools",
         log_level="warning",
-        access_log=False,
+        log_config=None,  # uvicorn's own lines go through the JSON formatter too
+        access_log=False,  # the edge logs one structured line per request itself
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     tracing.shutdown()

@@ -1,38 +1,103 @@
-"""Turns one generation request into start, token... and done events."""
+"""Turns one generation request into start, token... and done events.
+
+Before the first token, a model server that refuses the connection, answers 5xx or sends nothing
+within `backend_first_token_timeout_s` is retried with backoff (nothing has reached the client
+yet); after it, a failure ends the request with `backend_error`.
+
+A job that takes over after a crash (`job.prior_text`) continues the answer: a chat gets the text
+so far as a trailing assistant message, which the model continues. A `prompt` request cannot be
+continued without the model's own prompt template, so it starts over after a `restart` event.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 
-from contracts import GenerateRequest, Timings, Usage
+import msgspec
+
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Timings, Usage
 from services.runtime.backends import Backend, Final
+from services.runtime.retry import Backoff, with_backoff
+from services.runtime.settings import Settings
 from services.runtime.worker import Job
+
+Stream = AsyncIterator[str | Final]
+
+_RETRYABLE = frozenset({ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.BACKEND_ERROR})
+
+
+def before_first_token(exc: Exception) -> bool:
+    """Worth retrying while nothing was streamed: unreachable, 5xx, broken off, or silent."""
+    return isinstance(exc, LlmbusError) and exc.code in _RETRYABLE
+
+
+def continuation(request: GenerateRequest, prior_text: str, prior_tokens: int) -> GenerateRequest | None:
+    """The request that makes the model continue after `prior_text`; None if it cannot be built."""
+    if request.messages is None:
+        return None
+    options = request.options
+    if options.num_predict is not None and options.num_predict > 0:
+        # The limit is the client's, for the whole answer: only what is left of it.
+        options = msgspec.structs.replace(options, num_predict=max(options.num_predict - prior_tokens, 1))
+    prefix = Message(role="assistant", content=prior_text)
+    return msgspec.structs.replace(request, messages=[*request.messages, prefix], options=options)
 
 
 class Generate:
-    def __init__(self, backend: Backend) -> None:
+    @classmethod
+    def from_settings(cls, backend: Backend, settings: Settings) -> Generate:
+        return cls(
+            backend,
+            backoff=Backoff.from_settings(settings),
+            first_token_timeout_s=settings.backend_first_token_timeout_s,
+        )
+
+    def __init__(
+        self, backend: Backend, *, backoff: Backoff | None = None, first_token_timeout_s: float = 300.0
+    ) -> None:
         self.backend = backend
+        self.backoff = backoff or Backoff()
+        self.first_token_timeout_s = first_token_timeout_s
 
     async def __call__(self, job: Job[GenerateRequest]) -> None:
         request = job.request
         await job.start(request.model)
+        if job.prior_text:
+            continued = continuation(request, job.prior_text, job.prior_tokens)
+            if continued is None:
+                await job.restart("the model server cannot continue a prompt request; it starts over")
+            else:
+                request = continued
+        stream, piece = await with_backoff(
+            lambda: self._open(request),
+            backoff=self.backoff,
+            retryable=before_first_token,
+            deadline=job.deadline,
+        )
         first_token_at: float | None = None
-        final: Final | None = None
-        async for piece in self.backend.generate(request):
-            if isinstance(piece, Final):
-                final = piece
-                break
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            await job.token(piece)
-        assert final is not None  # the backend protocol ends every stream with one Final
+        try:
+            while not isinstance(piece, Final):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                await job.token(piece)
+                piece = await anext(stream)
+        except LlmbusError as exc:
+            if exc.code is ErrorCode.BACKEND_UNAVAILABLE:  # after the first token it is a broken stream
+                raise LlmbusError(ErrorCode.BACKEND_ERROR, exc.message) from exc
+            raise
+        finally:
+            await _close(stream)
+        final = piece
         now = time.perf_counter()
+        completion = final.completion_tokens + job.prior_tokens
         await job.done(
             final.finish_reason,
             Usage(
                 prompt_tokens=final.prompt_tokens,
-                completion_tokens=final.completion_tokens,
-                total_tokens=final.prompt_tokens + final.completion_tokens,
+                completion_tokens=completion,
+                total_tokens=final.prompt_tokens + completion,
             ),
             Timings(
                 total_ms=round((now - job.started) * 1000, 3),
@@ -40,3 +105,25 @@ class Generate:
                 tokens_per_s=None if final.tokens_per_s is None else round(final.tokens_per_s, 2),
             ),
         )
+
+    async def _open(self, request: GenerateRequest) -> tuple[Stream, str | Final]:
+        """Starts a generation and waits for its first piece (a bounded wait)."""
+        stream = self.backend.generate(request)
+        try:
+            async with asyncio.timeout(self.first_token_timeout_s):
+                return stream, await anext(stream)
+        except TimeoutError as exc:
+            await _close(stream)
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"the model server sent nothing within {self.first_token_timeout_s:g}s",
+            ) from exc
+        except BaseException:
+            await _close(stream)
+            raise
+
+
+async def _close(stream: Stream) -> None:
+    """Closes the upstream response (backends are async generators)."""
+    if isinstance(stream, AsyncGenerator):
+        await stream.aclose()

@@ -7,10 +7,12 @@ no-op on the server.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import nats
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -20,9 +22,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from contracts import subjects
+from services.runtime.retry import Backoff, with_backoff
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ async def connect(settings: Settings, name: str) -> Client:
         log.warning("nats error: %s", exc)
 
     return await nats.connect(
-        settings.nats_url,
+        servers(settings.nats_url),
         name=name,
         max_reconnect_attempts=-1,  # a service outlives NATS restarts
         reconnect_time_wait=0.5,
@@ -48,6 +51,11 @@ async def connect(settings: Settings, name: str) -> Client:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+
+
+def servers(url: str) -> list[str]:
+    """`LLMBUS_NATS_URL` may list a cluster's nodes, comma-separated; the client fails over among them."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
@@ -61,6 +69,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             duplicate_window=settings.dedupe_window_s,
             max_msg_size=settings.max_body_bytes * 2,
             discard=DiscardPolicy.NEW,
+            num_replicas=settings.stream_replicas,
         ),
         # Events: every event of every request, briefly, for resume and for continuing after a crash.
         StreamConfig(
@@ -71,29 +80,62 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             max_age=settings.event_max_age_s,
             max_bytes=256 * 1024 * 1024,
             discard=DiscardPolicy.OLD,
+            num_replicas=settings.stream_replicas,
+            allow_direct=True,  # services/runtime/events.py reads a request's events by direct get
+        ),
+        # Dead letters: requests a worker gave up on, with the reason (`llmbus dlq list|replay`).
+        StreamConfig(
+            name=subjects.DEAD_LETTER_STREAM,
+            subjects=[subjects.DEAD_LETTER_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.dlq_max_age_s,
+            max_msg_size=settings.max_body_bytes * 2 + 4096,
+            discard=DiscardPolicy.OLD,
+            num_replicas=settings.stream_replicas,
         ),
     ]
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> None:
+    """Creates or updates every stream; retried for a while when JetStream is not ready yet
+    (a cluster electing its leaders, or several services creating replicated streams at once)."""
     for config in stream_configs(settings):
-        assert config.name is not None
-        try:
-            await js.stream_info(config.name)
-            await js.update_stream(config)
-        except NotFoundError:
-            await js.add_stream(config)
+        await with_backoff(
+            functools.partial(_ensure_stream, js, config),
+            backoff=Backoff(retries=8, base_s=0.25, max_s=4.0),
+            retryable=lambda exc: isinstance(exc, NatsTimeoutError | ServiceUnavailableError),
+        )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+        await js.update_stream(config)
+    except NotFoundError:
+        await js.add_stream(config)
+
+
+def filters(filter_subject: str | list[str]) -> list[str]:
+    return [filter_subject] if isinstance(filter_subject, str) else filter_subject
 
 
 async def ensure_consumer(
-    js: JetStreamContext, settings: Settings, durable: str, filter_subject: str
+    js: JetStreamContext, settings: Settings, durable: str, filter_subject: str | list[str]
 ) -> None:
-    """A durable pull consumer shared by every replica of one worker kind."""
+    """A durable pull consumer shared by every replica of one worker kind.
+
+    Several subjects (one per model a host serves) use `filter_subjects`; consumers of the
+    work-queue request stream must not overlap, so each set of subjects gets its own durable.
+    """
+    several = filters(filter_subject)
     await js.add_consumer(
         subjects.REQUEST_STREAM,
         ConsumerConfig(
             durable_name=durable,
-            filter_subject=filter_subject,
+            filter_subject=several[0] if len(several) == 1 else None,
+            filter_subjects=several if len(several) > 1 else None,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=settings.ack_wait_s,
             max_deliver=settings.max_deliver,

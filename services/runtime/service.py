@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 from typing import Protocol
 
-from services.runtime import tracing
+from services.runtime import logs, tracing
 
 
 class Service(Protocol):
@@ -17,18 +15,14 @@ class Service(Protocol):
     async def stop(self, grace: float | None = None) -> None: ...
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call is noise
+def setup_logging(level: str, service: str | None = None) -> None:
+    """JSON lines with request and trace ids (see `services.runtime.logs`)."""
+    logs.setup(level, service)
 
 
 def run(service: Service, name: str, log_level: str = "info") -> None:
     """Runs `service` until SIGINT or SIGTERM, then stops it gracefully."""
-    setup_logging(log_level)
+    setup_logging(log_level, f"llmbus-{name}")
     tracing.setup(f"llmbus-{name}")
     try:
         import uvloop

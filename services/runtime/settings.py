@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 import msgspec
 
@@ -17,6 +18,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     nats_port: int = 4222  # the embedded server started by `llmbus up`
     ollama_url: str = "http://127.0.0.1:11434"
+    # The model server this process calls: its API kind and URL (empty: `ollama_url`). Several
+    # hosts: one generator per host, each with its own `generate_models` (docs/operations.md).
+    backend: Literal["ollama", "openai"] = "ollama"
+    backend_url: str = ""
+    backend_api_key: str = ""  # sent as a bearer token to OpenAI-compatible servers that want one
+    backend_stream: bool = True  # false: one JSON answer per call, for servers that cannot stream
+    embed_backend_url: str = ""  # where embeddings go, same kind; empty: the backend URL
+    generate_models: str = ""  # comma-separated models this generator serves; empty: every model
+    local: Literal["auto", "on", "off"] = "auto"  # `llmbus up`: embedded llama.cpp when Ollama is down
+    local_max_tokens: int = 256  # the embedded base model never stops on its own
+    local_model: str = ""  # a GGUF file for the embedded llama.cpp; empty: the packaged Gemma 3 270M
+    local_chat_port: int = 0  # `llmbus local` ports; 0: a free port (`llmbus up` picks and passes them)
+    local_embed_port: int = 0
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     data_dir: str = ".llmbus"  # embedded NATS storage, relative to the working directory
@@ -27,9 +41,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_max_age_s: float = 600.0  # how long request events stay replayable in LLM_OUT
     request_timeout_s: float = 600.0  # upper bound of any request's deadline
     max_body_bytes: int = 1_048_576
+    tasks_dir: str = ""  # task definitions (`*.toml`) the edge serves; empty: infra/tasks in the source tree
     backend_connect_timeout_s: float = 5.0
+    # Before the first token, a refused connection, a 5xx or no first token within this long is
+    # retried (after it, the request ends with backend_error); docs/reliability.md.
+    backend_first_token_timeout_s: float = 300.0
+    backend_retries: int = 3  # retries before the first token, with exponential backoff ...
+    backend_retry_base_s: float = 0.25  # ... starting here ...
+    backend_retry_max_s: float = 5.0  # ... capped here, and always within the request's deadline
+    stream_replicas: int = 1  # JetStream replicas of every stream (3 on a 3-node cluster)
+    dlq_max_age_s: float = 7 * 86400.0  # how long dead letters stay in LLM_DLQ
     shutdown_grace_s: float = 20.0  # SIGTERM lets in-flight requests finish this long
+    # Routing (`"model": "auto"`, docs/routing.md): the routes file, re-read when it changes, and how
+    # long the edge waits for the classifier before it sends the request to the default route's model.
+    routes_file: str = "infra/routes.toml"
+    route_wait_s: float = 2.0
+    # The embedder (docs/embeddings.md): many small requests in flight, merged into backend calls.
+    embed_concurrency: int = 256  # embed requests one embedder process holds at once
+    embed_batching: bool = True  # merge concurrent requests for one model into one backend call ...
+    embed_max_batch: int = 64  # ... of at most this many inputs (a bigger request is split) ...
+    embed_max_wait_ms: float = 5.0  # ... waiting at most this long for more to join ...
+    embed_max_calls: int = 1  # ... with this many calls per model in flight (Ollama runs one at a time)
+    embed_max_inputs: int = 256  # inputs in one request (413 request_too_large above)
+    embed_max_input_chars: int = 32_768  # characters in one input (400 prompt_too_large above)
+    embed_cache_ttl_s: float = 86_400.0  # how long a cached vector lives; 0 turns the cache off
+    embed_cache_max_bytes: int = 256 * 1024 * 1024  # the cache bucket's size; oldest entries go first
+    # The janitor (docs/operations.md "Models"): one per Ollama host; the desired state it keeps.
+    janitor_host: str = "local"  # this janitor's host name: inventory key and admin subject
+    models_file: str = "infra/models.toml"  # models.toml, re-read when it changes
+    janitor_interval_s: float = 5.0  # how often it reads /api/ps and applies the unload policy
+    janitor_reconcile_s: float = 60.0  # how often it re-checks that every desired model is there
+    edge_model_check: bool = True  # the edge refuses a model no janitor lists (once one has written)
     log_level: str = "info"
+    # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
+    # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -45,6 +91,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise SystemExit(f"invalid configuration: {exc} (environment variables {PREFIX}*)") from None
+
+    @property
+    def generate_url(self) -> str:
+        return self.backend_url or self.ollama_url
+
+    @property
+    def embed_url(self) -> str:
+        return self.embed_backend_url or self.generate_url
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""

@@ -9,14 +9,18 @@ injected into headers. Spans are per request and per hop, never per token.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer, TracerProvider
 
-tracer = trace.get_tracer("llmbus")
+from contracts import subjects
+
+tracer: Tracer = trace.get_tracer("llmbus")
+_provider: TracerProvider | None = None
 _enabled = False
 
 
@@ -26,16 +30,23 @@ def enabled() -> bool:
 
 def setup(service_name: str) -> None:
     """Install an SDK tracer provider with an OTLP exporter when the environment asks for one."""
-    global _enabled
+    provider = build_provider(service_name)
+    if provider is not None:
+        trace.set_tracer_provider(provider)
+        use_provider(provider)
+
+
+def build_provider(service_name: str) -> TracerProvider | None:
+    """The OTLP-exporting provider the `OTEL_*` environment describes, or None when tracing is off."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return
+        return None
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
     if not endpoint:
-        return
+        return None
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
@@ -48,23 +59,31 @@ def setup(service_name: str) -> None:
             OTLPSpanExporter,
         )
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
+    provider = SdkTracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    _enabled = True
+    return provider
 
 
-def use_provider(provider: trace.TracerProvider) -> None:
-    """Tests: route spans to an in-memory provider."""
-    global _enabled, tracer
+def use_provider(provider: TracerProvider) -> None:
+    """Route llmbus's spans to `provider` (`setup` does; tests pass an in-memory one)."""
+    global _enabled, _provider, tracer
+    _provider = provider
     tracer = provider.get_tracer("llmbus")
     _enabled = True
 
 
+def reset() -> None:
+    """Tracing off again (tests): the no-op tracer, nothing injected."""
+    global _enabled, _provider, tracer
+    _provider = None
+    tracer = trace.NoOpTracer()
+    _enabled = False
+
+
 def shutdown() -> None:
-    provider = trace.get_tracer_provider()
-    if hasattr(provider, "shutdown"):
-        provider.shutdown()
+    """Flush and stop the exporter (buffered spans are sent)."""
+    if _provider is not None and hasattr(_provider, "shutdown"):
+        _provider.shutdown()
 
 
 def inject(headers: dict[str, str]) -> None:
@@ -77,7 +96,7 @@ def inject(headers: dict[str, str]) -> None:
 def publish_span(subject: str, message_id: str, headers: dict[str, str]) -> Iterator[Span]:
     """A producer span around one publish, its context injected into `headers`."""
     with tracer.start_as_current_span(
-        f"send {subject.rsplit('.', 1)[0]}",
+        f"send {subjects.request_family(subject)}",
         kind=SpanKind.PRODUCER,
         attributes={
             "messaging.system": "nats",
@@ -99,7 +118,7 @@ def consume_span(
     token = otel_context.attach(parent) if parent is not None else None
     try:
         with tracer.start_as_current_span(
-            f"process {subject.rsplit('.', 1)[0]}",
+            f"process {subjects.request_family(subject)}",
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "nats",
@@ -113,3 +132,54 @@ def consume_span(
     finally:
         if token is not None:
             otel_context.detach(token)
+
+
+@contextmanager
+def server_span(
+    method: str, route: str, scheme: str, path: str, http_headers: Iterable[tuple[bytes, bytes]]
+) -> Iterator[Span]:
+    """The edge's one server span per HTTP request, however many ASGI sends a stream makes.
+
+    A caller that sends `traceparent` gets its trace continued, as a direct NATS publisher does.
+    """
+    carrier = {
+        name.decode(): value.decode("latin-1")
+        for name, value in http_headers
+        if name in (b"traceparent", b"tracestate")
+    }
+    parent = propagate.extract(carrier) if carrier else None
+    with tracer.start_as_current_span(
+        f"{method} {route}",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": method,
+            "http.route": route,
+            "url.path": path,
+            "url.scheme": scheme,
+        },
+    ) as span:
+        yield span
+
+
+_links: ContextVar[tuple[SpanContext, ...]] = ContextVar("llmbus_span_links", default=())
+
+
+def current_context() -> SpanContext:
+    """The current span's context, to link to later (invalid, and so ignored, when tracing is off)."""
+    return trace.get_current_span().get_span_context()
+
+
+@contextmanager
+def linked(contexts: Iterable[SpanContext]) -> Iterator[None]:
+    """Model calls started inside link to `contexts`: one batched call that serves several requests
+    is a child of one request's trace and linked from every one it carries."""
+    token = _links.set(tuple(c for c in contexts if c.is_valid))
+    try:
+        yield
+    finally:
+        _links.reset(token)
+
+
+def links() -> list[Link]:
+    return [Link(context) for context in _links.get()]

@@ -8,7 +8,12 @@ each to a handler as a `Job`. It owns everything that must be done the same way 
 * exactly one terminal event per request: whatever the handler raises becomes an `error` event
   with a stable code, a handler that returns without one gets `internal`;
 * cancellation (`llm.cancel.<id>`, also for requests not started yet), deadlines, in-progress acks
-  while a long generation runs, ack after the terminal event;
+  while a long generation runs, ack after the terminal event, which JetStream has acknowledged;
+* taking over after a crash: a redelivered request first reads what it already published in
+  `LLM_OUT`; if it ended, it is just acked, otherwise the job continues after it (`Job.prior_text`,
+  numbering after the last `seq`, no second `start`);
+* dead letters: a message that does not decode, or that exhausted `max_deliver` (JetStream's
+  advisory), is copied to `LLM_DLQ` with the reason, and its sender gets a terminal `error`;
 * graceful drain: on stop, no new pulls, in-flight jobs get a grace period, the rest are nak'ed so
   another replica takes them;
 * a consumer span per request, child of the publisher's trace context.
@@ -18,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -28,15 +34,19 @@ import msgspec
 import nats.micro
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from contracts import (
+    TERMINAL_EVENTS,
     Done,
     Error,
     ErrorCode,
     Event,
     LlmbusError,
+    Restart,
     Start,
     Timings,
     Token,
@@ -44,12 +54,19 @@ from contracts import (
     headers,
     subjects,
 )
-from services.runtime import bus, tracing
+from services.runtime import bus, dlq, events, logs, metrics, tracing, usage
+from services.runtime.retry import Backoff, with_backoff
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _encode = msgspec.json.Encoder().encode
+
+# How long a worker keeps trying to get a terminal event stored (NATS restarting, a cluster
+# electing a leader) before it gives up and lets JetStream redeliver the request.
+STORE_PATIENCE_S = 30.0
+# Events a job keeps to republish what a lost NATS connection swallowed (only the newest can be).
+RESEND_WINDOW = 1024
 
 
 class Request(Protocol):
@@ -65,11 +82,16 @@ class Job(Generic[R]):
     """One delivery of one request: the handler's way to publish events."""
 
     __slots__ = (
+        "_js",
         "_nc",
+        "_sent",
         "attempt",
         "cancel_reason",
+        "continued",
         "deadline",
         "msg",
+        "prior_text",
+        "prior_tokens",
         "reply",
         "request",
         "seq",
@@ -79,7 +101,7 @@ class Job(Generic[R]):
     )
 
     def __init__(
-        self, nc: Client, msg: Msg, request: R, *, reply: str, attempt: int, deadline: float
+        self, nc: Client, msg: Msg, request: R, *, reply: str, attempt: int, deadline: float, seq: int = 0
     ) -> None:
         self._nc = nc
         self.msg = msg
@@ -87,7 +109,13 @@ class Job(Generic[R]):
         self.reply = reply
         self.attempt = attempt
         self.deadline = deadline  # event-loop time
-        self.seq = 0
+        self.seq = seq
+        self.continued = seq > 0  # an earlier hop (the classifier) already published `start`
+        # The answer's text an earlier attempt already streamed (a generator continues after it).
+        self.prior_text = ""
+        self.prior_tokens = 0  # ... in this many token events
+        self._js = nc.jetstream()
+        self._sent: deque[bytes] = deque(maxlen=RESEND_WINDOW)  # the newest events, ending at seq - 1
         self.terminal = False
         self.started = time.perf_counter()
         self.cancel_reason: str | None = None
@@ -100,17 +128,54 @@ class Job(Generic[R]):
     async def emit(self, event: Event) -> None:
         if self.terminal:
             raise RuntimeError(f"request {self.id} already ended")
-        self.terminal = isinstance(event, Done | Error)
-        await self._nc.publish(self.reply, _encode(event))
+        if isinstance(event, TERMINAL_EVENTS):
+            # Stored before the request is acked: a worker that takes over sees that it ended.
+            await self._store(_encode(event))
+            self.terminal = True
+            metrics.worker_request_ended(self, event)
+            await usage.publish(self._nc, self, event)  # llm.evt.usage.<model>: the janitor's last use
+        else:
+            data = _encode(event)
+            self._sent.append(data)
+            await self._nc.publish(self.reply, data)
         self.seq += 1
 
+    async def _store(self, data: bytes) -> None:
+        await store_event(self._nc, self.reply, data, f"{self.id}.{self.attempt}.{self.seq}")
+
+    async def restart(self, reason: str) -> None:
+        """Voids the text streamed so far (`prior_text`): for a backend that cannot continue it."""
+        await self.emit(Restart(seq=self.seq, attempt=self.attempt, reason=reason))
+        self.prior_text = ""
+        self.prior_tokens = 0
+
     async def start(self, model: str) -> None:
+        if self.continued:
+            return
         await self.emit(Start(seq=self.seq, attempt=self.attempt, request_id=self.id, model=model))
 
     async def token(self, text: str) -> None:
         # The hot path: one small struct and one encode per token, no headers, no logging.
-        await self._nc.publish(self.reply, _encode(Token(seq=self.seq, attempt=self.attempt, text=text)))
+        data = _encode(Token(seq=self.seq, attempt=self.attempt, text=text))
+        self._sent.append(data)
+        await self._nc.publish(self.reply, data)
         self.seq += 1
+
+    async def resend_lost(self) -> int:
+        """After a reconnect: republishes the events that never reached LLM_OUT; returns how many.
+
+        Events written to a connection that died are gone (they reached neither the stream nor
+        the client); readers drop the copies of those that did arrive.
+        """
+        if not self._sent or not self.reply.startswith(subjects.EVENT_PREFIX):
+            return 0
+        first = self.seq - len(self._sent)
+        sent = list(self._sent)
+        stored = {head.seq for head, _ in await events.read(self._nc, self.reply)}
+        missing = [data for i, data in enumerate(sent) if first + i not in stored]
+        for data in missing:
+            await self._nc.publish(self.reply, data)
+        return len(missing)
 
     async def done(self, finish_reason: str, usage: Usage, timings: Timings) -> None:
         await self.emit(
@@ -124,10 +189,38 @@ class Job(Generic[R]):
             Error(seq=self.seq, attempt=self.attempt, code=code, message=message, retry_after=retry_after)
         )
 
+    def hand_off(self) -> None:
+        """This hop is done and another worker continues (and ends) the request: ack, no terminal event."""
+        self.terminal = True
+
     def cancel(self, reason: str) -> None:
         if self.task is not None and not self.task.done():
             self.cancel_reason = reason
             self.task.cancel()
+
+
+async def store_event(nc: Client, subject: str, data: bytes, msg_id: str) -> None:
+    """Publishes an event with JetStream's acknowledgement, retrying (de-duplicated) within a bound.
+
+    Raises `LlmbusError(backend_unavailable)` when it cannot within `STORE_PATIENCE_S`.
+    """
+    if not subject.startswith(subjects.EVENT_PREFIX):  # not kept in LLM_OUT: nobody acks it
+        await nc.publish(subject, data)
+        return
+    js = nc.jetstream()
+    hdrs = {headers.MSG_ID: msg_id}
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + STORE_PATIENCE_S
+    delay = 0.05
+    while True:
+        try:
+            await js.publish(subject, data, headers=hdrs, timeout=2)
+            return
+        except (NatsTimeoutError, NoRespondersError, NoStreamResponseError, TimeoutError) as exc:
+            if loop.time() + delay > give_up:
+                raise LlmbusError(ErrorCode.BACKEND_UNAVAILABLE, "cannot store the event in LLM_OUT") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 Handler = Callable[[Job[R]], Awaitable[None]]
@@ -140,16 +233,17 @@ class Worker(Generic[R]):
         settings: Settings,
         *,
         service: str,
-        filter_subject: str,
+        filter_subject: str | list[str],
         request_type: type[R],
         handler: Handler[R],
         concurrency: int | None = None,
+        durable: str | None = None,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self.service = service
-        self.durable = service
+        self.durable = durable or service  # replicas with the same filter share one consumer
         self.filter_subject = filter_subject
         self.handler = handler
         self.concurrency = concurrency or settings.concurrency
@@ -157,6 +251,7 @@ class Worker(Generic[R]):
         self._running: dict[str, Job[R]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # cancels that came before the request
         self._tasks: list[asyncio.Task[None]] = []
+        self._resends: set[asyncio.Task[None]] = set()
         self._idle: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._micro: nats.micro.service.Service | None = None
@@ -170,16 +265,30 @@ class Worker(Generic[R]):
         await bus.ensure_consumer(self.js, self.settings, self.durable, self.filter_subject)
         self._psub = await self.js.pull_subscribe_bind(self.durable, subjects.REQUEST_STREAM)
         self._cancel_sub = await self.nc.subscribe(subjects.CANCEL_SUBJECTS, cb=self._on_cancel)
+        # One process of this worker kind (a queue group) ends each request JetStream gave up on.
+        advisory = subjects.MAX_DELIVERIES_ADVISORY.format(
+            stream=subjects.REQUEST_STREAM, consumer=self.durable
+        )
+        self._advisory_sub = await self.nc.subscribe(
+            advisory, queue=f"llmbus-{self.durable}", cb=self._on_max_deliveries
+        )
+        # A new leader of LLM_OUT may lack the newest events the old one had not replicated yet.
+        self._leader_sub = await self.nc.subscribe(
+            subjects.LEADER_ELECTED_ADVISORY.format(stream=subjects.EVENT_STREAM), cb=self._on_new_leader
+        )
         # Discovery and liveness for free: `$SRV.PING|INFO|STATS.llmbus-<service>`.
         self._micro = await nats.micro.add_service(
             self.nc,
             name=f"llmbus-{self.service}",
             version="0.1.0",
             description=f"llmbus {self.service} worker",
-            metadata={"filter": self.filter_subject},
+            metadata={"filter": ",".join(bus.filters(self.filter_subject))},
         )
         self._tasks = [asyncio.create_task(self._slot()) for _ in range(self.concurrency)]
-        self._tasks.append(asyncio.create_task(self._keep_alive()))
+        self._keeper = asyncio.create_task(self._keep_alive())
+        self._tasks.append(self._keeper)
+        self._watcher = asyncio.create_task(self._watch_reconnects())
+        metrics.watch_worker(self, self.settings.http_host, self.settings.metrics_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop pulling, let in-flight jobs finish within `grace`, nak the rest."""
@@ -190,16 +299,25 @@ class Worker(Generic[R]):
         jobs = [job.task for job in self._running.values() if job.task is not None]
         if jobs:
             await asyncio.wait(jobs, timeout=grace)
+        # No interest first: the server then drops this process's pending pull requests, so what
+        # is nak'ed next goes straight to another replica instead of back here.
+        with contextlib.suppress(Exception):
+            await self._psub.unsubscribe()
         for job in list(self._running.values()):
             job.cancel("shutdown")
+        self._keeper.cancel()  # it may be asleep for ack_wait/3: do not wait for it
+        self._watcher.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._cancel_sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self._psub.unsubscribe()
+            await self._advisory_sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._leader_sub.unsubscribe()
         if self._micro is not None:
             with contextlib.suppress(Exception):
                 await self._micro.stop()
+        metrics.unwatch_worker(self)
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject[len(subjects.CANCEL_PREFIX) :]
@@ -210,6 +328,42 @@ class Worker(Generic[R]):
         self._cancelled[request_id] = None
         if len(self._cancelled) > 10_000:
             self._cancelled.popitem(last=False)
+
+    async def _watch_reconnects(self) -> None:
+        """After NATS reconnects (or `LLM_OUT` gets a new leader), every running job republishes
+        the events that did not make it into the stream."""
+        reconnects = self.nc.stats["reconnects"]
+        while not self._stopping:
+            await asyncio.sleep(0.25)
+            if self.nc.stats["reconnects"] == reconnects or not self.nc.is_connected:
+                continue
+            reconnects = self.nc.stats["reconnects"]
+            self._resend_all()
+
+    async def _on_new_leader(self, msg: Msg) -> None:
+        self._resend_all()
+
+    def _resend_all(self) -> None:
+        for job in list(self._running.values()):
+            task = asyncio.create_task(self._resend(job))
+            self._resends.add(task)
+            task.add_done_callback(self._resends.discard)
+
+    async def _resend(self, job: Job[R]) -> None:
+        async def attempt() -> int:
+            return await job.resend_lost()
+
+        try:  # the stream may still be electing a leader: a few bounded tries
+            count = await with_backoff(
+                attempt,
+                backoff=Backoff(retries=6, base_s=0.25, max_s=2.0),
+                retryable=lambda exc: isinstance(exc, NatsTimeoutError | TimeoutError),
+            )
+        except Exception as exc:
+            log.warning("request %s: could not check its events after a reconnect: %r", job.id, exc)
+            return
+        if count:
+            log.info("request %s: republished %d events lost with the old connection", job.id, count)
 
     async def _keep_alive(self) -> None:
         """In-progress acks, so a generation longer than `ack_wait` is not redelivered."""
@@ -238,7 +392,12 @@ class Worker(Generic[R]):
             finally:
                 self._idle.discard(me)
             for msg in msgs:
-                await self._process(msg)
+                try:
+                    await self._process(msg)
+                except Exception:  # e.g. NATS gone for longer than STORE_PATIENCE_S: redeliver
+                    log.exception("request on %s not finished; it will be redelivered", msg.subject)
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=1)
 
     async def _process(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered or 1
@@ -249,15 +408,29 @@ class Worker(Generic[R]):
         except (msgspec.DecodeError, msgspec.ValidationError, LlmbusError) as exc:
             await self._reject(msg, hdrs, attempt, exc)
             return
+        running = self._running.get(request.id)
+        if running is not None:
+            # Redelivered while it still runs here (in-progress acks were lost, e.g. during a NATS
+            # leader election): keep the running job, which acks this newest delivery when done.
+            running.msg = msg
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            return
         reply = hdrs.get(headers.REPLY) or subjects.event_subject(request.id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         if headers.DEADLINE in hdrs:
             with contextlib.suppress(ValueError):
                 deadline = min(deadline, loop.time() + int(hdrs[headers.DEADLINE]) / 1000 - time.time())
-        job = Job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline)
+        seq = int(hdrs[headers.SEQ]) if hdrs.get(headers.SEQ, "").isdigit() else 0
+        job = Job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
+        if attempt > 1 and not await self._take_over(job):
+            return
 
-        with tracing.consume_span(msg.subject, request.id, hdrs, self.durable) as span:
+        with (
+            logs.request_scope(request.id),
+            tracing.consume_span(msg.subject, request.id, hdrs, self.durable) as span,
+        ):
             if request.id in self._cancelled:
                 await job.fail(ErrorCode.CANCELLED, "cancelled by the client before it started")
             elif deadline <= loop.time():
@@ -266,9 +439,26 @@ class Worker(Generic[R]):
                 await self._run(job)
             if job.terminal:
                 span.set_attribute("llmbus.outcome", "ok" if job.cancel_reason is None else job.cancel_reason)
-                await msg.ack()
+                await job.msg.ack()  # the newest delivery of it (see above)
             else:
-                await msg.nak()  # shutdown: another replica continues it
+                await job.msg.nak()  # shutdown: another replica continues it
+
+    async def _take_over(self, job: Job[R]) -> bool:
+        """A redelivery: continue after what an earlier attempt published; False if nothing is left."""
+        try:
+            prior = events.published(await events.read(self.nc, job.reply))
+        except (NatsTimeoutError, TimeoutError):
+            await job.msg.nak(delay=1)  # cannot tell what was published yet: try again shortly
+            return False
+        if prior.ended:
+            await job.msg.ack()  # it ended, but its worker stopped before acking
+            return False
+        if not prior.empty:
+            job.seq = max(job.seq, prior.next_seq)
+            job.continued = job.continued or prior.started
+            job.prior_text = prior.text
+            job.prior_tokens = prior.tokens
+        return True
 
     async def _run(self, job: Job[R]) -> None:
         async def guarded() -> None:
@@ -303,11 +493,64 @@ class Worker(Generic[R]):
             await job.fail(ErrorCode.INTERNAL, f"internal error; see the worker log for request {job.id}")
 
     async def _reject(self, msg: Msg, hdrs: dict[str, str], attempt: int, exc: Exception) -> None:
-        """Poison: terminate it (never redeliver) and tell the sender if it said where to."""
+        """Poison: tell the sender if it said where to, dead-letter it, terminate it (no redelivery)."""
         message = exc.message if isinstance(exc, LlmbusError) else f"malformed request: {exc}"
         reply = hdrs.get(headers.REPLY)
         if reply:
             error = Error(seq=0, attempt=attempt, code=ErrorCode.BAD_REQUEST, message=message)
             await self.nc.publish(reply, _encode(error))
-        log.warning("terminated malformed message on %s: %s", msg.subject, message)
+        await dlq.dead_letter(
+            self.nc,
+            service=self.service,
+            subject=msg.subject,
+            data=msg.data,
+            original_headers=hdrs,
+            reason=f"rejected: {message}",
+            deliveries=attempt,
+        )
+        log.warning("dead-lettered malformed message on %s: %s", msg.subject, message)
+        metrics.worker_request_rejected(msg.subject)
         await msg.term()
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """Every delivery of a request ended without an ack (its workers died): end and dead-letter it.
+
+        The message is still in the request stream; its client gets one `error` (unless a terminal
+        event is already stored), a copy goes to LLM_DLQ, and it is deleted from the stream.
+        """
+        try:
+            advisory = json.loads(msg.data)
+            stream_seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+        except (ValueError, KeyError, TypeError):
+            return
+        try:
+            raw = await self.js.get_msg(subjects.REQUEST_STREAM, seq=stream_seq)
+        except NotFoundError:
+            return  # acked at the last moment, or already handled
+        data, hdrs = raw.data or b"", raw.headers or {}
+        request_id = dlq.request_id_of(data)
+        reply = hdrs.get(headers.REPLY) or (subjects.event_subject(request_id) if request_id else None)
+        reason = f"gave up after {deliveries} deliveries: every worker that took it stopped before it ended"
+        try:
+            if reply:
+                prior = events.published(await events.read(self.nc, reply))
+                if not prior.ended:
+                    error = Error(
+                        seq=prior.next_seq, attempt=deliveries, code=ErrorCode.INTERNAL, message=reason
+                    )
+                    await store_event(self.nc, reply, _encode(error), f"{request_id}.dlq")
+            await dlq.dead_letter(
+                self.nc,
+                service=self.service,
+                subject=raw.subject or "",
+                data=data,
+                original_headers=hdrs,
+                reason=reason,
+                deliveries=deliveries,
+            )
+            await self.js.delete_msg(subjects.REQUEST_STREAM, stream_seq)
+        except Exception:
+            log.exception("could not dead-letter request %s (stream seq %d)", request_id, stream_seq)
+            return
+        log.warning("dead-lettered request %s: %s", request_id, reason)

@@ -4,7 +4,10 @@ It is a raw ASGI app served by uvicorn, fast enough at zero delay not to be the 
 of a benchmark, and shaped after Ollama's ``docs/api.md`` and ``server/routes.go``: NDJSON
 streaming (``application/x-ndjson``), a final chunk with ``done_reason`` and nanosecond
 durations, ``{"error": "..."}`` bodies with Ollama's status codes, load/unload by empty
-prompt and ``keep_alive``, pull/create/copy/delete/show/tags/ps/version.
+prompt and ``keep_alive``, pull/create/copy/delete/show/tags/ps/version, and blob upload
+(``HEAD|POST /api/blobs/<digest>``, checked against the body's sha256) for ``create`` with
+``files``.  ``pull_step_delay`` spaces a pull's status lines out, as a slow download does; a
+pulled model appears in ``/api/tags`` once its pull is complete.
 
 Use it in-process::
 
@@ -45,8 +48,10 @@ Structured output
 Faults
     ``fail_status`` (+ ``fail_times``) answers chat/generate/embed with an error body;
     ``disconnect_after`` (+ ``disconnect_times``) drops the TCP connection after N chunks;
-    ``error_after`` streams Ollama's in-band ``{"error": ...}`` line.  A client hang-up is
-    seen immediately, even during ``first_token_delay``, and stops the generation.
+    ``error_after`` streams Ollama's in-band ``{"error": ...}`` line; ``invalid_format_times``
+    answers the next N schema ``format`` requests with ``{}``, which breaks any ``required``.
+    A client hang-up is seen immediately, even during ``first_token_delay``, and stops the
+    generation.
 
 Deliberate differences
     Unknown models get ``model "x" not found, try pulling it first`` on every inference
@@ -57,7 +62,10 @@ Deliberate differences
 Embeddings
     ``/api/embed`` hashes lowercase words into ``dimensions`` (or ``config.embed_dim``)
     buckets with a hash-derived sign and L2-normalises, so texts sharing words have a
-    higher cosine similarity than unrelated ones.
+    higher cosine similarity than unrelated ones.  An input counts ``words + 2`` tokens;
+    with ``truncate: false`` one longer than the context (4096) fails the whole call with
+    400 ``the input length exceeds the context length``, as Ollama does.  A call holds a
+    ``parallel`` slot while it pays its cost: Ollama serialises embedding calls on one runner.
 """
 
 from __future__ import annotations
@@ -101,12 +109,14 @@ class FakeConfig:
     disconnect_after: int | None = None  # drop the TCP connection after N token chunks
     disconnect_times: int | None = None  # drop only the next N generations; None = all
     error_after: int | None = None  # stream {"error": ...} after N chunks, as a crashed runner does
+    invalid_format_times: int = 0  # the next N JSON-schema `format` answers are `{}` (decremented)
     embed_call_cost: float = 0.0  # seconds per /api/embed call ...
     embed_item_cost: float = 0.0  # ... plus seconds per input item (Ollama on CPU)
     embed_dim: int = 64
-    parallel: int | None = None  # max concurrent generations (OLLAMA_NUM_PARALLEL); others queue
+    parallel: int | None = None  # max concurrent generations/embed calls (OLLAMA_NUM_PARALLEL); others queue
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     pullable: set[str] | None = None  # names /api/pull can fetch; None = any name
+    pull_step_delay: float = 0.0  # seconds between a streamed pull's status lines (a slow download)
 
 
 @dataclass
@@ -339,6 +349,10 @@ def _details(name: str) -> dict[str, Any]:
     }
 
 
+def _embed_tokens(text: str) -> int:
+    return len(_WORD.findall(text.lower())) + 2
+
+
 def _embedding(text: str, dim: int) -> list[float]:
     vector = [0.0] * dim
     for word in _WORD.findall(text.lower()):
@@ -556,12 +570,13 @@ class FakeOllama:
         self.host = host
         self.port = port
         self.calls: list[Call] = []
-        self.active = 0  # generations holding a parallel slot
+        self.active = 0  # generations and embed calls holding a parallel slot
         self._initial = copy.deepcopy(self.config)
         self._loaded: dict[str, datetime] = {}
         self._in_use: dict[str, int] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._meta: dict[str, _ModelMeta] = {}
+        self._blobs: set[str] = set()  # digests uploaded through /api/blobs
         self._born = datetime.now(UTC)
         self._slot_waiters: list[asyncio.Future[None]] = []
         self._changed: asyncio.Event | None = None
@@ -581,6 +596,7 @@ class FakeOllama:
             "/api/create": {"POST": self._create},
             "/api/copy": {"POST": self._copy},
             "/api/delete": {"DELETE": self._delete},
+            "/api/blobs/": {"HEAD": self._blob, "POST": self._blob},  # + "sha256:<hex>"
             "/_fake/calls": {"GET": self._fake_calls},
             "/_fake/config": {"GET": self._fake_config, "POST": self._fake_config},
             "/_fake/reset": {"POST": self._fake_reset},
@@ -607,6 +623,7 @@ class FakeOllama:
         self.calls.clear()
         self._loaded.clear()
         self._meta.clear()
+        self._blobs.clear()
         self._wake_slots()
         self._notify()
 
@@ -665,6 +682,9 @@ class FakeOllama:
             proxy_headers=False,
             server_header=False,  # Go's net/http sends no Server header
             date_header=False,  # uvicorn refreshes it only from Server.main_loop, which we skip
+            # Ollama's http.Server sets no IdleTimeout: idle keep-alive connections stay open
+            # (uvicorn's default closes them after 5 s, which pooled clients then trip over).
+            timeout_keep_alive=3600,
         )
         server = uvicorn.Server(config)
         config.load()
@@ -719,7 +739,8 @@ class FakeOllama:
             raw = await self._read_body(ex)
             if raw is None:
                 return
-            routes = self._routes.get(path)
+            blob = path.startswith("/api/blobs/")
+            routes = self._routes.get("/api/blobs/" if blob else path)
             if routes is None:  # Go's default mux/gin answer
                 await ex.respond(404, b"text/plain", b"404 page not found")
                 return
@@ -727,8 +748,10 @@ class FakeOllama:
             if handler is None:
                 await ex.respond(405, b"text/plain", b"405 method not allowed")
                 return
-            body = None
-            if raw.strip():
+            body: Any = None
+            if blob:
+                body = raw  # a model file, not JSON
+            elif raw.strip():
                 try:
                     body = call.body = _DECODE(raw)
                 except msgspec.DecodeError as exc:
@@ -991,7 +1014,11 @@ class FakeOllama:
             stop = total if limit is None else min(total, start + limit)
             pieces = [_word(seed, i) + " " for i in range(start, stop)]
         else:
-            every = _PIECE.findall(_format_text(fmt, seed, self.config.tokens))
+            text = _format_text(fmt, seed, self.config.tokens)
+            if isinstance(fmt, dict) and self.config.invalid_format_times > 0:
+                self.config.invalid_format_times -= 1
+                text = "{}"  # what a model ignoring the schema might say: no required property
+            every = _PIECE.findall(text)
             total = len(every)
             start = min(skip, total)
             stop = total if limit is None else min(total, start + limit)
@@ -1138,6 +1165,10 @@ class FakeOllama:
         else:
             raise _HTTPError(400, "invalid input type")
         dimensions = _field(req, "dimensions", int, 0, "EmbedRequest", "int")
+        if _field(req, "truncate", bool, True, "EmbedRequest", "bool") is False and any(
+            _embed_tokens(text) > _CONTEXT_LENGTH for text in inputs
+        ):
+            raise _HTTPError(400, "the input length exceeds the context length")
         result = await self._embed_all(ex, req, model, inputs, dimensions or self.config.embed_dim)
         if result is not None:
             await ex.json(result if inputs else {"model": model, "embeddings": []})
@@ -1172,13 +1203,17 @@ class FakeOllama:
                     self.config.embed_call_cost + self.config.embed_item_cost * len(inputs) if inputs else 0
                 )
                 if cost > 0:
-                    await asyncio.sleep(cost)
+                    await self._acquire_slot()
+                    try:
+                        await asyncio.sleep(cost)
+                    finally:
+                        self._release_slot()
                 result.update(
                     model=model,
                     embeddings=[_embedding(text, dim) for text in inputs],
                     total_duration=_ns(time.perf_counter_ns() - t0),
                     load_duration=_ns(t_loaded - t0),
-                    prompt_eval_count=sum(len(_WORD.findall(text.lower())) + 2 for text in inputs),
+                    prompt_eval_count=sum(min(_embed_tokens(text), _CONTEXT_LENGTH) for text in inputs),
                 )
             finally:
                 self._release_model(name, keep_alive)
@@ -1188,7 +1223,9 @@ class FakeOllama:
 
     # -- model management
 
-    async def _stream_status(self, ex: _Exchange, events: Iterable[dict[str, Any]], stream: bool) -> None:
+    async def _stream_status(
+        self, ex: _Exchange, events: Iterable[dict[str, Any]], stream: bool, delay: float = 0.0
+    ) -> None:
         items = list(events)
         if not stream:
             await ex.json(items[-1])
@@ -1196,6 +1233,8 @@ class FakeOllama:
         await ex.start(200, _NDJSON_CT)
         for event in items[:-1]:
             await ex.write(_ENCODE(event) + b"\n")
+            if delay > 0:
+                await asyncio.sleep(delay)
         await ex.finish(_ENCODE(items[-1]) + b"\n")
 
     async def _pull_failure(self, ex: _Exchange, stream: bool) -> None:
@@ -1243,8 +1282,10 @@ class FakeOllama:
             {"status": "writing manifest"},
             {"status": "success"},
         ]
-        self._add_model(name, _ModelMeta(modified_at=datetime.now(UTC), root=name))
-        await self._stream_status(ex, events, stream)
+        await self._run_watched(ex, self._stream_status(ex, events, stream, self.config.pull_step_delay))
+        if not (ex.call.disconnected or ex.call.aborted):
+            self._add_model(name, _ModelMeta(modified_at=datetime.now(UTC), root=name))
+            self._notify()
 
     async def _create(self, ex: _Exchange, body: Any) -> None:
         req = _require_object(body, "CreateRequest")
@@ -1263,6 +1304,9 @@ class FakeOllama:
         spec["parameters"].update(_field(req, "parameters", dict, {}, "CreateRequest", "map[string]any"))
         base = spec.get("from")
         files = req.get("files")
+        for digest in files.values() if isinstance(files, dict) else ():
+            if digest not in self._blobs:
+                raise _HTTPError(400, f"blob {digest} not found: upload it to /api/blobs first")
         if not base and not files:
             raise _HTTPError(
                 400, "no FROM line" if modelfile is not None else "neither 'from' or 'files' was specified"
@@ -1292,6 +1336,17 @@ class FakeOllama:
         )
         self._add_model(name, meta)
         await self._stream_status(ex, events, stream)
+
+    async def _blob(self, ex: _Exchange, body: Any) -> None:
+        digest = ex.call.path.removeprefix("/api/blobs/")
+        if ex.call.method == "HEAD":
+            await ex.respond(200 if digest in self._blobs else 404, None, b"")
+            return
+        actual = "sha256:" + hashlib.sha256(body or b"").hexdigest()
+        if actual != digest:
+            raise _HTTPError(400, f"digest mismatch, expected {digest!r}, got {actual!r}")
+        self._blobs.add(digest)
+        await ex.respond(201, None, b"")
 
     async def _copy(self, ex: _Exchange, body: Any) -> None:
         req = _require_object(body, "CopyRequest")

@@ -19,6 +19,13 @@ class Final(msgspec.Struct):
     tokens_per_s: float | None = None
 
 
+class EmbedResult(msgspec.Struct):
+    """One embedding call's answer: a vector per input, in input order, and the tokens it cost."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
 class Backend(Protocol):
     url: str
 
@@ -27,6 +34,16 @@ class Backend(Protocol):
 
         Raises `LlmbusError` with a stable code. Closing the iterator (or cancelling the task that
         drives it) closes the upstream HTTP response, so the server stops generating.
+        """
+        ...
+
+    async def embed(
+        self, model: str, inputs: list[str], *, truncate: bool | None = None, dimensions: int | None = None
+    ) -> EmbedResult:
+        """Embeds `inputs` in one call; `None` options are left to the server's defaults.
+
+        Raises `LlmbusError` with a stable code; `bad_request` or `backend_error` may be caused by a
+        single input (a text over the context length with `truncate=False`).
         """
         ...
 

@@ -9,7 +9,9 @@ import httpx
 import msgspec
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError
-from services.runtime.backends.base import Final
+from services.runtime.backends.base import EmbedResult, Final
+from services.runtime.backends.observed import embedding, generation
+from services.runtime.backends.streaming import StreamError, StreamingClient
 
 
 class _ChunkMessage(msgspec.Struct):
@@ -33,7 +35,13 @@ class _ErrorBody(msgspec.Struct):
     error: str = ""
 
 
+class _EmbedAnswer(msgspec.Struct):
+    embeddings: list[list[float]]
+    prompt_eval_count: int = 0
+
+
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_embed = msgspec.json.Decoder(_EmbedAnswer).decode
 _decode_error = msgspec.json.Decoder(_ErrorBody).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -76,9 +84,14 @@ class OllamaBackend:
             timeout=httpx.Timeout(None, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # Generations, the hot path, go through a leaner client (see streaming.py for why).
+        self._stream = StreamingClient(
+            self.url, connect_timeout=connect_timeout, max_connections=max_connections
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._stream.aclose()
 
     async def version(self) -> str:
         try:
@@ -90,18 +103,44 @@ class OllamaBackend:
                 ErrorCode.BACKEND_UNAVAILABLE, f"Ollama at {self.url} is unreachable: {exc!r}"
             ) from exc
 
+    @embedding("ollama")
+    async def embed(
+        self, model: str, inputs: list[str], *, truncate: bool | None = None, dimensions: int | None = None
+    ) -> EmbedResult:
+        body: dict[str, Any] = {"model": model, "input": inputs}
+        if truncate is not None:
+            body["truncate"] = truncate
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        try:
+            response = await self._client.post(
+                "/api/embed", content=_encode(body), headers={"content-type": "application/json"}
+            )
+            if response.status_code != 200:
+                raise error_for_status(response.status_code, response.content, model)
+            answer = _decode_embed(response.content)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
+            ) from exc
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"embedding call failed: {exc!r}") from exc
+        if len(answer.embeddings) != len(inputs):
+            raise LlmbusError(
+                ErrorCode.BACKEND_ERROR,
+                f"backend returned {len(answer.embeddings)} embeddings for {len(inputs)} inputs",
+            )
+        return EmbedResult(vectors=answer.embeddings, prompt_tokens=answer.prompt_eval_count)
+
+    @generation("ollama")
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
         path = "/api/chat" if request.is_chat else "/api/generate"
         try:
-            async with self._client.stream(
-                "POST",
-                path,
-                content=_encode(request_body(request)),
-                headers={"content-type": "application/json"},
-            ) as response:
-                if response.status_code != 200:
-                    raise error_for_status(response.status_code, await response.aread(), request.model)
-                async for line in _ndjson(response.aiter_bytes()):
+            async with self._stream.post(path, _encode(request_body(request))) as response:
+                if response.status != 200:
+                    raise error_for_status(response.status, await response.read(), request.model)
+                lines = _ndjson(response.body())
+                async for line in lines:
                     chunk = _decode_chunk(line)
                     if chunk.error is not None:
                         raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend error: {chunk.error}")
@@ -109,6 +148,8 @@ class OllamaBackend:
                     if text:
                         yield text
                     if chunk.done:
+                        async for _ in lines:  # read to the end, so the pool keeps the connection
+                            pass
                         speed = (
                             chunk.eval_count / (chunk.eval_duration / 1e9) if chunk.eval_duration else None
                         )
@@ -120,11 +161,13 @@ class OllamaBackend:
                         )
                         return
                 raise LlmbusError(ErrorCode.BACKEND_ERROR, "backend closed the stream before it was done")
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
-            ) from exc
-        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+        except StreamError as exc:
+            if exc.connect:
+                raise LlmbusError(
+                    ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
+                ) from exc
+            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend stream failed: {exc}") from exc
+        except msgspec.DecodeError as exc:
             raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend stream failed: {exc!r}") from exc
 
 

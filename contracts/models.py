@@ -1,0 +1,218 @@
+"""Model lifecycle on the bus: the inventory, usage events, lifecycle events and the admin API.
+
+The janitor (one per Ollama host) owns these. It writes one `ModelInfo` per model and host to the
+KV bucket `llm_models` (key `<host>.<model>`, see `subjects.inventory_key`), learns last use from
+the `UsageEvent` every worker publishes after a request, publishes a `ModelEvent` for every
+lifecycle step it takes, and answers the admin API (`llm.admin.[<host>.]<verb>`, a NATS micro
+service). Admin replies are the result struct as JSON; a failure carries the micro-service error
+headers (`Nats-Service-Error-Code` = the HTTP status) and an `ErrorBody` as the payload.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from contracts.errors import ErrorCode, LlmbusError
+from contracts.messages import validate_model
+from contracts.subjects import HOST_NAME
+
+# available: on the host's disk; loaded: in (V)RAM; pulling/creating: on its way (see `progress`);
+# failed: wanted by models.toml but its pull or create failed (see `error`).
+ModelState = Literal["available", "loaded", "pulling", "creating", "failed"]
+READY_STATES = frozenset({"available", "loaded"})
+
+UnloadReason = Literal["idle", "memory_budget", "host_memory", "admin"]
+Op = Literal["pull", "create", "copy", "delete", "load", "unload"]
+
+
+class Progress(msgspec.Struct):
+    """How far a pull (or create) is: bytes over every layer seen so far."""
+
+    status: str
+    completed: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float | None:
+        return round(100 * self.completed / self.total, 1) if self.total else None
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    """One model on one host: the value of `<host>.<model>` in the `llm_models` bucket."""
+
+    host: str
+    model: str  # Ollama's canonical name, e.g. `llama3.2:1b`
+    state: ModelState
+    size: int = 0  # bytes on disk
+    size_vram: int = 0  # bytes in GPU memory while loaded (size - size_vram runs on the CPU)
+    loaded: bool = False
+    expires_at: float | None = None  # Unix seconds: Ollama unloads it by itself then
+    last_used: float | None = None  # Unix seconds: last request seen (usage event or /api/ps)
+    pinned: bool = False  # never unloaded by the janitor
+    warm: bool = False  # loaded at start
+    idle_ttl_s: float | None = None  # unloaded after this long without a request; None = never
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization: str | None = None
+    digest: str | None = None
+    modelfile_digest: str | None = None  # sha256 of the Modelfile it was created from
+    progress: Progress | None = None
+    error: str | None = None
+    updated_at: float = 0.0  # Unix seconds of the last change
+
+    @property
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+
+class UsageEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Published on `llm.evt.usage.<model>` (core NATS) after every request's terminal event."""
+
+    model: str
+    kind: str  # the request family: `generate`, `embed`, ...
+    request_id: str
+    at: float  # Unix seconds, when the request ended
+    outcome: str  # `done`, or the error code
+    duration_ms: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _ModelEvent(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    host: str
+    model: str
+    op: Op
+
+
+class OpProgress(_ModelEvent, tag="progress"):
+    """A step of a running pull or create (Ollama's status lines, summed over layers)."""
+
+    progress: Progress
+
+
+class OpDone(_ModelEvent, tag="done"):
+    """An operation finished; an unload says why."""
+
+    reason: UnloadReason | None = None
+    info: ModelInfo | None = None
+
+
+class OpError(_ModelEvent, tag="error"):
+    code: ErrorCode
+    message: str
+
+
+# On `llm.evt.model.<host>.<model>` for everything the janitor does, and on the `progress` subject
+# of the admin request that started a pull or create; `done` and `error` are terminal.
+ModelEvent = OpProgress | OpDone | OpError
+
+
+# -- admin API requests (`llm.admin.[<host>.]<verb>`) and replies
+
+
+def _check_model(model: str) -> None:
+    validate_model(model)
+
+
+class ModelRef(msgspec.Struct, forbid_unknown_fields=True):
+    """`show`, `delete`, `unload`."""
+
+    model: str
+
+    def validate(self) -> None:
+        _check_model(self.model)
+
+
+class PullRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`pull`: progress events go to `progress` (subscribe before sending) and `llm.evt.model.*`."""
+
+    model: str
+    progress: str | None = None
+
+    def validate(self) -> None:
+        _check_model(self.model)
+
+
+class CreateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`create`: a model from the text of a Modelfile (FROM a model name on the host)."""
+
+    model: str
+    modelfile: str
+    progress: str | None = None
+
+    def validate(self) -> None:
+        _check_model(self.model)
+        if not self.modelfile.strip():
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`modelfile` must not be empty")
+
+
+class CopyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    source: str
+    destination: str
+
+    def validate(self) -> None:
+        _check_model(self.source)
+        _check_model(self.destination)
+
+
+class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`load`: keep it loaded `keep_alive_s` seconds (-1 = until unloaded; default: its idle TTL)."""
+
+    model: str
+    keep_alive_s: float | None = None
+
+    def validate(self) -> None:
+        _check_model(self.model)
+
+
+class OpAccepted(msgspec.Struct):
+    """The reply to `pull` and `create`: the work runs on; its events say how it ends."""
+
+    host: str
+    model: str
+    op: Op
+
+
+class ModelList(msgspec.Struct):
+    """The reply to `list` and `ps`: one host's models."""
+
+    host: str
+    models: list[ModelInfo]
+
+
+class ModelDetails(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """The reply to `show`."""
+
+    host: str
+    model: str
+    modelfile: str = ""
+    parameters: str = ""
+    template: str = ""
+    system: str = ""
+    capabilities: list[str] = msgspec.field(default_factory=list)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+    model_info: dict[str, Any] = msgspec.field(default_factory=dict)
+    info: ModelInfo | None = None
+
+
+ADMIN_VERBS = ("list", "ps", "show", "pull", "create", "copy", "delete", "load", "unload")
+
+
+def validate_host(host: str) -> None:
+    if not HOST_NAME.match(host):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"invalid host name {host[:64]!r}")
+
+
+def canonical_model(name: str) -> str:
+    """Ollama's canonical short name: lowercase, default registry dropped, `:latest` added.
+
+    `llama3.2` and `library/llama3.2:latest` are the same model; the inventory is keyed by this.
+    """
+    name = name.strip().lower()
+    for prefix in ("registry.ollama.ai/", "library/"):
+        name = name.removeprefix(prefix)
+    if ":" not in name.rsplit("/", 1)[-1]:
+        name += ":latest"
+    return name

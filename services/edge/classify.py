@@ -1,0 +1,39 @@
+"""`POST /v1/classify`: score a text against labels, answered by the classifier over NATS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.params import JSONBody
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from contracts import ErrorBody, ErrorCode, LlmbusError
+from contracts.route import CLASSIFY_SUBJECT, ClassifyRequest
+from services.edge.errors import error_response, request_id_of
+
+_encode = msgspec.json.Encoder().encode
+_decode_error = msgspec.json.Decoder(ErrorBody).decode
+
+# The classifier bounds its own model calls ([classify].timeout_s in the routes file); this only
+# keeps the edge from waiting forever on a classifier that died mid-request.
+CLASSIFY_WAIT_S = 60.0
+
+
+@post("/v1/classify", summary="Score a text against labels (embedding similarity or an LLM)", status_code=200)
+async def classify(request: Request[Any, Any, Any], data: JSONBody[ClassifyRequest]) -> Response[bytes]:
+    request_id = request_id_of(request)
+    data.validate()
+    nc = request.app.state.nc
+    try:
+        answer = await nc.request(CLASSIFY_SUBJECT, _encode(data), timeout=CLASSIFY_WAIT_S)
+    except NoRespondersError:
+        raise LlmbusError(ErrorCode.BACKEND_UNAVAILABLE, "no classifier is running", retry_after=1) from None
+    except (NatsTimeoutError, TimeoutError):
+        raise LlmbusError(ErrorCode.DEADLINE_EXCEEDED, "the classifier did not answer in time") from None
+    if answer.headers and "Nats-Service-Error-Code" in answer.headers:
+        detail = _decode_error(answer.data).error
+        return error_response(detail.code, detail.message, request_id, detail.retry_after)
+    return Response(answer.data, media_type="application/json", headers={"X-Request-Id": request_id})

@@ -1,0 +1,247 @@
+"""`/v1/models`: the model inventory (from the KV bucket) and the janitor's admin API over HTTP.
+
+`GET /v1/models` has OpenAI's list shape (`{"object": "list", "data": [{"id", "object", ...}]}`),
+so OpenAI SDKs can list models too; each entry adds where the model is and in what state. The
+admin routes forward to the janitor of the right host over NATS; pull and create stream their
+progress as SSE when asked (`"stream": true` or `Accept: text/event-stream`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.response import Stream
+
+from contracts import EventHead, LlmbusError, canonical_model
+from contracts.models import (
+    CopyRequest,
+    LoadRequest,
+    ModelDetails,
+    ModelEvent,
+    ModelInfo,
+    ModelRef,
+    Op,
+    OpAccepted,
+    OpDone,
+    OpError,
+    validate_host,
+)
+from services.edge.errors import error_response, request_id_of
+from services.edge.sse import frame
+from services.runtime.admin_client import AdminClient
+from services.runtime.inventory import InventoryView
+
+_encode = msgspec.json.Encoder().encode
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ModelEntry(msgspec.Struct, kw_only=True):
+    """One model (OpenAI's `model` object) and its state on every host that has it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int  # Unix seconds of the newest change on any host
+    owned_by: str = "llmbus"
+    ready: bool  # some host can serve it now
+    loaded: bool  # some host has it in memory
+    hosts: list[ModelInfo]
+
+
+class ModelListing(msgspec.Struct):
+    data: list[ModelEntry]
+    object: Literal["list"] = "list"
+
+
+class PullBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    host: str | None = None
+    stream: bool = False
+
+
+class CreateBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    modelfile: str  # the Modelfile's text
+    host: str | None = None
+    stream: bool = False
+
+
+class CopyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    source: str
+    destination: str
+    host: str | None = None
+
+
+class LoadBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    host: str | None = None
+    keep_alive_s: float | None = None  # -1: until unloaded; default: the model's idle TTL
+
+
+class UnloadBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    host: str | None = None
+
+
+def _listing(inventory: InventoryView, host: str | None, loaded_only: bool) -> ModelListing:
+    if host:
+        validate_host(host)
+    by_model: dict[str, list[ModelInfo]] = {}
+    for info in inventory.entries.values():
+        if (host and info.host != host) or (loaded_only and not info.loaded):
+            continue
+        by_model.setdefault(canonical_model(info.model), []).append(info)
+    return ModelListing(
+        data=[
+            ModelEntry(
+                id=name,
+                created=int(max(i.updated_at for i in infos)),
+                ready=any(i.ready for i in infos),
+                loaded=any(i.loaded for i in infos),
+                hosts=sorted(infos, key=lambda i: i.host),
+            )
+            for name, infos in sorted(by_model.items())
+        ]
+    )
+
+
+def _state(request: Request[Any, Any, Any]) -> tuple[InventoryView, AdminClient]:
+    return request.app.state.inventory, request.app.state.admin
+
+
+@get(["/v1/models", "/openai/v1/models"], summary="Every model on every host (the janitors' inventory)")
+async def list_models(request: Request[Any, Any, Any], host: FromQuery[str | None] = None) -> ModelListing:
+    return _listing(_state(request)[0], host, loaded_only=False)
+
+
+@get("/v1/models/ps", summary="The models loaded in memory now")
+async def running_models(request: Request[Any, Any, Any], host: FromQuery[str | None] = None) -> ModelListing:
+    return _listing(_state(request)[0], host, loaded_only=True)
+
+
+@get("/v1/models/{name:path}", summary="A model's details (Modelfile, parameters, template, state)")
+async def show_model(
+    request: Request[Any, Any, Any], name: FromPath[str], host: FromQuery[str | None] = None
+) -> ModelDetails:
+    admin = _state(request)[1]
+    model = _model(name)
+    return await admin.call("show", ModelRef(model), ModelDetails, admin.host_for(host, model))
+
+
+@delete("/v1/models/{name:path}", summary="Delete a model from its host", status_code=200)
+async def delete_model(
+    request: Request[Any, Any, Any], name: FromPath[str], host: FromQuery[str | None] = None
+) -> OpAccepted:
+    admin = _state(request)[1]
+    model = _model(name)
+    return await admin.call("delete", ModelRef(model), OpAccepted, admin.host_for(host, model))
+
+
+@post("/v1/models/pull", summary="Pull a model onto a host (progress as SSE)", status_code=200)
+async def pull_model(request: Request[Any, Any, Any], data: JSONBody[PullBody]) -> Response[bytes] | Stream:
+    admin = _state(request)[1]
+    body = {"model": _model(data.model)}
+    host = admin.host_for(data.host, data.model, where_it_is=False)
+    return await _operation(request, admin, "pull", body, host=host, stream=data.stream)
+
+
+@post("/v1/models/create", summary="Create a model from a Modelfile (progress as SSE)", status_code=200)
+async def create_model(
+    request: Request[Any, Any, Any], data: JSONBody[CreateBody]
+) -> Response[bytes] | Stream:
+    admin = _state(request)[1]
+    body = {"model": _model(data.model), "modelfile": data.modelfile}
+    host = admin.host_for(data.host, data.model, where_it_is=False)
+    return await _operation(request, admin, "create", body, host=host, stream=data.stream)
+
+
+@post("/v1/models/copy", summary="Copy a model under a new name, on its host", status_code=200)
+async def copy_model(request: Request[Any, Any, Any], data: JSONBody[CopyBody]) -> ModelInfo:
+    admin = _state(request)[1]
+    req = CopyRequest(source=data.source, destination=data.destination)
+    req.validate()
+    return await admin.call("copy", req, ModelInfo, admin.host_for(data.host, data.source))
+
+
+@post("/v1/models/load", summary="Load a model into memory now", status_code=200)
+async def load_model(request: Request[Any, Any, Any], data: JSONBody[LoadBody]) -> ModelInfo:
+    admin = _state(request)[1]
+    req = LoadRequest(model=_model(data.model), keep_alive_s=data.keep_alive_s)
+    return await admin.call("load", req, ModelInfo, admin.host_for(data.host, data.model))
+
+
+@post("/v1/models/unload", summary="Unload a model from memory now", status_code=200)
+async def unload_model(request: Request[Any, Any, Any], data: JSONBody[UnloadBody]) -> ModelInfo:
+    admin = _state(request)[1]
+    model = _model(data.model)
+    return await admin.call("unload", ModelRef(model), ModelInfo, admin.host_for(data.host, model))
+
+
+def _model(name: str) -> str:
+    name = name.lstrip("/")  # a `path` parameter keeps its leading slash
+    ModelRef(name).validate()
+    return name
+
+
+async def _operation(
+    request: Request[Any, Any, Any],
+    admin: AdminClient,
+    verb: str,
+    body: dict[str, Any],
+    *,
+    host: str | None,
+    stream: bool,
+) -> Response[bytes] | Stream:
+    events = await admin.operate(verb, body, host)  # a refusal raises here: a plain HTTP error
+    request_id = request_id_of(request)
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
+        return Stream(
+            _sse(events, verb, body["model"]),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, "X-Request-Id": request_id},
+        )
+    # Without SSE, answer when it ends; a client that hangs up leaves the pull running.
+    last: ModelEvent | None = None
+    async for event in events:
+        last = event
+    if isinstance(last, OpError):
+        return error_response(last.code, last.message, request_id)
+    assert isinstance(last, OpDone)  # the events end with done or error
+    return Response(_encode(last), media_type="application/json", headers={"X-Request-Id": request_id})
+
+
+async def _sse(events: AsyncIterator[ModelEvent], verb: str, model: str) -> AsyncIterator[bytes]:
+    seq = 0
+    try:
+        async for event in events:
+            yield frame([(EventHead(type=str(event.__struct_config__.tag), seq=seq), _encode(event))])
+            seq += 1
+    except LlmbusError as exc:  # the janitor went silent
+        op: Op = "create" if verb == "create" else "pull"
+        error = OpError(host="", model=model, op=op, code=exc.code, message=exc.message)
+        yield frame([(EventHead(type="error", seq=seq), _encode(error))])
+
+
+# Registered by the edge's app (services/edge/app.py); the static paths come before `{name:path}`.
+ROUTES = [
+    list_models,
+    running_models,
+    pull_model,
+    create_model,
+    copy_model,
+    load_model,
+    unload_model,
+    show_model,
+    delete_model,
+]
+
+
+async def start(app_state: Any, nc: Any) -> InventoryView:
+    """The inventory view (a KV watch) and the admin client, on the app's state."""
+    app_state.inventory = await InventoryView().start(nc.jetstream())
+    app_state.admin = AdminClient(nc, app_state.inventory)
+    return app_state.inventory  # type: ignore[no-any-return]

@@ -1,0 +1,119 @@
+"""A request as a resource: follow it again, cancel it, or start it without waiting.
+
+* `GET /v1/requests/{id}/events`: the request's events as SSE, from the start or after the SSE
+  `Last-Event-ID` header (or `?after=N`), then live until its terminal event. Works on any edge,
+  for a request that is queued, running or finished within `LLMBUS_EVENT_MAX_AGE_S`; hanging up
+  never cancels it.
+* `DELETE /v1/requests/{id}`: cancels it; it ends with `error` `cancelled`.
+* `POST /v1/chat|generate` with `"stream": "deferred"` answers `202` at once with the id and the
+  events URL (see `deferred`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get
+from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
+
+from contracts import ErrorCode, LlmbusError, subjects
+from services.edge.dispatch import Dispatcher, EventFeed
+from services.edge.sse import frame
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Deferred(msgspec.Struct):
+    """The `202` answer to a deferred request: where to follow it and how to cancel it."""
+
+    request_id: str
+    events_url: str
+    status: str = "accepted"
+
+
+class Cancelled(msgspec.Struct):
+    request_id: str
+    status: str  # "cancelling": workers were told; "ended": it had already ended
+
+
+def events_url(request_id: str) -> str:
+    return f"/v1/requests/{request_id}/events"
+
+
+def deferred(request_id: str) -> Response[bytes]:
+    url = events_url(request_id)
+    return Response(
+        _encode(Deferred(request_id=request_id, events_url=url)),
+        status_code=202,
+        media_type="application/json",
+        headers={"X-Request-Id": request_id, "Location": url},
+    )
+
+
+def checked_id(request_id: str) -> str:
+    if not subjects.REQUEST_ID.match(request_id):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "a request id is 8-128 characters of [A-Za-z0-9_-]")
+    return request_id
+
+
+def last_event_id(request: Request[Any, Any, Any], after: int | None = None) -> int:
+    """The last `seq` the client has: `Last-Event-ID` (what EventSource sends on reconnect) or `after`."""
+    raw = request.headers.get("last-event-id")
+    if raw is None or not raw.strip():
+        return -1 if after is None else after
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "Last-Event-ID must be an event's integer id") from None
+    if value < -1:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "Last-Event-ID must be -1 or more")
+    return value
+
+
+def sse(feed: EventFeed, request_id: str) -> Stream:
+    return Stream(
+        _relay(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
+    )
+
+
+async def _relay(feed: EventFeed) -> Any:
+    try:
+        async for batch in feed.batches():
+            yield frame(batch)
+    finally:
+        feed.close()
+
+
+@get(
+    "/v1/requests/{request_id:str}/events",
+    summary="Follow a request's events (SSE), resuming after Last-Event-ID",
+)
+async def request_events(
+    request: Request[Any, Any, Any],
+    request_id: FromPath[str],
+    after: FromQuery[int | None] = None,
+) -> Stream:
+    checked_id(request_id)
+    request.scope.setdefault("state", {})["request_id"] = request_id
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    feed = await dispatcher.attach(request_id, after=last_event_id(request, after))
+    return sse(feed, request_id)
+
+
+@delete("/v1/requests/{request_id:str}", summary="Cancel a request", status_code=202)
+async def cancel_request(request: Request[Any, Any, Any], request_id: FromPath[str]) -> Response[bytes]:
+    checked_id(request_id)
+    request.scope.setdefault("state", {})["request_id"] = request_id
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    cancelling = await dispatcher.cancel(request_id)
+    answer = Cancelled(request_id=request_id, status="cancelling" if cancelling else "ended")
+    return Response(
+        _encode(answer),
+        status_code=202 if cancelling else 200,
+        media_type="application/json",
+        headers={"X-Request-Id": request_id},
+    )

@@ -1,0 +1,92 @@
+"""The edge's side of routing: a bounded wait for the classifier, then the default route's model.
+
+A request with `"model": "auto"` (or `"route:NAME"`) goes to `llm.req.route`. If no event of it
+arrives within `LLMBUS_ROUTE_WAIT_S` (no classifier running, or one too slow), the edge claims the
+request (`services.runtime.handoff.Claims`: a classifier that answers later drops it), deletes the
+routing message from the queue (a classifier that starts later never sees it), and routes it
+itself: `start` and a `routed` event with method `edge_fallback`, then the request to the default
+route's model. The client sees the same start, routed, token..., done either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import msgspec
+from nats.aio.client import Client
+
+from contracts import Error, ErrorCode, GenerateRequest, LlmbusError, Start, headers, subjects
+from contracts.route import Routed
+from services.classifier.routes import RouteTable
+from services.runtime.handoff import Claims, republish
+from services.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from services.edge.dispatch import EventFeed
+
+log = logging.getLogger("llmbus.edge")
+
+_encode = msgspec.json.Encoder().encode
+
+OWNER = "edge"
+
+
+class RouteFallback:
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.wait_s = settings.route_wait_s
+        self.table = RouteTable(settings.routes_file)
+        self.claims = Claims(self.js, ttl_s=settings.dedupe_window_s)
+
+    async def guard(
+        self, feed: EventFeed, request: GenerateRequest, hdrs: dict[str, str], queued: int
+    ) -> None:
+        """Waits for the classifier's first event; without one in time, routes the request itself."""
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await feed.first_event.wait()
+            return
+        except TimeoutError:
+            pass
+        try:
+            if not await self.claims.take(request.id, OWNER):
+                return  # the classifier took it just now; its events are on their way
+        except Exception as exc:  # no claim, no fallback: two routings would be worse than a wait
+            log.warning("request %s: cannot claim it for the routing fallback: %r", request.id, exc)
+            return
+        with contextlib.suppress(Exception):
+            await self.js.delete_msg(subjects.REQUEST_STREAM, queued)
+        reply = hdrs[headers.REPLY]
+        try:
+            route = self.table.current().default
+        except LlmbusError as exc:
+            await self._fail(
+                reply, 0, f"no classifier answered and the routes file is unusable: {exc.message}"
+            )
+            return
+        model = route.model
+        why = f"no classifier answered within {self.wait_s:g} s; the default route's model"
+        log.warning("request %s: %s (%s)", request.id, why, model)
+        await self.nc.publish(reply, _encode(Start(seq=0, attempt=1, request_id=request.id, model=model)))
+        routed = Routed(
+            seq=1, attempt=1, model=model, route=route.name, score=0.0, method="edge_fallback", why=why
+        )
+        await self.nc.publish(reply, _encode(routed))
+        try:
+            await republish(
+                self.js,
+                msgspec.structs.replace(request, model=model),
+                reply=reply,
+                seq=2,
+                deadline_ms=hdrs.get(headers.DEADLINE),
+            )
+        except Exception as exc:
+            await self._fail(reply, 2, f"the request queue is unavailable: {exc!r}")
+
+    async def _fail(self, reply: str, seq: int, message: str) -> None:
+        error = Error(seq=seq, attempt=1, code=ErrorCode.BACKEND_UNAVAILABLE, message=message, retry_after=1)
+        await self.nc.publish(reply, _encode(error))

@@ -1,0 +1,113 @@
+"""`llmbus janitor`: wiring only (one janitor per Ollama host)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+from nats.aio.msg import Msg
+
+from contracts import LlmbusError, subjects
+from contracts.models import UsageEvent, validate_host
+from services.janitor import admin
+from services.janitor.janitor import Janitor
+from services.runtime import bus, service
+from services.runtime.backends.ollama_admin import OllamaAdmin
+from services.runtime.inventory import open_bucket
+from services.runtime.settings import Settings
+
+log = logging.getLogger("llmbus.janitor")
+
+_decode_usage = msgspec.json.Decoder(UsageEvent).decode
+
+
+class JanitorService:
+    def __init__(self, settings: Settings) -> None:
+        try:
+            validate_host(settings.janitor_host)
+        except LlmbusError as exc:
+            raise SystemExit(f"LLMBUS_JANITOR_HOST: {exc.message}") from None
+        self.settings = settings
+        self.ollama = OllamaAdmin(settings.generate_url, connect_timeout=settings.backend_connect_timeout_s)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.backend != "ollama":
+            # `llmbus up` with the embedded llama.cpp, or an OpenAI-compatible server: no Ollama here.
+            log.info("LLMBUS_BACKEND is %s, not ollama: the janitor has nothing to manage", settings.backend)
+            return
+        self._started = True
+        self.nc = await bus.connect(settings, f"llmbus-janitor-{settings.janitor_host}")
+        js = self.nc.jetstream()
+        await bus.provision(js, settings)
+        kv = await open_bucket(js)
+        self.janitor = Janitor(
+            self.nc, kv, self.ollama, host=settings.janitor_host, models_file=Path(settings.models_file)
+        )
+        async with asyncio.timeout(10):
+            await self.janitor.restore()
+        self.janitor.reload_desired()
+        log.info(
+            "janitor for host %r: Ollama at %s, desired state %s",
+            settings.janitor_host,
+            self.ollama.url,
+            settings.models_file,
+        )
+        self._usage = await self.nc.subscribe(subjects.USAGE_SUBJECTS, cb=self._on_usage)
+        self._micro = await admin.serve(self.nc, self.janitor)
+        self._tasks = [
+            asyncio.create_task(self._every(settings.janitor_interval_s, self.janitor.tick)),
+            asyncio.create_task(self._reconciling()),
+        ]
+
+    async def _on_usage(self, msg: Msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            self.janitor.on_usage(_decode_usage(msg.data))
+
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:
+                log.exception("janitor step failed")
+            await asyncio.sleep(interval)
+
+    async def _reconciling(self) -> None:
+        """At start, whenever models.toml changes, and every `janitor_reconcile_s`."""
+        while True:
+            try:
+                await self.janitor.reconcile()
+            except Exception:
+                log.exception("reconcile failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.janitor.reconcile_now.wait(), self.settings.janitor_reconcile_s)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops at once: a pull in progress is abandoned (Ollama keeps what it downloaded)."""
+        if not self._started:
+            await self.ollama.aclose()
+            return
+        tasks = self._tasks + [op.task for op in self.janitor.ops.values() if op.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self._micro.stop()
+        with contextlib.suppress(Exception):
+            await self._usage.unsubscribe()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                await self.nc.drain()
+        await self.ollama.aclose()
+
+
+def main(settings: Settings) -> None:
+    service.run(JanitorService(settings), "janitor", settings.log_level)

@@ -1,0 +1,404 @@
+"""The OpenAI-compatible API (llama.cpp's `llama-server`, vLLM, LM Studio, Ollama's `/v1`).
+
+Generation streams `/v1/chat/completions` (chat) or `/v1/completions` (prompt) as Server-Sent
+Events with `stream_options.include_usage`, parsed incrementally over bytes; `stream=False` asks
+for one JSON answer instead (for servers that cannot stream) and yields it as a single piece.
+Ollama's `format` becomes `response_format` (`json_object`, or `json_schema` with the schema).
+
+A single-model llama.cpp server answers any `model` name with the one model it has, so a name the
+server does not list in `/v1/models` is refused here as `model_not_found` rather than silently
+served by another model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import PurePath
+from typing import Any
+
+import httpx
+import msgspec
+
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message
+from services.runtime.backends.base import EmbedResult, Final
+from services.runtime.backends.observed import embedding, generation
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Timings(msgspec.Struct):
+    """llama.cpp's per-request timings (other servers omit them)."""
+
+    predicted_per_second: float | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _ChoiceMessage(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None  # chat, streaming
+    message: _ChoiceMessage | None = None  # chat, not streaming
+    text: str | None = None  # completions
+    finish_reason: str | None = None
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    code: int | str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """One SSE `data:` payload, or a whole non-streaming answer (unused fields are skipped)."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    timings: _Timings | None = None
+    error: _ErrorDetail | str | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail | str | None = None
+    detail: str | None = None  # some servers (FastAPI-based) answer {"detail": ...}
+
+
+class _Model(msgspec.Struct):
+    id: str
+    aliases: list[str] = []
+
+
+class _Models(msgspec.Struct):
+    data: list[_Model] = []
+
+
+class _Embedding(msgspec.Struct):
+    index: int
+    embedding: list[float]
+
+
+class _Embeddings(msgspec.Struct):
+    data: list[_Embedding]
+    usage: _Usage | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_error = msgspec.json.Decoder(_ErrorBody).decode
+_decode_models = msgspec.json.Decoder(_Models).decode
+_decode_embeddings = msgspec.json.Decoder(_Embeddings).decode
+_encode = msgspec.json.Encoder().encode
+_JSON = {"content-type": "application/json"}
+_DONE = b"[DONE]"
+_MODELS_REFRESH_S = 1.0  # an unknown name re-reads /v1/models at most this often
+
+
+def _image_url(data: str) -> str:
+    # Ollama carries bare base64; OpenAI wants a data URL. The first bytes name the format.
+    mime = next((m for prefix, m in _IMAGE_PREFIXES if data.startswith(prefix)), "image/jpeg")
+    return f"data:{mime};base64,{data}"
+
+
+_IMAGE_PREFIXES = (("iVBOR", "image/png"), ("R0lGOD", "image/gif"), ("UklGR", "image/webp"))
+
+
+def _message(message: Message) -> dict[str, Any]:
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+    parts += [{"type": "image_url", "image_url": {"url": _image_url(image)}} for image in message.images]
+    return {"role": message.role, "content": parts}
+
+
+def request_body(request: GenerateRequest, *, stream: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": request.model, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if request.messages is not None:
+        body["messages"] = [_message(m) for m in request.messages]
+    else:
+        # /v1/completions has no system role: the system text leads the prompt.
+        prompt = request.prompt or ""
+        body["prompt"] = f"{request.system}\n\n{prompt}" if request.system else prompt
+    o = request.options
+    if o.num_predict is not None and o.num_predict > 0:
+        body["max_tokens"] = o.num_predict
+    # Standard fields, then the llama.cpp/vLLM extensions (`num_ctx` is a server setting there).
+    for name, value in (
+        ("temperature", o.temperature),
+        ("top_p", o.top_p),
+        ("seed", o.seed),
+        ("stop", o.stop),
+        ("presence_penalty", o.presence_penalty),
+        ("frequency_penalty", o.frequency_penalty),
+        ("top_k", o.top_k),
+        ("min_p", o.min_p),
+        ("repeat_penalty", o.repeat_penalty),
+    ):
+        if value is not None:
+            body[name] = value
+    if request.format == "json":
+        body["response_format"] = {"type": "json_object"}
+    elif request.format is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": request.format, "strict": True},
+        }
+    return body
+
+
+def _detail(error: _ErrorDetail | str | None) -> tuple[str, str | None]:
+    if isinstance(error, _ErrorDetail):
+        return error.message, error.type
+    return error or "", None
+
+
+def _in_band(error: _ErrorDetail | str) -> LlmbusError:
+    """An error the server sent inside a 200 answer (mid-stream, say)."""
+    return LlmbusError(ErrorCode.BACKEND_ERROR, f"backend error: {_detail(error)[0]}")
+
+
+def error_for_status(status: int, body: bytes, model: str) -> LlmbusError:
+    try:
+        parsed = _decode_error(body)
+        message, kind = _detail(parsed.error)
+        message = message or parsed.detail or body.decode(errors="replace")[:500]
+    except msgspec.DecodeError:
+        message, kind = body.decode(errors="replace")[:500], None
+    if status == 404:
+        return LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found on the backend: {message}")
+    if kind == "exceed_context_size_error":
+        return LlmbusError(ErrorCode.PROMPT_TOO_LARGE, f"backend rejected the request: {message}")
+    if status in (400, 422):
+        return LlmbusError(ErrorCode.BAD_REQUEST, f"backend rejected the request: {message}")
+    if status in (429, 503):  # llama.cpp answers 503 while it loads the model: worth a retry
+        return LlmbusError(ErrorCode.BACKEND_UNAVAILABLE, f"backend is busy or loading ({status}): {message}")
+    return LlmbusError(ErrorCode.BACKEND_ERROR, f"backend answered {status}: {message}")
+
+
+class OpenAIBackend:
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 5.0,
+        max_connections: int = 256,
+        api_key: str = "",
+        stream: bool = True,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.stream = stream
+        # No read timeout: a model may load or evaluate a long prompt for minutes; the request's
+        # deadline bounds every call instead.
+        self._client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=httpx.Timeout(None, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            headers={"authorization": f"Bearer {api_key}"} if api_key else None,
+        )
+        self._served: set[str] | None = None  # None: the server does not list models; do not check
+        self._served_at = float("-inf")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def version(self) -> str:
+        """llama.cpp's `/health` (503 while loading), else `/v1/models`, which every server has."""
+        try:
+            response = await self._client.get("/health", timeout=3.0)
+            if response.status_code == 503:
+                raise LlmbusError(
+                    ErrorCode.BACKEND_UNAVAILABLE, f"the server at {self.url} is still loading its model"
+                )
+            if response.status_code != 200:
+                response = await self._client.get("/v1/models", timeout=3.0)
+                response.raise_for_status()
+            return str(response.headers.get("server", "OpenAI-compatible"))
+        except httpx.HTTPError as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, f"OpenAI-compatible server at {self.url} unreachable: {exc!r}"
+            ) from exc
+
+    async def models(self) -> list[str]:
+        """The model ids `/v1/models` lists (with llama.cpp's aliases)."""
+        try:
+            response = await self._client.get("/v1/models", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
+            ) from exc
+        if response.status_code != 200:
+            raise error_for_status(response.status_code, response.content, "")
+        try:
+            listed = _decode_models(response.content).data
+        except msgspec.DecodeError as exc:
+            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"unreadable /v1/models answer: {exc}") from exc
+        return [name for model in listed for name in (model.id, *model.aliases)]
+
+    async def _check_model(self, model: str) -> None:
+        if self._served is not None and model in self._served:
+            return
+        now = time.monotonic()
+        if now - self._served_at >= _MODELS_REFRESH_S:
+            self._served_at = now
+            try:
+                names = await self.models()
+            except LlmbusError as exc:
+                if exc.code is ErrorCode.BACKEND_UNAVAILABLE:
+                    raise
+                names = None  # no usable model list: let the server judge the name
+            if names is not None:
+                # A llama.cpp started without an alias lists a file path: its stem names it too.
+                self._served = {*names, *(PurePath(n).name.removesuffix(".gguf") for n in names)}
+            else:
+                self._served = None
+        if self._served is not None and model not in self._served:
+            served = ", ".join(sorted(self._served)) or "none"
+            raise LlmbusError(
+                ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found on the backend (it serves: {served})"
+            )
+
+    @generation("openai")
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
+        path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
+        started = time.perf_counter()
+        try:
+            await self._check_model(request.model)
+            async with self._client.stream(
+                "POST", path, content=_encode(request_body(request, stream=self.stream)), headers=_JSON
+            ) as response:
+                if response.status_code != 200:
+                    raise error_for_status(response.status_code, await response.aread(), request.model)
+                if not self.stream:
+                    for item in _whole_answer(_decode_chunk(await response.aread()), started):
+                        yield item
+                    return
+                finish_reason: str | None = None
+                usage: _Usage | None = None
+                speed: float | None = None
+                pieces = 0
+                first_at = last_at = 0.0
+                async for data in sse_data(response.aiter_bytes()):
+                    if data == _DONE:
+                        break
+                    chunk = _decode_chunk(data)
+                    if chunk.error is not None:
+                        raise _in_band(chunk.error)
+                    for choice in chunk.choices:
+                        text = choice.delta.content if choice.delta is not None else choice.text
+                        if text:
+                            last_at = time.perf_counter()
+                            if not pieces:
+                                first_at = last_at
+                            pieces += 1
+                            yield text
+                        if choice.finish_reason is not None:
+                            finish_reason = choice.finish_reason
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.timings is not None:
+                        speed = chunk.timings.predicted_per_second
+                if finish_reason is None:
+                    raise LlmbusError(ErrorCode.BACKEND_ERROR, "backend closed the stream before it was done")
+                completion = usage.completion_tokens if usage is not None else pieces
+                if speed is None and pieces > 1 and last_at > first_at:
+                    speed = (pieces - 1) / (last_at - first_at)  # servers without timings: as measured
+                yield Final(
+                    finish_reason=finish_reason,
+                    prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+                    completion_tokens=completion,
+                    tokens_per_s=speed,
+                )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
+            ) from exc
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend stream failed: {exc!r}") from exc
+
+    @embedding("openai")
+    async def embed(
+        self, model: str, inputs: list[str], *, truncate: bool | None = None, dimensions: int | None = None
+    ) -> EmbedResult:
+        # OpenAI's API has no `truncate`: the server applies its own policy.
+        body: dict[str, Any] = {"model": model, "input": inputs}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        try:
+            await self._check_model(model)
+            response = await self._client.post("/v1/embeddings", content=_encode(body), headers=_JSON)
+            if response.status_code != 200:
+                raise error_for_status(response.status_code, response.content, model)
+            answer = _decode_embeddings(response.content)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
+            ) from exc
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"embedding call failed: {exc!r}") from exc
+        if len(answer.data) != len(inputs):
+            raise LlmbusError(
+                ErrorCode.BACKEND_ERROR,
+                f"backend sent {len(answer.data)} embeddings for {len(inputs)} inputs",
+            )
+        answer.data.sort(key=lambda item: item.index)
+        return EmbedResult(
+            vectors=[item.embedding for item in answer.data],
+            prompt_tokens=answer.usage.prompt_tokens if answer.usage is not None else 0,
+        )
+
+
+def _whole_answer(answer: _Chunk, started: float) -> list[str | Final]:
+    if answer.error is not None:
+        raise _in_band(answer.error)
+    if not answer.choices:
+        raise LlmbusError(ErrorCode.BACKEND_ERROR, "backend answered without a choice")
+    choice = answer.choices[0]
+    text = (choice.message.content if choice.message is not None else choice.text) or ""
+    usage = answer.usage or _Usage()
+    speed = answer.timings.predicted_per_second if answer.timings is not None else None
+    if speed is None and usage.completion_tokens:
+        speed = usage.completion_tokens / (time.perf_counter() - started)
+    final = Final(
+        finish_reason=choice.finish_reason or "stop",
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        tokens_per_s=speed,
+    )
+    return [text, final] if text else [final]
+
+
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data:` payload of each Server-Sent Event in a byte stream, without decoding to str.
+
+    Events end at a blank line; several `data:` lines in one event are joined with a newline;
+    comments (`: ping`), `event:`, `id:` and `retry:` lines are skipped. Lines may end in CRLF.
+    """
+    rest = b""
+    data: list[bytes] = []
+    async for chunk in chunks:
+        buffer = rest + chunk if rest else chunk
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            line = buffer[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    yield data[0] if len(data) == 1 else b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        rest = buffer[start:]
+    if rest.startswith(b"data:"):  # a last event without its blank line
+        data.append(rest.rstrip(b"\r")[5:].lstrip(b" "))
+    if data:
+        yield b"\n".join(data)

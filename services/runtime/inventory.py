@@ -1,0 +1,130 @@
+"""The model inventory: the KV bucket `llm_models`, written by janitors, read by the edge and CLI.
+
+One entry per host and model (`contracts.models.ModelInfo`). Readers keep the whole inventory in
+memory through a KV watch, so checking a model on the request path is a dict lookup, never a
+KV read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from contracts import ErrorCode, LlmbusError, subjects
+from contracts.models import ModelInfo, canonical_model
+
+log = logging.getLogger(__name__)
+
+encode_info = msgspec.json.Encoder().encode
+decode_info = msgspec.json.Decoder(ModelInfo).decode
+
+
+async def open_bucket(js: JetStreamContext) -> KeyValue:
+    """The bucket, created on first use by whichever service comes first (same config: idempotent)."""
+    try:
+        return await js.key_value(subjects.MODELS_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.MODELS_BUCKET,
+                description="llmbus model inventory: <host>.<model> -> ModelInfo (written by janitors)",
+                history=1,
+                storage=StorageType.FILE,
+            )
+        )
+
+
+class InventoryView:
+    """Every host's models, kept current by a KV watch."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, ModelInfo] = {}  # KV key -> entry
+        self._by_model: dict[str, dict[str, ModelInfo]] = {}  # canonical model -> host -> entry
+        self.synced = asyncio.Event()  # the initial values have arrived
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, js: JetStreamContext) -> InventoryView:
+        kv = await open_bucket(js)
+        self._watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._follow())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _follow(self) -> None:
+        async for entry in self._watcher:
+            if entry is None:  # the watch has delivered every current value
+                self.synced.set()
+                continue
+            old = self.entries.pop(entry.key, None)
+            if old is not None:
+                self._by_model.get(canonical_model(old.model), {}).pop(old.host, None)
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                continue
+            try:
+                info = decode_info(entry.value)
+            except msgspec.DecodeError:
+                log.warning("ignoring a malformed inventory entry %s", entry.key)
+                continue
+            self.entries[entry.key] = info
+            self._by_model.setdefault(canonical_model(info.model), {})[info.host] = info
+
+    @property
+    def populated(self) -> bool:
+        """A janitor has written entries: from now on the inventory is the list of models."""
+        return self.synced.is_set() and bool(self.entries)
+
+    def hosts(self) -> set[str]:
+        return {info.host for info in self.entries.values()}
+
+    def ready_models(self) -> set[str]:
+        """The models some host can serve now."""
+        return {name for name, hosts in self._by_model.items() if any(i.ready for i in hosts.values())}
+
+    def lookup(self, model: str) -> list[ModelInfo]:
+        """The entries of `model` on every host (any spelling Ollama accepts)."""
+        return list(self._by_model.get(canonical_model(model), {}).values())
+
+    def require(self, model: str) -> None:
+        """Refuses a request for a model no host has; a no-op while no janitor has written entries.
+
+        Raises `model_not_found` when no host has it and `backend_unavailable` (retry later) when
+        it is still being pulled or created.
+        """
+        if not self.populated:
+            return
+        # The name as sent is almost always the canonical one: try it before normalising.
+        hosts = self._by_model.get(model) or self._by_model.get(canonical_model(model)) or {}
+        if any(info.ready for info in hosts.values()):
+            return
+        found = list(hosts.values())
+        coming = [info for info in found if info.state in ("pulling", "creating")]
+        if coming:
+            info = coming[0]
+            percent = info.progress.percent if info.progress is not None else None
+            done = f" ({percent:g}%)" if percent is not None else ""
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"model {model!r} is being {'pulled' if info.state == 'pulling' else 'created'} "
+                f"on {info.host}{done}; retry shortly",
+                retry_after=5,
+            )
+        failed = next((info.error for info in found if info.error), None)
+        raise LlmbusError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"model {model!r} is not available"
+            + (f": {failed}" if failed else "; GET /v1/models lists the models every host has"),
+        )

@@ -1,0 +1,324 @@
+"""Every Prometheus metric of llmbus, defined and recorded in one place.
+
+The edge serves them at `/metrics` on its HTTP port; a worker process serves them on
+`LLMBUS_METRICS_PORT` (0 = off). Recording happens once per request or per model call, never per
+token. Names follow Prometheus conventions (base units, `_total` counters) and, for model calls,
+the OpenTelemetry GenAI metric conventions translated to Prometheus (`gen_ai.client.token.usage`
+becomes `gen_ai_client_token_usage`, attributes become labels). docs/operations.md lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+from nats.js import JetStreamContext
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+
+from contracts import Error, subjects
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# No `_created` series: they double the text and Prometheus does not use them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Bucket boundaries recommended by the GenAI metric conventions.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 30, 60)
+_DURATION_BUCKETS = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+    300,
+)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+# ---------------------------------------------------------------------------------------- edge
+HTTP_REQUESTS = Counter(
+    "llmbus_requests",
+    "Generation requests answered by the edge, by endpoint, model and outcome code (ok or an error code)",
+    ["endpoint", "model", "code"],
+)
+HTTP_DURATION = Histogram(
+    "llmbus_request_duration_seconds",
+    "From the HTTP request's arrival to its last byte, as the client sees it",
+    ["endpoint", "model", "code"],
+    buckets=_DURATION_BUCKETS,
+)
+HTTP_TTFT = Histogram(
+    "llmbus_time_to_first_token_seconds",
+    "From the HTTP request's arrival to the edge relaying its first token (queueing included)",
+    ["endpoint", "model"],
+    buckets=_TTFT_BUCKETS,
+)
+STREAMS_IN_FLIGHT = Gauge(
+    "llmbus_streams_in_flight",
+    "Accepted requests whose events the edge is relaying now (SSE or a pending JSON answer)",
+    ["endpoint"],
+)
+QUEUE_PENDING = Gauge(
+    "llmbus_queue_pending_messages",
+    "Requests waiting in JetStream for a worker (consumer num_pending), polled at scrape time",
+    ["consumer", "subject"],
+)
+QUEUE_ACK_PENDING = Gauge(
+    "llmbus_queue_ack_pending_messages",
+    "Requests delivered to a worker and not acknowledged yet (consumer num_ack_pending)",
+    ["consumer", "subject"],
+)
+
+# -------------------------------------------------------------------------------------- worker
+WORKER_REQUESTS = Counter(
+    "llmbus_worker_requests",
+    "Requests a worker ended, by request subject, model and outcome code (ok or an error code)",
+    ["subject", "model", "code"],
+)
+WORKER_IN_FLIGHT = Gauge(
+    "llmbus_worker_requests_in_flight", "Requests a worker process is running now", ["service"]
+)
+
+# ---------------------------------------------------------------- model calls (GenAI conventions)
+_GENAI = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+MODEL_DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "Duration of one call to the model server",
+    [*_GENAI, "error_type"],
+    buckets=_DURATION_BUCKETS,
+)
+MODEL_TTFT = Histogram(
+    "gen_ai_client_operation_time_to_first_chunk_seconds",
+    "From sending a call to the model server to its first streamed token",
+    _GENAI,
+    buckets=_TTFT_BUCKETS,
+)
+TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per model call, by gen_ai_token_type (input or output); _sum counts tokens in and out",
+    [*_GENAI, "gen_ai_token_type"],
+    buckets=_TOKEN_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "llmbus_upstream_errors",
+    "Failed calls to the model server, by the error code they became",
+    [*_GENAI, "error_type"],
+)
+
+# Model names come from clients: past this many distinct names a process labels the rest
+# "other", so a stream of made-up names cannot grow the metrics without bound.
+MAX_MODELS = 100
+_models: set[str] = set()
+
+
+def model_label(model: str) -> str:
+    if model in _models:
+        return model
+    if len(_models) >= MAX_MODELS:
+        return "other"
+    _models.add(model)
+    return model
+
+
+# ------------------------------------------------------------------------------------ recording
+def http_request_ended(endpoint: str, model: str, code: str, duration_s: float, ttft_s: float | None) -> None:
+    model = model_label(model)
+    HTTP_REQUESTS.labels(endpoint, model, code).inc()
+    HTTP_DURATION.labels(endpoint, model, code).observe(duration_s)
+    if ttft_s is not None:
+        HTTP_TTFT.labels(endpoint, model).observe(ttft_s)
+
+
+_decode_error = msgspec.json.Decoder(Error).decode
+
+
+def outcome_code(event_type: str, payload: bytes) -> str:
+    """The error code of a terminal `error` event (decoded only then); `ok` for any other."""
+    if event_type != "error":
+        return "ok"
+    try:
+        return str(_decode_error(payload).code)
+    except msgspec.DecodeError:
+        return "internal"
+
+
+class _Job(Protocol):
+    """What `worker_request_ended` reads from a worker's `Job` (no import of the worker here)."""
+
+    @property
+    def request(self) -> object: ...
+
+    @property
+    def msg(self) -> object: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+
+_worker_log = logging.getLogger("llmbus.worker")
+
+
+def worker_request_ended(job: _Job, event: object) -> None:
+    """Called once per request, when the worker publishes its terminal event."""
+    code = str(event.code) if isinstance(event, Error) else "ok"
+    subject = subjects.request_family(str(getattr(job.msg, "subject", "")))
+    model = str(getattr(job.request, "model", None) or "")
+    WORKER_REQUESTS.labels(subject, model_label(model), code).inc()
+    _worker_log.debug(
+        "request ended",
+        extra={
+            "subject": subject,
+            "model": model,
+            "code": code,
+            "attempt": job.attempt,
+            "duration_ms": round((time.perf_counter() - job.started) * 1000, 3),
+        },
+    )
+
+
+def worker_request_rejected(subject: str) -> None:
+    """A malformed request, terminated before it became a job."""
+    WORKER_REQUESTS.labels(subjects.request_family(subject), "", "bad_request").inc()
+
+
+def model_call_ended(
+    labels: tuple[str, str, str],
+    duration_s: float,
+    ttft_s: float | None,
+    tokens: tuple[int, int] | None,
+    error: str | None,
+) -> None:
+    operation, provider, model = labels
+    model = model_label(model)
+    MODEL_DURATION.labels(operation, provider, model, error or "").observe(duration_s)
+    if ttft_s is not None:
+        MODEL_TTFT.labels(operation, provider, model).observe(ttft_s)
+    if tokens is not None:
+        TOKEN_USAGE.labels(operation, provider, model, "input").observe(tokens[0])
+        TOKEN_USAGE.labels(operation, provider, model, "output").observe(tokens[1])
+    if error is not None and error != "cancelled":
+        UPSTREAM_ERRORS.labels(operation, provider, model, error).inc()
+
+
+async def poll_queues(js: JetStreamContext) -> None:
+    """Sets the queue gauges from every consumer of the request stream: one call per scrape."""
+    try:
+        async with asyncio.timeout(1.0):
+            consumers = await js.consumers_info(subjects.REQUEST_STREAM)
+    except Exception as exc:  # NATS away or slow: keep the last values, say so once per scrape
+        log.debug("queue depth poll failed: %r", exc)
+        return
+    for info in consumers:
+        config = info.config
+        name = info.name or config.durable_name or "?"
+        subject = config.filter_subject or ",".join(config.filter_subjects or ()) or subjects.REQUEST_SUBJECTS
+        QUEUE_PENDING.labels(name, subject).set(info.num_pending or 0)
+        QUEUE_ACK_PENDING.labels(name, subject).set(info.num_ack_pending or 0)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+# ------------------------------------------------------------------------ worker process endpoint
+class _InFlight(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+
+    service: str
+
+
+class _Server:
+    """The process's one metrics endpoint, shared by every worker in it (reference counted)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.server: object | None = None
+        self.thread: threading.Thread | None = None
+        self.port = 0
+
+
+_server = _Server()
+PORT_RANGE = 16
+
+
+def _gauge_of(worker: _InFlight) -> Callable[[], float]:
+    ref = weakref.ref(worker)
+
+    def value() -> float:
+        live = ref()
+        return float(live.in_flight) if live is not None else 0.0
+
+    return value
+
+
+def watch_worker(worker: _InFlight, host: str, port: int) -> None:
+    """Called by `Worker.start`: exports its in-flight count and, if `port`, serves `/metrics`.
+
+    The process takes the first free port of `port` .. `port + PORT_RANGE - 1`, so the workers
+    `llmbus up` starts (or replicas on one host) need one setting; the log line names the port.
+    """
+    WORKER_IN_FLIGHT.labels(worker.service).set_function(_gauge_of(worker))
+    if not port:
+        return
+    with _server.lock:
+        _server.users += 1
+        if _server.server is not None:
+            return
+        for candidate in range(port, port + PORT_RANGE):
+            try:
+                _server.server, _server.thread = start_http_server(candidate, addr=host)
+            except OSError:
+                continue
+            _server.port = candidate
+            log.info("metrics at http://%s:%d/metrics", host, candidate)
+            return
+        log.warning("no free metrics port in %d..%d; running without /metrics", port, port + PORT_RANGE - 1)
+
+
+def served_port() -> int:
+    """The port this process's worker endpoint listens on (0: none)."""
+    return _server.port if _server.server is not None else 0
+
+
+def unwatch_worker(worker: _InFlight) -> None:
+    """Called by `Worker.stop`: the endpoint stops with the process's last worker."""
+    with contextlib.suppress(KeyError):
+        WORKER_IN_FLIGHT.remove(worker.service)
+    with _server.lock:
+        if _server.users == 0:
+            return
+        _server.users -= 1
+        if _server.users == 0 and _server.server is not None:
+            server, _server.server = _server.server, None
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]

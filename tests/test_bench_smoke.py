@@ -1,0 +1,35 @@
+"""`python -m scripts.bench --quick` runs end to end and prints its table (no timing asserts)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_without_litellm_exits_0_and_prints_the_table() -> None:
+    args = ["--quick", "--no-litellm", "--concurrency", "1,2", "--requests", "3", "--rounds", "1"]
+    args += ["--tokens", "3", "--idle-streams", "5", "--ceiling-requests", "2", "--ceiling-tokens", "20"]
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.bench", *args],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert "| streams | contender | requests | errors | TTFT p50 ms |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
+        ("1", "direct"),
+        ("1", "llmbus"),
+        ("2", "direct"),
+        ("2", "llmbus"),
+    ]
+    assert all(r.split("|")[4].strip() == "0" for r in rows)  # no errors column entry is non-zero
+    assert "5/5 open on one edge" in out
+    assert "llmbus:" in out and "tokens/s relayed" in out

@@ -1,0 +1,288 @@
+"""Prometheus metrics, scraped and parsed as Prometheus would: the edge's `/metrics` and a worker's.
+
+Edge, generator and fake Ollama run in one test process and so share one registry: every
+assertion compares a scrape after the action with one before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import msgspec
+import nats
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from contracts import subjects
+from services.generator.main import Generator
+from services.runtime import bus, metrics
+from services.runtime.nats_server import free_port
+from services.runtime.settings import Settings
+from tests.conftest import Edge
+from tests.fakes.ollama import FakeOllama
+from tests.sse import sse_events
+
+MODEL = "llama3.2:1b"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(url: str) -> Samples:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(url)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape_until(url: str, ready: Callable[[Samples], bool]) -> Samples:
+    """Scrapes until `ready` holds: a request's metrics are recorded just after its last byte."""
+    async with asyncio.timeout(5):
+        while not ready(samples := await scrape(url)):
+            await asyncio.sleep(0.02)
+    return samples
+
+
+async def test_edge_counts_a_streamed_request_by_endpoint_model_and_code(
+    edge: Edge, client: httpx.AsyncClient
+) -> None:
+    url = f"{edge.url}/metrics"
+    ok = {"endpoint": "/v1/chat", "model": MODEL, "code": "ok"}
+    before = await scrape(url)
+    async with client.stream("POST", "/v1/chat", json={**CHAT, "stream": True}) as response:
+        assert [e.event async for e in sse_events(response)][-1] == "done"
+
+    after = await scrape_until(
+        url,
+        lambda s: value(s, "llmbus_requests_total", **ok) == value(before, "llmbus_requests_total", **ok) + 1,
+    )
+    for name, labels in (
+        ("llmbus_request_duration_seconds_count", ok),
+        ("llmbus_time_to_first_token_seconds_count", {"endpoint": "/v1/chat", "model": MODEL}),
+    ):
+        assert value(after, name, **labels) == value(before, name, **labels) + 1, name
+    assert value(after, "llmbus_streams_in_flight", endpoint="/v1/chat") == 0
+    # The worker's side of the same request, in the same registry here.
+    worker_ok = {"subject": "llm.req.generate", "model": MODEL, "code": "ok"}
+    assert value(after, "llmbus_worker_requests_total", **worker_ok) >= 1
+
+
+async def test_error_outcomes_are_counted_by_their_stable_code(
+    edge: Edge, client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    url = f"{edge.url}/metrics"
+    missing = {"endpoint": "/v1/generate", "model": "nope:1b", "code": "model_not_found"}
+    invalid = {"endpoint": "/v1/generate", "model": "", "code": "bad_request"}
+    too_large = {"endpoint": "/v1/generate", "model": "", "code": "request_too_large"}
+    before = await scrape(url)
+    response = await client.post("/v1/generate", json={"model": MODEL, "prompt": "x" * 100_000})
+    assert response.status_code == 413
+    response = await client.post("/v1/generate", json={"model": "nope:1b", "prompt": "Hi"})
+    assert response.json()["error"]["code"] == "model_not_found"
+    response = await client.post("/v1/generate", json={"model": MODEL, "prompt": 42})
+    assert response.json()["error"]["code"] == "bad_request"
+
+    def counted(s: Samples) -> bool:
+        return all(
+            value(s, "llmbus_requests_total", **labels)
+            == value(before, "llmbus_requests_total", **labels) + 1
+            for labels in (missing, invalid, too_large)
+        )
+
+    await scrape_until(url, counted)
+
+
+async def test_in_flight_gauges_follow_a_running_stream(
+    edge: Edge, client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    url = f"{edge.url}/metrics"
+    fake_ollama.config.token_interval = 0.05
+    async with client.stream("POST", "/v1/chat", json={**CHAT, "stream": True}) as response:
+        events = sse_events(response)
+        async for event in events:
+            if event.event == "token":
+                break
+        during = await scrape(url)
+        assert value(during, "llmbus_streams_in_flight", endpoint="/v1/chat") == 1
+        assert value(during, "llmbus_worker_requests_in_flight", service="generator") == 1
+        assert [e.event async for e in events][-1] == "done"
+    await scrape_until(
+        url,
+        lambda s: (
+            value(s, "llmbus_streams_in_flight", endpoint="/v1/chat") == 0
+            and value(s, "llmbus_worker_requests_in_flight", service="generator") == 0
+        ),
+    )
+
+
+async def test_a_client_that_leaves_mid_stream_is_counted_as_cancelled(
+    edge: Edge, client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    url = f"{edge.url}/metrics"
+    cancelled = {"endpoint": "/v1/chat", "model": MODEL, "code": "cancelled"}
+    before = await scrape(url)
+    fake_ollama.config.token_interval = 0.05
+    async with client.stream("POST", "/v1/chat", json={**CHAT, "stream": True}) as response:
+        async for event in sse_events(response):
+            if event.event == "token":
+                break  # and hang up
+    after = await scrape_until(
+        url,
+        lambda s: (
+            value(s, "llmbus_requests_total", **cancelled)
+            == value(before, "llmbus_requests_total", **cancelled) + 1
+        ),
+    )
+    assert value(after, "llmbus_streams_in_flight", endpoint="/v1/chat") == 0
+
+
+async def test_queue_depth_shows_requests_waiting_for_a_worker(settings: Settings, edge: Edge) -> None:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_consumer(js, settings, "generator", subjects.GENERATE_SUBJECTS)  # no worker runs
+        for _ in range(3):
+            request_id = uuid.uuid4().hex
+            body = json.dumps({"id": request_id, "model": MODEL, "prompt": "Hi"}).encode()
+            await js.publish(subjects.generate_subject(MODEL), body, headers={"Nats-Msg-Id": request_id})
+    finally:
+        await nc.close()
+    samples = await scrape(f"{edge.url}/metrics")
+    queue = {"consumer": "generator", "subject": subjects.GENERATE_SUBJECTS}
+    assert value(samples, "llmbus_queue_pending_messages", **queue) == 3
+    assert value(samples, "llmbus_queue_ack_pending_messages", **queue) == 0
+
+
+@pytest.fixture
+async def worker_metrics(settings: Settings) -> AsyncIterator[str]:
+    """A generator process-alike serving its own `/metrics` on `LLMBUS_METRICS_PORT`."""
+    port = free_port()
+    generator = Generator(msgspec.structs.replace(settings, metrics_port=port))
+    await generator.start()
+    yield f"http://{settings.http_host}:{port}/metrics"
+    await generator.stop(grace=0)
+    with pytest.raises(httpx.ConnectError):  # the endpoint stops with the process's last worker
+        await scrape(f"http://{settings.http_host}:{port}/metrics")
+
+
+async def request_over_nats(settings: Settings, model: str = MODEL) -> dict[str, object]:
+    request_id = uuid.uuid4().hex
+    nc = await nats.connect(settings.nats_url)
+    try:
+        events = await nc.subscribe(subjects.event_subject(request_id))
+        body = json.dumps({"id": request_id, "model": model, "prompt": "Hi"}).encode()
+        await nc.jetstream().publish(
+            subjects.generate_subject(model), body, headers={"Nats-Msg-Id": request_id}
+        )
+        async with asyncio.timeout(5):
+            async for msg in events.messages:
+                event: dict[str, object] = json.loads(msg.data)
+                if event["type"] in ("done", "error"):
+                    return event
+    finally:
+        await nc.close()
+    raise AssertionError("no terminal event")
+
+
+async def test_worker_serves_request_and_model_call_metrics(settings: Settings, worker_metrics: str) -> None:
+    genai = {"gen_ai_operation_name": "text_completion", "gen_ai_provider_name": "ollama"}
+    genai["gen_ai_request_model"] = MODEL
+    before = await scrape(worker_metrics)
+    done = await request_over_nats(settings)
+    assert done["type"] == "done"
+    usage = done["usage"]
+    assert isinstance(usage, dict)
+
+    after = await scrape_until(
+        worker_metrics,
+        lambda s: (
+            value(s, "gen_ai_client_operation_duration_seconds_count", **genai, error_type="")
+            == value(before, "gen_ai_client_operation_duration_seconds_count", **genai, error_type="") + 1
+        ),
+    )
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("llmbus_worker_requests_total", subject="llm.req.generate", model=MODEL, code="ok") == 1
+    assert delta("gen_ai_client_operation_time_to_first_chunk_seconds_count", **genai) == 1
+    output = delta("gen_ai_client_token_usage_sum", **genai, gen_ai_token_type="output")
+    assert output == usage["completion_tokens"] == 8
+    assert (
+        delta("gen_ai_client_token_usage_sum", **genai, gen_ai_token_type="input") == usage["prompt_tokens"]
+    )
+    assert value(after, "llmbus_worker_requests_in_flight", service="generator") == 0
+
+
+async def test_upstream_errors_are_counted_even_when_a_retry_succeeds(
+    settings: Settings, worker_metrics: str, fake_ollama: FakeOllama
+) -> None:
+    labels = {
+        "gen_ai_operation_name": "text_completion",
+        "gen_ai_provider_name": "ollama",
+        "gen_ai_request_model": MODEL,
+        "error_type": "backend_error",
+    }
+    before = await scrape(worker_metrics)
+    fake_ollama.config.fail_status = 500
+    fake_ollama.config.fail_times = 1
+    done = await request_over_nats(settings)
+    assert done["type"] == "done"  # the generator retried before the first token
+    after = await scrape(worker_metrics)
+    assert value(after, "llmbus_upstream_errors_total", **labels) == (
+        value(before, "llmbus_upstream_errors_total", **labels) + 1
+    )
+
+
+async def test_a_taken_metrics_port_moves_the_worker_to_a_free_one_next_to_it(settings: Settings) -> None:
+    with socket.socket() as taken:  # another worker process on this host has the configured port
+        taken.bind((settings.http_host, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        generator = Generator(msgspec.structs.replace(settings, metrics_port=port))
+        await generator.start()
+        try:
+            served = metrics.served_port()
+            assert port < served < port + metrics.PORT_RANGE
+            samples = await scrape(f"http://{settings.http_host}:{served}/metrics")
+            assert value(samples, "llmbus_worker_requests_in_flight", service="generator") == 0
+        finally:
+            await generator.stop(grace=0)
+    assert metrics.served_port() == 0
+
+
+async def test_a_malformed_bus_request_is_counted_as_bad_request(
+    settings: Settings, worker_metrics: str
+) -> None:
+    labels = {"subject": "llm.req.generate", "model": "", "code": "bad_request"}
+    before = await scrape(worker_metrics)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        reply = await nc.subscribe("test.reply")
+        await nc.jetstream().publish(
+            subjects.generate_subject(MODEL), b'{"id": 42}', headers={"Llmbus-Reply": "test.reply"}
+        )
+        assert json.loads((await reply.next_msg(timeout=5)).data)["code"] == "bad_request"
+    finally:
+        await nc.close()
+    await scrape_until(
+        worker_metrics,
+        lambda s: (
+            value(s, "llmbus_worker_requests_total", **labels)
+            == value(before, "llmbus_worker_requests_total", **labels) + 1
+        ),
+    )
