@@ -161,6 +161,7 @@ class Accepted(msgspec.Struct, omit_defaults=True):
     model: str
     deadline_ms: int  # Unix epoch milliseconds
     fingerprint: str = ""
+    tenant: str = ""  # who submitted it (edge admission): only that tenant may resume or cancel it
 
 
 class ErrorDetail(msgspec.Struct, omit_defaults=True):

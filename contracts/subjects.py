@@ -37,6 +37,7 @@ USAGE_SUBJECTS = "llm.evt.usage.>"
 MODEL_EVENT_PREFIX = "llm.evt.model."
 ADMIN_PREFIX = "llm.admin."
 MODELS_BUCKET = "llm_models"  # KV: the model inventory, key `<host>.<model>`
+ADMISSION_BUCKET = "llm_admission"  # KV: per-tenant request counters and in-flight leases (edges)
 
 # Names Ollama (and OpenAI-compatible servers) accept: `namespace/name:tag`, at most 200 chars.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:+]{0,199}$")

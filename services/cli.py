@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     from services import dlq
 
     dlq.add_parser(sub)
+    from services.edge import tenants
+
+    tenants.add_parser(sub)  # `llmbus keys new|hash`
     args = parser.parse_args(argv)
     settings = Settings.from_env()
 
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(export_main(check=args.check))
     elif args.command == "dlq":
         sys.exit(dlq.main(args, settings))
+    elif args.command == "keys":
+        sys.exit(tenants.main(args))
 
 
 if __name__ == "__main__":

@@ -50,14 +50,19 @@ def up(settings: Settings) -> int:
 
     backend = launch.plan(settings)  # Ollama, a configured server, or the embedded llama.cpp
     data = Path(settings.data_dir).resolve()
-    nats = NatsServer(data / "nats", port=settings.nats_port).start()
-    _say(f"NATS with JetStream at {nats.url} (data in {data / 'nats'})")
+    # Permissions on: one NATS user per service (services/runtime/nats_auth.py), passwords
+    # generated once into <data>/nats/credentials.json, where `llmbus models|dlq` find theirs.
+    nats = NatsServer(data / "nats", port=settings.nats_port, auth=True).start()
+    _say(f"NATS with JetStream at {nats.url} (data in {data / 'nats'}, users in {nats.credentials_file})")
     env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
+    passwords = nats.credentials
     children: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(name: str) -> None:
+        # Each service gets its own NATS user and password, nobody else's.
+        own = {"LLMBUS_NATS_USER": name, "LLMBUS_NATS_PASSWORD": passwords[name]} if name in passwords else {}
         children[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", name], env=env, start_new_session=True
+            [sys.executable, "-m", "services.cli", name], env=env | own, start_new_session=True
         )
 
     for name in ("local", *SERVICES) if backend.local else SERVICES:

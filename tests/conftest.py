@@ -23,7 +23,9 @@ from tests.fakes.ollama import FakeConfig, FakeOllama
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = await NatsServer(tmp_path / "nats").astart()
+    # Permissions on (services/runtime/nats_auth.py): every service connects as its own user; the
+    # tests' own connections, without credentials, are the operator (`admin`).
+    server = await NatsServer(tmp_path / "nats", auth=True, anonymous="admin").astart()
     yield server
     await server.astop()
 
@@ -38,6 +40,7 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
 def settings(nats_server: NatsServer, fake_ollama: FakeOllama) -> Settings:
     return Settings(
         nats_url=nats_server.url,
+        nats_credentials=str(nats_server.credentials_file),
         ollama_url=fake_ollama.url,
         http_port=free_port(),
         ack_wait_s=2.0,

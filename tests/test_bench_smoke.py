@@ -9,9 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_without_litellm_exits_0_and_prints_the_table() -> None:
+def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contender_and_level() -> None:
     args = ["--quick", "--no-litellm", "--concurrency", "1,2", "--requests", "3", "--rounds", "1"]
     args += ["--tokens", "3", "--idle-streams", "5", "--ceiling-requests", "2", "--ceiling-tokens", "20"]
+    args += ["--edge", "granian=scripts.bench.edge_granian"]  # an alternative edge, in the same run
     run = subprocess.run(
         [sys.executable, "-m", "scripts.bench", *args],
         cwd=REPO,
@@ -27,9 +28,27 @@ def test_quick_benchmark_without_litellm_exits_0_and_prints_the_table() -> None:
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
         ("1", "direct"),
         ("1", "llmbus"),
+        ("1", "llmbus-granian"),
         ("2", "direct"),
         ("2", "llmbus"),
+        ("2", "llmbus-granian"),
     ]
     assert all(r.split("|")[4].strip() == "0" for r in rows)  # no errors column entry is non-zero
     assert "5/5 open on one edge" in out
-    assert "llmbus:" in out and "tokens/s relayed" in out
+    assert "llmbus:" in out and "llmbus-granian:" in out and "tokens/s relayed" in out
+
+
+def test_a_run_with_errors_exits_non_zero_and_says_it_is_not_a_result() -> None:
+    args = ["--quick", "--no-litellm", "--contenders", "direct", "--fail-upstream", "--concurrency", "1"]
+    args += ["--requests", "2", "--rounds", "1", "--idle-streams", "0", "--ceiling-requests", "0"]
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.bench", *args],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "HTTP 500" in run.stdout  # the first errors are shown
+    assert "FAILED" in run.stderr and "this run is not a result" in run.stderr

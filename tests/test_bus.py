@@ -50,7 +50,7 @@ async def test_malformed_message_is_terminated_and_the_sender_told(
 ) -> None:
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    reply = "my.replies.1"
+    reply = "_INBOX.replies.1"  # workers may publish events under llm.out.> and _INBOX.> only
     sub = await nc.subscribe(reply)
     await js.publish("llm.req.generate.llama3%2E2:1b", b'{"id": "x"', headers={headers.REPLY: reply})
     await js.publish(
@@ -131,7 +131,11 @@ async def test_readme_nats_example_runs(nats_server: NatsServer, generator: Gene
         match.group(1),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NATS_URL": nats_server.url},
+        env={
+            **os.environ,
+            "NATS_URL": nats_server.url,
+            "NATS_PASSWORD": nats_server.credentials["publisher"],  # it connects as `publisher`
+        },
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, stderr.decode()

@@ -169,6 +169,11 @@ def fault_settings(nats_url: str, ollama_url: str, **changes: Any) -> Settings:
     return Settings(**(values | changes))
 
 
+def own(server: NatsServer) -> dict[str, Any]:
+    """The services' own NATS users (the server runs with permissions on)."""
+    return {"nats_credentials": str(server.credentials_file)}
+
+
 def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"question number {i}: tell me about rivers"}]
 
@@ -187,10 +192,10 @@ async def stream_chat(http: httpx.AsyncClient, i: int, **extra: Any) -> list[dic
 
 
 async def chaos(
-    nats_url: str, ollama_url: str, logs: Path, *, requests: int, generators: int, seed: int
+    server: NatsServer, ollama_url: str, logs: Path, *, requests: int, generators: int, seed: int
 ) -> tuple[Stack, list[Audit]]:
     rng = random.Random(seed)
-    stack = Stack(fault_settings(nats_url, ollama_url), logs)
+    stack = Stack(fault_settings(server.url, ollama_url, **own(server)), logs)
     for _ in range(generators):
         stack.spawn()
     expected = await asyncio.gather(*(full_answer(ollama_url, MODEL, messages(i)) for i in range(requests)))
@@ -242,7 +247,7 @@ def assert_seamless(audits: list[Audit]) -> None:
 async def test_chaos_killing_generators_mid_stream_loses_and_repeats_no_token(
     nats_server: NatsServer, fake_process: tuple[FakeProcess, str], logs: Path
 ) -> None:
-    stack, audits = await chaos(nats_server.url, fake_process[1], logs, requests=50, generators=3, seed=3)
+    stack, audits = await chaos(nats_server, fake_process[1], logs, requests=50, generators=3, seed=3)
     report("chaos", stack, audits)
     assert stack.kills >= 3
     assert sum(len(a.attempts) > 1 for a in audits) >= 1  # some answers really were taken over
@@ -254,9 +259,7 @@ async def test_chaos_killing_generators_mid_stream_loses_and_repeats_no_token(
 async def test_chaos_long_variant(nats_server: NatsServer, tmp_path: Path, logs: Path) -> None:
     fake = FakeProcess(tmp_path / "fake-ollama.log", "--tokens", "60", "--token-interval", "0.02")
     try:
-        stack, audits = await chaos(
-            nats_server.url, await fake.ready(), logs, requests=300, generators=4, seed=7
-        )
+        stack, audits = await chaos(nats_server, await fake.ready(), logs, requests=300, generators=4, seed=7)
     finally:
         fake.kill()
     report("chaos-long", stack, audits)
@@ -291,7 +294,9 @@ async def first_tokens(
 async def test_sigterm_lets_in_flight_streams_finish_then_exits(
     nats_server: NatsServer, fake_process: tuple[FakeProcess, str], logs: Path
 ) -> None:
-    stack = Stack(fault_settings(nats_server.url, fake_process[1], shutdown_grace_s=10), logs)
+    stack = Stack(
+        fault_settings(nats_server.url, fake_process[1], shutdown_grace_s=10, **own(nats_server)), logs
+    )
     generator = stack.spawn()
     async with Edge(stack.settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
         tasks, _ = await first_tokens(http, 3)
@@ -306,7 +311,9 @@ async def test_sigterm_lets_in_flight_streams_finish_then_exits(
 async def test_sigterm_hands_unfinished_streams_to_another_generator(
     nats_server: NatsServer, fake_process: tuple[FakeProcess, str], logs: Path
 ) -> None:
-    stack = Stack(fault_settings(nats_server.url, fake_process[1], shutdown_grace_s=0.2), logs)
+    stack = Stack(
+        fault_settings(nats_server.url, fake_process[1], shutdown_grace_s=0.2, **own(nats_server)), logs
+    )
     first = stack.spawn()
     async with Edge(stack.settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
         tasks, _ = await first_tokens(http, 3)
@@ -331,8 +338,8 @@ async def test_requests_published_before_a_nats_crash_are_served_after_it(
 ) -> None:
     config = tmp_path / "nats.conf"
     config.write_text("jetstream { sync_interval: always }\n")
-    server = await NatsServer(tmp_path / "nats", config_file=config).astart()
-    stack = Stack(fault_settings(server.url, fake_process[1]), logs)
+    server = await NatsServer(tmp_path / "nats", config_file=config, auth=True, anonymous="admin").astart()
+    stack = Stack(fault_settings(server.url, fake_process[1], **own(server)), logs)
     ids = [uuid.uuid4().hex for _ in range(5)]
     try:
         async with Edge(stack.settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
@@ -341,7 +348,9 @@ async def test_requests_published_before_a_nats_crash_are_served_after_it(
                 response = await http.post("/v1/chat", json=body, headers={"Idempotency-Key": request_id})
                 assert response.status_code == 202
             server.kill()  # SIGKILL: no chance to flush anything
-            server = await NatsServer(server.store_dir, server.port, config_file=config).astart()
+            server = await NatsServer(
+                server.store_dir, server.port, config_file=config, auth=True, anonymous="admin"
+            ).astart()
             nc = await nats.connect(server.url)
             try:
                 queued = (await nc.jetstream().stream_info(subjects.REQUEST_STREAM)).state.messages
@@ -379,7 +388,11 @@ async def test_killing_a_cluster_node_under_load_ends_every_accepted_request_onc
     cluster = await NatsCluster(tmp_path / "cluster").astart()
     try:
         await cluster.wait_ready()
-        stack = Stack(fault_settings(cluster.url, fake_process[1], stream_replicas=3), logs)
+        credentials = str(cluster.credentials_file)
+        stack = Stack(
+            fault_settings(cluster.url, fake_process[1], stream_replicas=3, nats_credentials=credentials),
+            logs,
+        )
         nc = await nats.connect(cluster.url.split(","))
         await bus.provision(nc.jetstream(timeout=10), stack.settings)  # once, not by each process at once
         stack.spawn()

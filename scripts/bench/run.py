@@ -94,11 +94,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ceiling-tokens", type=int, help="tokens per answer in the zero-delay run (2000)")
     p.add_argument("--ceiling-requests", type=int, help="requests in the zero-delay run; 0 skips (32)")
     p.add_argument("--ceiling-concurrency", type=int, help="streams in the zero-delay run (8)")
-    p.add_argument("--litellm-workers", type=int, default=1, help="LiteLLM proxy worker processes (1)")
+    p.add_argument(
+        "--litellm-workers", type=int, default=2, help="LiteLLM proxy worker processes (2: one per core here)"
+    )
     p.add_argument("--contenders", help="comma-separated subset of direct,llmbus,litellm")
+    p.add_argument(
+        "--edge",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE",
+        help="also measure llmbus with an edge started by `python -m MODULE` (same NATS and generator), "
+        "as contender llmbus-NAME; repeatable, for A/B of edge changes in one run",
+    )
     p.add_argument("--cache-dir", type=Path, default=_cache_dir(), help="where LiteLLM's virtualenv lives")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
+    p.add_argument(
+        "--fail-upstream",
+        action="store_true",
+        help="the upstream answers 500 to everything: shows that a broken run exits non-zero",
+    )
     p.add_argument(
         "--profile",
         type=Path,
@@ -191,6 +206,9 @@ class Stack:
             "LLMBUS_HTTP_PORT": str(http_port),
             # As many requests in flight as the load offers: queueing is not what is measured here.
             "LLMBUS_CONCURRENCY": str(max([*a.levels, a.ceiling_concurrency]) + 8),
+            # The backlog limit stays on (its check is part of every request's cost) but above
+            # what the benchmark holds open, so it never answers 503 queue_full here.
+            "LLMBUS_MAX_QUEUE": str(max([*a.levels, a.idle_streams]) * 2 + 64),
             "LLMBUS_LOG_LEVEL": "warning",
             "OTEL_SDK_DISABLED": "true",
         }
@@ -208,14 +226,38 @@ class Stack:
             a.profile.mkdir(parents=True, exist_ok=True)
             for proc in (edge, generator):
                 self._start(_py_spy(proc, a.profile, self.work))
-        self.contenders["llmbus"] = Contender(
-            "llmbus",
-            Target("llmbus", f"{url}/v1/chat", body, LlmbusSseParser),
-            Group([edge, generator], extra_pids=[self.nats.proc.pid] if self.nats.proc else []),
+        self.contenders["llmbus"] = self._llmbus_contender("llmbus", url, edge, body)
+        for alt in a.edge:
+            name, _, module = alt.partition("=")
+            port = free_port()
+            alt_edge = self._start(
+                Proc(
+                    f"edge-{name}",
+                    [PYTHON, "-m", module],
+                    self.work,
+                    env={**env, "LLMBUS_HTTP_PORT": str(port)},
+                    cwd=REPO,
+                )
+            )
+            alt_edge.wait_port(port)
+            alt_url = f"http://127.0.0.1:{port}"
+            _wait_http(f"{alt_url}/health/ready", [alt_edge, generator])
+            if a.profile:
+                self._start(_py_spy(alt_edge, a.profile, self.work))
+            self.contenders[f"llmbus-{name}"] = self._llmbus_contender(
+                f"llmbus-{name}", alt_url, alt_edge, body
+            )
+
+    def _llmbus_contender(self, name: str, url: str, edge: Proc, body: dict[str, Any]) -> Contender:
+        nats = [self.nats.proc.pid] if self.nats is not None and self.nats.proc else []
+        return Contender(
+            name,
+            Target(name, f"{url}/v1/chat", body, LlmbusSseParser),
+            Group([edge, self.generator], extra_pids=nats),
             parts={
-                "edge": self.edge_group,
+                "edge": Group([edge]),
                 "generator": self.generator_group,
-                "nats": Group([], extra_pids=[self.nats.proc.pid] if self.nats.proc else []),
+                "nats": Group([], extra_pids=nats),
             },
         )
 
@@ -223,11 +265,15 @@ class Stack:
         """A generator process with another concurrency in place of the running one."""
         old = self.generator
         old.stop()
+        self.procs.remove(old)
         env = {**self.llmbus_env, "LLMBUS_CONCURRENCY": str(concurrency)}
         new = self._start(
             Proc("generator", [PYTHON, "-m", "services.cli", "generator"], self.work, env=env, cwd=REPO)
         )
-        for group in (self.generator_group, self.contenders["llmbus"].group):
+        groups = [self.generator_group] + [
+            c.group for n, c in self.contenders.items() if n.startswith("llmbus")
+        ]
+        for group in groups:
             group.procs = [new if proc is old else proc for proc in group.procs]
         self.generator = new
         _wait_http(f"{self.llmbus_url}/health/ready", [self.edge, new])
@@ -319,10 +365,13 @@ async def measure(contender: Contender, **load: Any) -> tuple[LevelResult, Usage
 
 async def levels(stack: Stack, report: Report) -> None:
     a = stack.args
+    if a.fail_upstream:
+        stack.fake_config(fail_status=500, fail_times=10**9)
     for contender in stack.contenders.values():  # warm-up: connections, imports, first-call paths
         result = await run_level(contender.target, concurrency=4, requests=8, expect_tokens=a.tokens)
-        if result.errors:
-            raise RuntimeError(f"{contender.name} failed its warm-up: {result.error_samples}")
+        if result.errors:  # counted: the run goes on, prints what it has, and exits non-zero
+            report.errors += result.errors
+            print(f"{contender.name} failed its warm-up: {result.error_samples}", flush=True)
     for concurrency in a.levels:
         requests = max(a.requests, a.rounds * concurrency)
         direct: Row | None = None
@@ -438,7 +487,8 @@ async def ceiling(stack: Stack, report: Report) -> None:
     out: dict[str, Any] = {"tokens_per_answer": a.ceiling_tokens, "concurrency": a.ceiling_concurrency}
     try:
         for contender in stack.contenders.values():
-            e0, g0 = stack.edge_group.usage(), stack.generator_group.usage()
+            edge = contender.parts.get("edge", Group([]))
+            e0, g0 = edge.usage(), stack.generator_group.usage()
             level, before, after, client_cpu = await measure(
                 contender,
                 concurrency=a.ceiling_concurrency,
@@ -446,7 +496,7 @@ async def ceiling(stack: Stack, report: Report) -> None:
                 expect_tokens=a.ceiling_tokens,
             )
             report.errors += level.errors
-            e1, g1 = stack.edge_group.usage(), stack.generator_group.usage()
+            e1, g1 = edge.usage(), stack.generator_group.usage()
             figures: dict[str, Any] = {
                 "tokens_per_s": round(level.tokens / level.wall_s),
                 "gateway_cpu_s": round(after.cpu_s - before.cpu_s, 2),
@@ -455,7 +505,7 @@ async def ceiling(stack: Stack, report: Report) -> None:
                 "errors": level.errors,
                 "error_samples": level.error_samples,
             }
-            if contender.name == "llmbus":
+            if contender.parts:
                 edge_cpu = e1.cpu_s - e0.cpu_s
                 figures["edge_cpu_s"] = round(edge_cpu, 2)
                 figures["generator_cpu_s"] = round(g1.cpu_s - g0.cpu_s, 2)
@@ -487,6 +537,11 @@ def _progress(row: Row) -> str:
         f"tok/s={lv.tokens / lv.wall_s:.0f} cpu={row.cpu_s:.2f}s {row.parts_cpu_s or ''}"
         + (f" first errors: {lv.error_samples}" if lv.errors else "")
     )
+
+
+def stack_names(report: Report) -> list[str]:
+    """The contenders in the order they ran."""
+    return list(dict.fromkeys(row.contender for row in report.rows)) or list(report.extra.get("ceiling", {}))
 
 
 def table(report: Report) -> str:
@@ -611,9 +666,16 @@ def work_dir(keep: bool) -> Iterator[Path]:
 
 
 async def _run(stack: Stack, report: Report) -> None:
-    await levels(stack, report)
     if "llmbus" in stack.contenders and stack.args.idle_streams > 0:
+        # First, on an edge whose heap the load levels have not grown yet (their freed memory
+        # would hold the streams and hide what they cost), then back to the levels' generator.
+        concurrency = int(stack.llmbus_env["LLMBUS_CONCURRENCY"])
+        target = stack.contenders["llmbus"].target  # the edge imports what a request needs
+        warm = await run_level(target, concurrency=2, requests=4, expect_tokens=stack.args.tokens)
+        report.errors += warm.errors
         await idle_streams(stack, report)
+        stack.respawn_generator(concurrency)
+    await levels(stack, report)
     if stack.args.ceiling_requests > 0:
         await ceiling(stack, report)
 
@@ -660,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ceiling" in report.extra:
         c = report.extra["ceiling"]
         print(f"\nzero-delay upstream, {c['concurrency']} streams of {c['tokens_per_answer']} tokens:")
-        for name in ("direct", "llmbus", "litellm"):
+        for name in stack_names(report):
             if name in c:
                 fig = c[name]
                 extra = ""

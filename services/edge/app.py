@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from services.edge import models
+from services.edge.admission import Admission, authenticate
 from services.edge.classify import classify
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import router as openai_router
@@ -29,6 +31,7 @@ from services.runtime.settings import Settings
 
 def create_app(settings: Settings) -> Litestar:
     tasks = load_tasks(settings.tasks_dir or None)  # a broken task file stops the edge here
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -37,17 +40,21 @@ def create_app(settings: Settings) -> Litestar:
         app.state.nc = nc
         app.state.settings = settings
         inventory = await models.start(app.state, nc)  # the janitors' model list, kept by a KV watch
+        # API keys and limits (a broken tenants file stops the edge here, before it serves).
+        admission = app.state.admission = await Admission(settings, nc.jetstream()).start()
         app.state.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,
             fallback=RouteFallback(nc, settings),
             inventory=inventory if settings.edge_model_check else None,
+            admission=admission,
         )
         app.state.tasks = tasks
         try:
             yield
         finally:
             await inventory.stop()
+            await admission.stop()
             await nc.drain()
 
     return Litestar(
@@ -71,6 +78,8 @@ def create_app(settings: Settings) -> Litestar:
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        guards=[authenticate],  # API keys and admin scope, for every route of every API
+        cors_config=CORSConfig(allow_origins=origins) if origins else None,  # closed unless configured
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="llmbus", version="0.1.0", path="/schema"),
         plugins=[Observability()],  # server span, request metrics and log context; GET /metrics

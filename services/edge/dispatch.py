@@ -39,8 +39,9 @@ from contracts import (
 )
 from contracts.route import ROUTE_SUBJECT, is_routed
 from services.edge import observability
+from services.edge.admission import Admission, Ticket
 from services.edge.routing import RouteFallback
-from services.runtime import events, tracing
+from services.runtime import bus, events, tracing
 from services.runtime.events import RawEvent, Sequencer
 from services.runtime.inventory import InventoryView
 from services.runtime.retry import Backoff, with_backoff
@@ -64,6 +65,47 @@ PUBLISH_PATIENCE_S = 6.0
 PUBLISH_BACKOFF = Backoff(retries=6, base_s=0.2, max_s=2.0)
 
 Request = GenerateRequest | EmbedRequest
+
+
+class _Inbox:
+    """What the subscription delivered and the feed has not taken yet.
+
+    On the per-token path instead of `asyncio.Queue` plus an `asyncio.timeout` per wait (a
+    `Timeout`, a task lookup and a reschedule each time): one future and one timer per wait, and
+    a burst is taken as one list.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Msg | None] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Msg | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self, within: float) -> list[Msg | None]:
+        """Everything queued, waiting up to `within` seconds for something; [] if nothing came."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(within, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        items = self._items
+        self._items = []
+        return items
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class EventFeed:
@@ -92,18 +134,20 @@ class EventFeed:
         self.cancel_on_close = cancel_on_close
         self.finished = False
         self._sequencer = Sequencer(after)
-        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: look at LLM_OUT now
+        self._inbox = _Inbox()  # None in it: look at LLM_OUT now
         self.first_event = asyncio.Event()  # a routed request's proof that a classifier took it
         self.guard: asyncio.Task[None] | None = None  # its bounded wait (services/edge/routing.py)
         self.last: RawEvent | None = None  # the newest event delivered (the terminal one, in the end)
         self.first_token_at: float | None = None  # perf_counter() when the first token was delivered
+        self.ticket: Ticket | None = None  # its hold on the tenant's limits, given back on close
         self._sub: Any = None
 
     async def subscribe(self) -> None:
         first = self.first_event
+        inbox = self._inbox
 
         async def put(msg: Msg) -> None:
-            self._queue.put_nowait(msg)
+            inbox.put(msg)
             if not first.is_set():
                 first.set()
 
@@ -112,7 +156,7 @@ class EventFeed:
 
     async def batches(self) -> AsyncIterator[list[RawEvent]]:
         """Yields every event already queued at once, so a burst costs one write downstream."""
-        queue = self._queue
+        inbox = self._inbox
         sequencer = self._sequencer
         idle = IDLE_PROBE_S
         try:
@@ -123,10 +167,8 @@ class EventFeed:
                         yield self._seen(out)
                 while not self.finished:
                     out = []
-                    try:
-                        async with asyncio.timeout(GAP_WAIT_S if sequencer.gap else idle):
-                            msg = await queue.get()
-                    except TimeoutError:  # this wait's own bound, not the deadline
+                    items = await inbox.take(GAP_WAIT_S if sequencer.gap else idle)
+                    if not items:  # this wait's own bound ran out, not the deadline
                         if sequencer.gap:
                             out = await self._backfill()
                             sequencer.skip_gap(out)  # never wait for an event the bus lost
@@ -135,11 +177,8 @@ class EventFeed:
                         idle = min(idle * 2, IDLE_PROBE_MAX_S)
                     else:
                         idle = IDLE_PROBE_S
-                        poked = msg is None
-                        if msg is not None:
-                            sequencer.offer(_decode_head(msg.data), msg.data, out)
-                        while not queue.empty():
-                            msg = queue.get_nowait()
+                        poked = False
+                        for msg in items:
                             if msg is None:
                                 poked = True
                             else:
@@ -189,7 +228,7 @@ class EventFeed:
 
     def poke(self) -> None:
         """Makes the feed look at LLM_OUT now (its live subscription may have missed events)."""
-        self._queue.put_nowait(None)
+        self._inbox.put(None)
 
     def cancel(self) -> None:
         """Asks workers to stop this request."""
@@ -205,6 +244,8 @@ class EventFeed:
             self.cancel()
         if self.guard is not None:
             self.guard.cancel()
+        if self.ticket is not None:
+            self.ticket.release(self.last)
         if self._sub is not None:
             _in_background(self._sub.unsubscribe())
 
@@ -236,8 +277,10 @@ class Dispatcher:
         max_timeout_s: float,
         fallback: RouteFallback | None = None,
         inventory: InventoryView | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.nc = nc
+        self.admission = admission  # every route's requests pass it before publishing
         self.js = nc.jetstream()
         self.max_timeout_s = max_timeout_s
         self.fallback = fallback
@@ -279,8 +322,43 @@ class Dispatcher:
         (same content), the feed attaches to it instead of running it again, replaying after
         `after`. `detached`: the request outlives the feed (closing it does not cancel).
         """
-        loop = asyncio.get_running_loop()
+        if timeout_s is not None and not timeout_s > 0:  # the compat APIs pass theirs unchecked
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`timeout` must be a positive number of seconds")
         keep = idempotent or detached
+        routed = isinstance(request, GenerateRequest) and is_routed(request.model)  # "auto", "route:x"
+        subject = subject or (ROUTE_SUBJECT if routed else subjects.generate_subject(request.model))
+        ticket = None
+        if self.admission is not None:
+            request, ticket = await self.admission.admit(request, subject)
+        try:
+            return await self._submit(
+                request,
+                ticket,
+                timeout_s,
+                subject=subject,
+                routed=routed,
+                idempotent=idempotent,
+                keep=keep,
+                after=after,
+            )
+        except BaseException:
+            if ticket is not None:
+                ticket.release(None)
+            raise
+
+    async def _submit(
+        self,
+        request: Request,
+        ticket: Ticket | None,
+        timeout_s: float | None,
+        *,
+        subject: str,
+        routed: bool,
+        idempotent: bool,
+        keep: bool,
+        after: int,
+    ) -> EventFeed:
+        loop = asyncio.get_running_loop()
         if idempotent:
             accepted = await self._accepted(request.id)
             if accepted is not None:
@@ -290,23 +368,24 @@ class Dispatcher:
                         "this Idempotency-Key was used for a different request; use a new key",
                     )
                 feed = await self._follow(request.id, accepted, after=after, cancel_on_close=not keep)
+                feed.ticket = ticket
                 observability.accepted(feed, request.model)
                 return feed
-        routed = isinstance(request, GenerateRequest) and is_routed(request.model)  # "auto", "route:x"
         if self.inventory is not None and not routed:
             self.inventory.require(request.model)  # model_not_found (or "being pulled") at once
+        payload = _encode(request)
+        bus.check_payload(self.nc, len(payload))  # 413 naming NATS's limit, before anything is queued
         timeout = min(timeout_s or self.max_timeout_s, self.max_timeout_s)
         feed = EventFeed(self.nc, request.id, loop.time() + timeout, after=after, cancel_on_close=not keep)
+        feed.ticket = ticket
         self._track(feed)
         await feed.subscribe()
-        subject = subject or (ROUTE_SUBJECT if routed else subjects.generate_subject(request.model))
         deadline_ms = int((time.time() + timeout) * 1000)
         hdrs = {
             headers.MSG_ID: request.id,
             headers.REPLY: subjects.event_subject(request.id),
             headers.DEADLINE: str(deadline_ms),
         }
-        payload = _encode(request)
 
         async def publish() -> PubAck:
             return await self.js.publish(subject, payload, headers=hdrs, timeout=2)
@@ -335,6 +414,7 @@ class Dispatcher:
             model=request.model,
             deadline_ms=deadline_ms,
             fingerprint=fingerprint(request) if idempotent else "",
+            tenant=self.admission.tenant_name() if self.admission is not None else "",
         )
         # Fire and forget: it only serves resume and idempotent retries, which read it from LLM_OUT.
         await self.nc.publish(subjects.accepted_subject(request.id), _encode(accepted))
@@ -343,12 +423,30 @@ class Dispatcher:
             feed.guard = asyncio.create_task(self.fallback.guard(feed, request, hdrs, ack.seq))
         return feed
 
+    def detach(self, feed: EventFeed) -> None:
+        """Lets a request run on without its client (`"stream": "deferred"`). Its feed is followed
+        in the background only when it holds a tenant's in-flight slot, so the slot (and the tokens
+        the answer used) is given back when the request ends, not when the client left."""
+        if feed.ticket is None:
+            feed.close()
+            return
+
+        async def follow() -> None:
+            try:
+                async for _ in feed.batches():
+                    pass
+            finally:
+                feed.close()
+
+        _in_background(follow())
+
     async def attach(self, request_id: str, *, after: int = -1) -> EventFeed:
         """A feed on a request accepted earlier (by any edge): stored events after `after`, then live.
 
         Closing it never cancels the request. Raises `not_found` for an id with no trace in LLM_OUT.
         """
         accepted = await self._accepted(request_id)
+        self._check_owner(request_id, accepted)
         if accepted is None and not await self._has_events(request_id):
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {request_id} (or it ended too long ago)")
         return await self._follow(request_id, accepted, after=after, cancel_on_close=False)
@@ -359,6 +457,7 @@ class Dispatcher:
         Raises `not_found` for an id with no trace in LLM_OUT.
         """
         accepted = await self._accepted(request_id)
+        self._check_owner(request_id, accepted)
         last = await self._last_event(request_id)
         if accepted is None and last is None:
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {request_id} (or it ended too long ago)")
@@ -366,6 +465,11 @@ class Dispatcher:
             return False
         await self.nc.publish(subjects.cancel_subject(request_id))
         return True
+
+    def _check_owner(self, request_id: str, accepted: Accepted | None) -> None:
+        """Another tenant's request looks exactly like one that does not exist."""
+        if self.admission is not None and not self.admission.owns(accepted):
+            raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {request_id} (or it ended too long ago)")
 
     async def _follow(
         self, request_id: str, accepted: Accepted | None, *, after: int, cancel_on_close: bool

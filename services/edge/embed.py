@@ -34,18 +34,29 @@ async def embed(request: Request[Any, Any, Any], data: JSONBody[EmbedBody]) -> R
     wire = EmbedRequest(
         id=request_id, model=data.model, input=data.input, truncate=data.truncate, dimensions=data.dimensions
     )
-    wire.validate()
-    settings: Settings = request.app.state.settings
-    wire.check_limits(settings.embed_max_inputs, settings.embed_max_input_chars)
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    feed = await dispatcher.submit(wire, data.timeout, subject=subjects.embed_subject(wire.model))
     try:
-        result = await unless_client_leaves(request, feed, _collect(feed))
+        result = await embed_texts(request, wire, data.timeout)
     except ClientGone:
         return Response(b"", status_code=499)  # nobody is listening any more
     if isinstance(result, Error):
         return error_response(result.code, result.message, request_id, result.retry_after)
     return Response(_encode(result), media_type="application/json", headers={"X-Request-Id": request_id})
+
+
+async def embed_texts(
+    request: Request[Any, Any, Any], wire: EmbedRequest, timeout_s: float | None
+) -> EmbedResponse | Error:
+    """Checks, publishes and awaits one embed request: the one embed path of every API shape.
+
+    Raises `LlmbusError` for a request refused before it is queued, `ClientGone` if the client
+    hangs up first (the request is then cancelled).
+    """
+    wire.validate()
+    settings: Settings = request.app.state.settings
+    wire.check_limits(settings.embed_max_inputs, settings.embed_max_input_chars)
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    feed = await dispatcher.submit(wire, timeout_s, subject=subjects.embed_subject(wire.model))
+    return await unless_client_leaves(request, feed, _collect(feed))
 
 
 async def _collect(feed: EventFeed) -> EmbedResponse | Error:

@@ -95,7 +95,12 @@ def handlers(
     """Litestar exception handlers that describe any failure, then `render` it in one API's shape."""
 
     def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-        return render(describe(request, exc), request_id_of(request))
+        failure = describe(request, exc)
+        response = render(failure, request_id_of(request))
+        # Every API's shape carries Retry-After (429, 503), whether or not its renderer sets it.
+        if failure.retry_after is not None and "retry-after" not in response.headers:
+            response.headers["Retry-After"] = str(max(1, round(failure.retry_after)))
+        return response
 
     return {Exception: handle}
 

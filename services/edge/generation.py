@@ -11,6 +11,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from contracts import Completion, Done, Error, ErrorCode, Event, LlmbusError, Restart, Routed, Token, subjects
+from services.edge.admission import request_id_for_key
 from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import error_response, request_id_of
@@ -51,7 +52,7 @@ async def _generate(
         after=last_event_id(request) if key else -1,
     )
     if detached:
-        feed.close()  # the client follows it at the events URL, on any edge
+        dispatcher.detach(feed)  # the client follows it at the events URL, on any edge
         return deferred(request_id)
     if body.stream is True or "text/event-stream" in request.headers.get("accept", ""):
         return Stream(
@@ -67,6 +68,7 @@ def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
         return None
     if not subjects.REQUEST_ID.match(key):
         raise LlmbusError(ErrorCode.BAD_REQUEST, "Idempotency-Key must be 8-128 characters of [A-Za-z0-9_-]")
+    key = request_id_for_key(key)  # namespaced per tenant: another tenant's key never attaches here
     request.scope.setdefault("state", {})["request_id"] = key  # errors name it too
     return key
 
@@ -84,7 +86,7 @@ async def _until_done_or_disconnect(
     request: Request[Any, Any, Any], feed: EventFeed, model: str
 ) -> Response[bytes]:
     try:
-        result = await unless_client_leaves(request, feed, _collect(feed, model))
+        result = await unless_client_leaves(request, feed, collect(feed, model))
     except ClientGone:
         return Response(b"", status_code=499)  # nobody is listening any more
     if isinstance(result, Error):
@@ -92,7 +94,8 @@ async def _until_done_or_disconnect(
     return Response(_encode(result), media_type="application/json", headers={"X-Request-Id": feed.request_id})
 
 
-async def _collect(feed: EventFeed, model: str) -> Completion | Error:
+async def collect(feed: EventFeed, model: str) -> Completion | Error:
+    """A request's answer as one `Completion` (text before a `restart` dropped), or its error."""
     parts: list[str] = []
     routed: Routed | None = None
     async for batch in feed.batches():

@@ -39,6 +39,8 @@ _encode = msgspec.json.Encoder().encode
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+ADMIN_ONLY = {"admin": True}  # changing a host's models needs an admin key (services/edge/admission.py)
+
 
 class ModelEntry(msgspec.Struct, kw_only=True):
     """One model (OpenAI's `model` object) and its state on every host that has it."""
@@ -87,7 +89,7 @@ class UnloadBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str | None = None
 
 
-def _listing(inventory: InventoryView, host: str | None, loaded_only: bool) -> ModelListing:
+def listing(inventory: InventoryView, host: str | None, loaded_only: bool) -> ModelListing:
     if host:
         validate_host(host)
     by_model: dict[str, list[ModelInfo]] = {}
@@ -115,12 +117,12 @@ def _state(request: Request[Any, Any, Any]) -> tuple[InventoryView, AdminClient]
 
 @get(["/v1/models", "/openai/v1/models"], summary="Every model on every host (the janitors' inventory)")
 async def list_models(request: Request[Any, Any, Any], host: FromQuery[str | None] = None) -> ModelListing:
-    return _listing(_state(request)[0], host, loaded_only=False)
+    return listing(_state(request)[0], host, loaded_only=False)
 
 
 @get("/v1/models/ps", summary="The models loaded in memory now")
 async def running_models(request: Request[Any, Any, Any], host: FromQuery[str | None] = None) -> ModelListing:
-    return _listing(_state(request)[0], host, loaded_only=True)
+    return listing(_state(request)[0], host, loaded_only=True)
 
 
 @get("/v1/models/{name:path}", summary="A model's details (Modelfile, parameters, template, state)")
@@ -132,7 +134,7 @@ async def show_model(
     return await admin.call("show", ModelRef(model), ModelDetails, admin.host_for(host, model))
 
 
-@delete("/v1/models/{name:path}", summary="Delete a model from its host", status_code=200)
+@delete("/v1/models/{name:path}", summary="Delete a model from its host", status_code=200, opt=ADMIN_ONLY)
 async def delete_model(
     request: Request[Any, Any, Any], name: FromPath[str], host: FromQuery[str | None] = None
 ) -> OpAccepted:
@@ -141,7 +143,12 @@ async def delete_model(
     return await admin.call("delete", ModelRef(model), OpAccepted, admin.host_for(host, model))
 
 
-@post("/v1/models/pull", summary="Pull a model onto a host (progress as SSE)", status_code=200)
+@post(
+    "/v1/models/pull",
+    summary="Pull a model onto a host (progress as SSE)",
+    status_code=200,
+    opt=ADMIN_ONLY,
+)
 async def pull_model(request: Request[Any, Any, Any], data: JSONBody[PullBody]) -> Response[bytes] | Stream:
     admin = _state(request)[1]
     body = {"model": _model(data.model)}
@@ -149,7 +156,12 @@ async def pull_model(request: Request[Any, Any, Any], data: JSONBody[PullBody]) 
     return await _operation(request, admin, "pull", body, host=host, stream=data.stream)
 
 
-@post("/v1/models/create", summary="Create a model from a Modelfile (progress as SSE)", status_code=200)
+@post(
+    "/v1/models/create",
+    summary="Create a model from a Modelfile (progress as SSE)",
+    status_code=200,
+    opt=ADMIN_ONLY,
+)
 async def create_model(
     request: Request[Any, Any, Any], data: JSONBody[CreateBody]
 ) -> Response[bytes] | Stream:
@@ -159,7 +171,12 @@ async def create_model(
     return await _operation(request, admin, "create", body, host=host, stream=data.stream)
 
 
-@post("/v1/models/copy", summary="Copy a model under a new name, on its host", status_code=200)
+@post(
+    "/v1/models/copy",
+    summary="Copy a model under a new name, on its host",
+    status_code=200,
+    opt=ADMIN_ONLY,
+)
 async def copy_model(request: Request[Any, Any, Any], data: JSONBody[CopyBody]) -> ModelInfo:
     admin = _state(request)[1]
     req = CopyRequest(source=data.source, destination=data.destination)
@@ -167,14 +184,14 @@ async def copy_model(request: Request[Any, Any, Any], data: JSONBody[CopyBody]) 
     return await admin.call("copy", req, ModelInfo, admin.host_for(data.host, data.source))
 
 
-@post("/v1/models/load", summary="Load a model into memory now", status_code=200)
+@post("/v1/models/load", summary="Load a model into memory now", status_code=200, opt=ADMIN_ONLY)
 async def load_model(request: Request[Any, Any, Any], data: JSONBody[LoadBody]) -> ModelInfo:
     admin = _state(request)[1]
     req = LoadRequest(model=_model(data.model), keep_alive_s=data.keep_alive_s)
     return await admin.call("load", req, ModelInfo, admin.host_for(data.host, data.model))
 
 
-@post("/v1/models/unload", summary="Unload a model from memory now", status_code=200)
+@post("/v1/models/unload", summary="Unload a model from memory now", status_code=200, opt=ADMIN_ONLY)
 async def unload_model(request: Request[Any, Any, Any], data: JSONBody[UnloadBody]) -> ModelInfo:
     admin = _state(request)[1]
     model = _model(data.model)

@@ -57,8 +57,8 @@ class Embed:
         budget = self.nc.max_payload - _ENVELOPE_BYTES
         sizes = [len(vector) * _FLOAT_BYTES for vector in vectors]
         if max(sizes) > budget:
-            raise LlmbusError(
-                ErrorCode.BACKEND_ERROR,
+            raise LlmbusError(  # what the client asked for is too big to carry: its error, not ours
+                ErrorCode.REQUEST_TOO_LARGE,
                 f"a vector of {max(sizes) // _FLOAT_BYTES} dimensions does not fit a NATS message "
                 f"({self.nc.max_payload} bytes); ask for fewer `dimensions`",
             )

@@ -33,6 +33,7 @@ from contracts.models import (
     OpProgress,
     Progress,
 )
+from services.runtime import bus
 from services.runtime.admin_client import AdminClient
 from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
@@ -75,7 +76,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     try:
-        nc = await nats.connect(settings.nats_url, connect_timeout=3, max_reconnect_attempts=0)
+        # The operator's NATS user (`admin`), from LLMBUS_NATS_USER or the data directory's credentials.
+        nc = await bus.connect(settings, "llmbus-admin", connect_timeout=3, max_reconnect_attempts=0)
     except (OSError, nats.errors.Error) as exc:
         print(f"error: cannot reach NATS at {settings.nats_url}: {exc}", file=sys.stderr)
         return 1

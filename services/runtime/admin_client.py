@@ -43,10 +43,13 @@ class AdminClient:
 
     def host_for(self, host: str | None, model: str | None = None, *, where_it_is: bool = True) -> str | None:
         """The host to ask (None: any janitor). `where_it_is`: the model must already be there."""
+        known = self.inventory.hosts() if self.inventory is not None else set()
         if host:
             validate_host(host)
+            if self.inventory is not None and self.inventory.populated and host not in known:
+                # A host no janitor ever listed is the caller's mistake (404), not an outage (503).
+                raise LlmbusError(ErrorCode.NOT_FOUND, f"no host {host!r}; GET /v1/models lists the hosts")
             return host
-        known = self.inventory.hosts() if self.inventory is not None else set()
         if model and where_it_is and self.inventory is not None:
             having = sorted({info.host for info in self.inventory.lookup(model)})
             if len(having) == 1:

@@ -8,7 +8,11 @@ no-op on the server.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import ssl
+from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -24,14 +28,37 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from contracts import subjects
+from contracts import ErrorCode, LlmbusError, subjects
 from services.runtime.retry import Backoff, with_backoff
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-async def connect(settings: Settings, name: str) -> Client:
+def credentials(settings: Settings, role: str) -> tuple[str, str] | None:
+    """The NATS user and password this process connects with (see `Settings.nats_user`)."""
+    if settings.nats_user:
+        return settings.nats_user, settings.nats_password
+    path = Path(settings.nats_credentials or Path(settings.data_dir) / "nats" / "credentials.json")
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return (role, str(known[role])) if role in known else None
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+    if settings.nats_tls_cert:
+        context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    return context
+
+
+async def connect(settings: Settings, name: str, *, role: str | None = None, **options: Any) -> Client:
+    """Connects as the NATS user of `role` (default: from `name`, `llmbus-<role>[-...]`)."""
+
     async def on_disconnect() -> None:
         log.warning("nats disconnected; reconnecting")
 
@@ -41,16 +68,38 @@ async def connect(settings: Settings, name: str) -> Client:
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
-    return await nats.connect(
-        servers(settings.nats_url),
-        name=name,
-        max_reconnect_attempts=-1,  # a service outlives NATS restarts
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        error_cb=on_error,
-    )
+    user = credentials(settings, role or name.removeprefix("llmbus-").split("-")[0])
+    auth: dict[str, Any] = {}
+    if user is not None:
+        # Each user may read only its own inbox (infra/nats/auth.conf): `_INBOX.<user>.>`.
+        auth = {"user": user[0], "password": user[1], "inbox_prefix": f"_INBOX.{user[0]}"}
+    tls = tls_context(settings)
+    if tls is not None:
+        auth["tls"] = tls
+    defaults: dict[str, Any] = {
+        "max_reconnect_attempts": -1,  # a service outlives NATS restarts
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnect,
+        "error_cb": on_error,
+    }
+    return await nats.connect(servers(settings.nats_url), name=name, **(defaults | auth | options))
+
+
+# Room left in a message for its headers (message id, reply, deadline, trace context).
+HEADER_ROOM = 1024
+
+
+def check_payload(nc: Client, size: int) -> None:
+    """Raises `request_too_large` when a message of `size` bytes would not fit NATS's `max_payload`
+    (the server's limit, learnt at connect): refused with the limit named, never dropped."""
+    if size + HEADER_ROOM > nc.max_payload:
+        raise LlmbusError(
+            ErrorCode.REQUEST_TOO_LARGE,
+            f"the request is {size} bytes on the bus; NATS accepts at most {nc.max_payload - HEADER_ROOM} "
+            f"(max_payload {nc.max_payload}): send a shorter prompt or fewer inputs per request",
+        )
 
 
 def servers(url: str) -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +16,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from services.runtime import nats_auth
 
 
 def server_binary() -> str:
@@ -44,13 +48,53 @@ class NatsServer:
         host: str = "127.0.0.1",
         config_file: Path | None = None,
         extra_args: list[str] | None = None,
+        auth: bool = False,
+        anonymous: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+        credentials_dir: Path | None = None,
     ) -> None:
+        """`auth`: one user per service with its permissions (`nats_auth`), passwords generated
+        once into `<credentials_dir or store_dir>/credentials.json` (a cluster's nodes share one);
+        `anonymous`: the user a client without credentials becomes (the tests' own connections:
+        `admin`); `tls`: certificate and key."""
         self.store_dir = store_dir
         self.port = port or free_port()
         self.host = host
         self.config_file = config_file
         self.extra_args = extra_args or []
+        self.auth = auth
+        self.anonymous = anonymous
+        self.tls = tls
+        self.credentials_dir = credentials_dir or store_dir
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.credentials_dir / "credentials.json"
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        return nats_auth.credentials(self.credentials_dir)
+
+    def _config(self) -> Path | None:
+        """The config file to run: `config_file` plus the authorization and TLS blocks."""
+        if not (self.auth or self.tls):
+            return self.config_file
+        parts = [self.config_file.read_text()] if self.config_file else []
+        if self.auth:
+            parts.append(nats_auth.authorization(self.credentials))
+            if self.anonymous:
+                parts.append(f"no_auth_user: {self.anonymous}\n")
+        if self.tls:
+            cert, key = self.tls
+            parts.append(
+                f"tls {{\n  cert_file: {json.dumps(str(cert))}\n  key_file: {json.dumps(str(key))}\n}}\n"
+            )
+        path = self.store_dir / "nats.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the passwords
+        with os.fdopen(fd, "w") as out:
+            out.write("\n".join(parts))
+        return path
 
     @property
     def url(self) -> str:
@@ -59,11 +103,15 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
-        if self.config_file:
-            args += ["-c", str(self.config_file)]
+        config = self._config()
+        if config:
+            args += ["-c", str(config)]
         self.log_path = self.store_dir / "nats-server.log"
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([*args, *self.extra_args], stdout=log, stderr=subprocess.STDOUT)
+            # Own session: a terminal's Ctrl-C must not stop NATS before the services have drained.
+            self.proc = subprocess.Popen(
+                [*args, *self.extra_args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -17,6 +17,17 @@ PREFIX = "LLMBUS_"
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     nats_port: int = 4222  # the embedded server started by `llmbus up`
+    # NATS user of this process (docs/operations.md "Security: the bus"). Empty: the service's own
+    # user, its password read from `nats_credentials` (default `<data_dir>/nats/credentials.json`,
+    # written by the embedded server); no such file: connect without credentials.
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_credentials: str = ""
+    # TLS to NATS (a `tls://` URL): the CA that signed the server's certificate, and a client
+    # certificate and key when the server verifies clients. Empty: the system's CAs, no client cert.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
     ollama_url: str = "http://127.0.0.1:11434"
     # The model server this process calls: its API kind and URL (empty: `ollama_url`). Several
     # hosts: one generator per host, each with its own `generate_models` (docs/operations.md).
@@ -72,6 +83,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     janitor_interval_s: float = 5.0  # how often it reads /api/ps and applies the unload policy
     janitor_reconcile_s: float = 60.0  # how often it re-checks that every desired model is there
     edge_model_check: bool = True  # the edge refuses a model no janitor lists (once one has written)
+    # Edge admission (docs/operations.md "Admission"): API keys and tenant limits, shared by every
+    # edge replica through the `llm_admission` KV bucket; overload refused before it queues.
+    auth: Literal["on", "off"] = "off"  # on: every API route wants `Authorization: Bearer <key>`
+    tenants_file: str = "infra/tenants.toml"  # tenants, their limits and hashed keys
+    cors_origins: str = ""  # comma-separated origins allowed by CORS ("*": any); empty: CORS closed
+    max_queue: int = 1000  # a model's backlog (queued + running) above this: 503 queue_full; 0 = off
+    queue_check_s: float = 0.5  # how old the edge's view of the backlog may get
+    context_tokens: int = 8192  # a prompt's estimated tokens above this (or num_ctx): prompt_too_large
+    max_output_tokens: int = 4096  # num_predict / max_tokens asked above this (or -1) is capped to it
+    lease_ttl_s: float = 30.0  # an in-flight slot of a crashed edge is freed after this long
     log_level: str = "info"
     # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
     # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.

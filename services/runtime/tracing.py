@@ -15,7 +15,7 @@ from contextvars import ContextVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer, TracerProvider
+from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanContext, SpanKind, Tracer, TracerProvider
 
 from contracts import subjects
 
@@ -95,6 +95,9 @@ def inject(headers: dict[str, str]) -> None:
 @contextmanager
 def publish_span(subject: str, message_id: str, headers: dict[str, str]) -> Iterator[Span]:
     """A producer span around one publish, its context injected into `headers`."""
+    if not _enabled:  # the no-op tracer's span still costs a context attach per request
+        yield INVALID_SPAN
+        return
     with tracer.start_as_current_span(
         f"send {subjects.request_family(subject)}",
         kind=SpanKind.PRODUCER,
@@ -114,6 +117,9 @@ def consume_span(
     subject: str, message_id: str, headers: Mapping[str, str] | None, consumer: str
 ) -> Iterator[Span]:
     """A consumer span, child of the publisher's context carried in the message headers."""
+    if not _enabled:
+        yield INVALID_SPAN
+        return
     parent = propagate.extract(headers) if headers and "traceparent" in headers else None
     token = otel_context.attach(parent) if parent is not None else None
     try:

@@ -1,7 +1,9 @@
 """Ollama-compatible routes under `/ollama`: point `OLLAMA_HOST` at the edge and nothing else changes.
 
 Streaming answers are NDJSON with Ollama's field names and final statistics (durations in
-nanoseconds); errors are `{"error": "..."}` with the status Ollama would use.
+nanoseconds); errors are `{"error": "..."}` with the status Ollama would use. Embeddings take the
+edge's one embed path; `tags`, `ps` and `show` read the janitors' inventory and admin API, as
+`/v1/models` does.
 """
 
 from __future__ import annotations
@@ -15,11 +17,31 @@ from litestar import Request, Response, Router, get, post
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from contracts import Done, Error, ErrorCode, Format, GenerateRequest, LlmbusError, Message, Options, Token
-from services.edge.compat.events import events
+from contracts import (
+    Completion,
+    Done,
+    EmbedRequest,
+    EmbedResponse,
+    Error,
+    ErrorCode,
+    Format,
+    GenerateRequest,
+    LlmbusError,
+    Message,
+    Options,
+    Token,
+)
+from contracts.embed import Dimensions
+from contracts.models import ModelDetails, ModelInfo, ModelRef, canonical_model
+from services.edge.compat.events import stream_events
 from services.edge.dispatch import Dispatcher, EventFeed
+from services.edge.embed import embed_texts
 from services.edge.errors import Failure, handlers, request_id_of
+from services.edge.generation import collect
 from services.edge.hangup import ClientGone, unless_client_leaves
+from services.edge.models import listing
+from services.runtime.admin_client import AdminClient
+from services.runtime.inventory import InventoryView
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these routes follow
 
@@ -104,8 +126,10 @@ class _Shape:
         out["done"] = False
         return out
 
-    def final(self, done: Done, text: str = "") -> dict[str, Any]:
+    def final(self, done: Done | Completion, text: str = "") -> dict[str, Any]:
         out = self.piece(text)
+        if isinstance(done, Completion):
+            out["model"] = done.model  # the model that answered (`auto` says which)
         total_ns = int(done.timings.total_ms * 1e6)
         speed = done.timings.tokens_per_s
         eval_ns = int(done.usage.completion_tokens / speed * 1e9) if speed else total_ns
@@ -141,40 +165,29 @@ async def _answer(
             _ndjson(feed, shape), media_type="application/x-ndjson", headers={"X-Request-Id": request_id}
         )
     try:
-        result = await unless_client_leaves(request, feed, _collect(feed))
+        result = await unless_client_leaves(request, feed, collect(feed, body.model))
     except ClientGone:
         return Response(b"", status_code=499)
     if isinstance(result, Error):
         return ollama_error(Failure(result.code, result.message, result.code.http_status), request_id)
-    text, done = result
-    return Response(
-        _encode(shape.final(done, text)), media_type="application/json", headers={"X-Request-Id": request_id}
-    )
-
-
-async def _collect(feed: EventFeed) -> tuple[str, Done] | Error:
-    parts: list[str] = []
-    async for event in events(feed):
-        if isinstance(event, Token):
-            parts.append(event.text)
-        elif isinstance(event, Done):
-            return "".join(parts), event
-        elif isinstance(event, Error):
-            return event
-    raise RuntimeError("event feed ended without a terminal event")
+    return _json(shape.final(result, result.text), request_id)
 
 
 async def _ndjson(feed: EventFeed, shape: _Shape) -> AsyncIterator[bytes]:
     try:
-        async for event in events(feed):
+        async for event in stream_events(feed):
             if isinstance(event, Token):
                 yield _encode(shape.piece(event.text)) + b"\n"
             elif isinstance(event, Done):
                 yield _encode(shape.final(event)) + b"\n"
-            elif isinstance(event, Error):
+            else:
                 yield _encode({"error": event.message}) + b"\n"  # Ollama's in-stream error line
     finally:
         feed.close()
+
+
+def _json(body: Any, request_id: str) -> Response[bytes]:
+    return Response(_encode(body), media_type="application/json", headers={"X-Request-Id": request_id})
 
 
 @post("/api/chat", summary="Ollama-compatible chat", status_code=200)
@@ -197,9 +210,153 @@ async def root() -> str:
     return "Ollama is running"
 
 
+# -- embeddings: the edge's one embed path (`services/edge/embed.py`)
+
+
+class EmbedBody(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[str]
+    truncate: bool | None = None
+    dimensions: Dimensions | None = None
+    options: dict[str, Any] | None = None  # accepted and ignored, as they do not change a vector
+    keep_alive: str | int | float | None = None
+
+
+class LegacyEmbeddingsBody(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+
+async def _embed(request: Request[Any, Any, Any], wire: EmbedRequest) -> EmbedResponse | Response[bytes]:
+    try:
+        result = await embed_texts(request, wire, None)
+    except ClientGone:
+        return Response(b"", status_code=499)
+    if isinstance(result, Error):
+        return ollama_error(Failure(result.code, result.message, result.code.http_status), wire.id)
+    return result
+
+
+@post("/api/embed", summary="Ollama-compatible embed", status_code=200)
+async def embed(request: Request[Any, Any, Any], data: JSONBody[EmbedBody]) -> Response[bytes]:
+    request_id = request_id_of(request)
+    wire = EmbedRequest(
+        id=request_id, model=data.model, input=data.input, truncate=data.truncate, dimensions=data.dimensions
+    )
+    result = await _embed(request, wire)
+    if isinstance(result, Response):
+        return result
+    body = {
+        "model": result.model,
+        "embeddings": result.embeddings,
+        "total_duration": int(result.timings.total_ms * 1e6),
+        "load_duration": 0,
+        "prompt_eval_count": result.usage.prompt_tokens,
+    }
+    return _json(body, request_id)
+
+
+@post("/api/embeddings", summary="Ollama's legacy single-text embeddings", status_code=200)
+async def embeddings(
+    request: Request[Any, Any, Any], data: JSONBody[LegacyEmbeddingsBody]
+) -> Response[bytes]:
+    request_id = request_id_of(request)
+    result = await _embed(request, EmbedRequest(id=request_id, model=data.model, input=data.prompt))
+    if isinstance(result, Response):
+        return result
+    return _json({"embedding": result.embeddings[0]}, request_id)
+
+
+# -- models: the janitors' inventory and admin API, as `/v1/models` serves them (services/edge/models.py)
+
+
+@get("/api/tags", summary="Ollama-compatible list of local models")
+async def tags(request: Request[Any, Any, Any]) -> Response[bytes]:
+    found = listing(request.app.state.inventory, None, loaded_only=False).data
+    entries = [_entry(info) for model in found if (info := _first(model.hosts, ready=True))]
+    return _json({"models": entries}, request_id_of(request))
+
+
+@get("/api/ps", summary="Ollama-compatible list of loaded models")
+async def ps(request: Request[Any, Any, Any]) -> Response[bytes]:
+    found = listing(request.app.state.inventory, None, loaded_only=True).data
+    entries = []
+    for model in found:
+        info = model.hosts[0]
+        entry = _entry(info) | {"size_vram": info.size_vram}
+        if info.expires_at is not None:
+            entry["expires_at"] = _iso(info.expires_at)
+        entries.append(entry)
+    return _json({"models": entries}, request_id_of(request))
+
+
+class ShowBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    name: str | None = None  # the field's old name, still sent by older clients
+    verbose: bool | None = None
+
+
+@post("/api/show", summary="Ollama-compatible model details", status_code=200)
+async def show(request: Request[Any, Any, Any], data: JSONBody[ShowBody]) -> Response[bytes]:
+    name = data.model or data.name
+    if not name:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "model is required")
+    ModelRef(name).validate()
+    inventory: InventoryView = request.app.state.inventory
+    admin: AdminClient = request.app.state.admin
+    hosts = sorted(info.host for info in inventory.lookup(name) if info.ready)
+    if not hosts and inventory.populated:
+        raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' not found")
+    host = hosts[0] if hosts else admin.host_for(None, name)  # no inventory yet: ask the janitor
+    shown = await admin.call("show", ModelRef(name), ModelDetails, host)
+    body: dict[str, Any] = {
+        "license": "",
+        "modelfile": shown.modelfile,
+        "parameters": shown.parameters,
+        "template": shown.template,
+        "system": shown.system,
+        "details": shown.details,
+        "model_info": shown.model_info,
+        "capabilities": shown.capabilities,
+    }
+    if shown.info is not None:
+        body["modified_at"] = _iso(shown.info.updated_at)
+    return _json(body, request_id_of(request))
+
+
+def _first(infos: list[ModelInfo], *, ready: bool) -> ModelInfo | None:
+    return next((info for info in infos if info.ready or not ready), None)
+
+
+def _entry(info: ModelInfo) -> dict[str, Any]:
+    """One model as `/api/tags` and `/api/ps` list it, from its inventory entry."""
+    name = canonical_model(info.model)
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _iso(info.updated_at),
+        "size": info.size,
+        "digest": info.digest or "",
+        "details": {
+            "parent_model": "",
+            "format": "gguf",  # every model Ollama serves
+            "family": info.family or "",
+            "families": [info.family] if info.family else None,
+            "parameter_size": info.parameter_size or "",
+            "quantization_level": info.quantization or "",
+        },
+    }
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).isoformat().replace("+00:00", "Z")
+
+
 router = Router(
     path="/ollama",
-    route_handlers=[chat, generate, version, root],
+    route_handlers=[chat, generate, embed, embeddings, tags, ps, show, version, root],
     tags=["Ollama-compatible"],
     exception_handlers=handlers(ollama_error),  # type: ignore[arg-type]
 )

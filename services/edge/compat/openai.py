@@ -1,4 +1,6 @@
-"""OpenAI-compatible routes under `/openai/v1`: chat completions and completions.
+"""OpenAI-compatible routes under `/openai/v1`: chat completions, completions and embeddings.
+
+(`GET /openai/v1/models` is served with `/v1/models`, in services/edge/models.py.)
 
 Streaming answers are `data: {chunk}` lines ending with `data: [DONE]`, as the OpenAI SDKs expect;
 errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
@@ -6,6 +8,8 @@ errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -15,10 +19,24 @@ from litestar import Request, Response, Router, post
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from contracts import Done, Error, ErrorCode, GenerateRequest, LlmbusError, Message, Options, Token
-from services.edge.compat.events import events
+from contracts import (
+    Completion,
+    Done,
+    EmbedRequest,
+    Error,
+    ErrorCode,
+    GenerateRequest,
+    LlmbusError,
+    Message,
+    Options,
+    Token,
+)
+from contracts.embed import Dimensions
+from services.edge.compat.events import stream_events
 from services.edge.dispatch import Dispatcher, EventFeed
+from services.edge.embed import embed_texts
 from services.edge.errors import handlers, request_id_of
+from services.edge.generation import collect
 from services.edge.hangup import ClientGone, unless_client_leaves
 
 _encode = msgspec.json.Encoder().encode
@@ -183,25 +201,30 @@ class _Shape:
             }
         )
 
-    def whole(self, text: str, done: Done) -> dict[str, Any]:
+    def whole(self, answer: Completion) -> dict[str, Any]:
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": done.finish_reason,
+                "message": {"role": "assistant", "content": answer.text},
+                "finish_reason": answer.finish_reason,
                 "logprobs": None,
             }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "finish_reason": done.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": answer.text,
+                "finish_reason": answer.finish_reason,
+                "logprobs": None,
+            }
             obj = "text_completion"
         return {
             "id": self.id,
             "object": obj,
             "created": self.created,
-            "model": self.model,
+            "model": answer.model,
             "choices": [choice],
-            "usage": msgspec.to_builtins(done.usage),
+            "usage": msgspec.to_builtins(answer.usage),
         }
 
     @staticmethod
@@ -218,8 +241,8 @@ async def _answer(
         wire.validate()
         dispatcher: Dispatcher = request.app.state.dispatcher
         feed = await dispatcher.submit(wire, body.timeout)
-    except LlmbusError as exc:
-        return openai_error(exc.code, exc.message, request_id)
+    except LlmbusError:
+        raise  # the router's handler renders it, with Retry-After (429, 503)
     shape = _Shape(chat, request_id, body.model)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -229,34 +252,21 @@ async def _answer(
             headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
         )
     try:
-        result = await unless_client_leaves(request, feed, _collect(feed))
+        result = await unless_client_leaves(request, feed, collect(feed, body.model))
     except ClientGone:
         return Response(b"", status_code=499)
     if isinstance(result, Error):
         return openai_error(result.code, result.message, request_id)
-    text, done = result
     return Response(
-        _encode(shape.whole(text, done)), media_type="application/json", headers={"X-Request-Id": request_id}
+        _encode(shape.whole(result)), media_type="application/json", headers={"X-Request-Id": request_id}
     )
-
-
-async def _collect(feed: EventFeed) -> tuple[str, Done] | Error:
-    parts: list[str] = []
-    async for event in events(feed):
-        if isinstance(event, Token):
-            parts.append(event.text)
-        elif isinstance(event, Done):
-            return "".join(parts), event
-        elif isinstance(event, Error):
-            return event
-    raise RuntimeError("event feed ended without a terminal event")
 
 
 async def _stream(feed: EventFeed, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
     try:
         if shape.chat:
             yield shape.chunk(None, first=True)
-        async for event in events(feed):
+        async for event in stream_events(feed):
             if isinstance(event, Token):
                 yield shape.chunk(event.text)
             elif isinstance(event, Done):
@@ -285,9 +295,53 @@ async def completions(
     return await _answer(request, data, chat=False)
 
 
+class EmbeddingsBody(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[Any]  # text or texts; token arrays are refused (the model has its own tokenizer)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Dimensions | None = None
+    timeout: float | None = None
+
+    def to_request(self, request_id: str) -> EmbedRequest:
+        texts = self.input
+        if isinstance(texts, list) and not all(isinstance(text, str) for text in texts):
+            raise LlmbusError(
+                ErrorCode.BAD_REQUEST,
+                "`input` must be a string or a list of strings; token arrays are not supported",
+            )
+        return EmbedRequest(id=request_id, model=self.model, input=texts, dimensions=self.dimensions)
+
+
+@post("/embeddings", summary="OpenAI-compatible embeddings", status_code=200)
+async def embeddings(request: Request[Any, Any, Any], data: JSONBody[EmbeddingsBody]) -> Response[bytes]:
+    request_id = request_id_of(request)
+    try:
+        result = await embed_texts(request, data.to_request(request_id), data.timeout)
+    except ClientGone:
+        return Response(b"", status_code=499)
+    if isinstance(result, Error):
+        return openai_error(result.code, result.message, request_id)
+    encode = _base64 if data.encoding_format == "base64" else None
+    body = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(v) if encode else v}
+            for i, v in enumerate(result.embeddings)
+        ],
+        "model": result.model,
+        "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
+    }
+    return Response(_encode(body), media_type="application/json", headers={"X-Request-Id": request_id})
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: the vector's little-endian float32 bytes (exact: vectors are float32)."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 router = Router(
     path="/openai/v1",
-    route_handlers=[chat_completions, completions],
+    route_handlers=[chat_completions, completions, embeddings],
     tags=["OpenAI-compatible"],
     exception_handlers=handlers(lambda f, rid: openai_error(f.code, f.message, rid, f.status)),  # type: ignore[arg-type]
 )

@@ -10,8 +10,15 @@ const FALLBACK_MODELS = ["llama3.2:1b"];
 
 const state = { tasks: new Map(), runs: new Set() };
 
+// With LLMBUS_AUTH=on the API wants a key: `?key=KEY` once, kept in this browser's localStorage.
+if (params.get("key")) localStorage.setItem("llmbus_key", params.get("key"));
+const auth = () => {
+  const key = localStorage.getItem("llmbus_key");
+  return key ? { authorization: `Bearer ${key}` } : {};
+};
+
 async function getJSON(url) {
-  const response = await fetch(url, { headers: { accept: "application/json" } });
+  const response = await fetch(url, { headers: { accept: "application/json", ...auth() } });
   if (!response.ok) throw new Error(`${url}: ${response.status}`);
   return response.json();
 }
@@ -232,7 +239,7 @@ class Run {
     try {
       response = await fetch(this.url, {
         method: "POST",
-        headers: { "content-type": "application/json", accept: "text/event-stream" },
+        headers: { "content-type": "application/json", accept: "text/event-stream", ...auth() },
         body: JSON.stringify(this.body),
         signal: this.controller.signal,
       });

@@ -1,0 +1,305 @@
+"""NATS users and their subject permissions: the one source of truth for every server config.
+
+One user per service, each allowed only the subjects it needs (docs/operations.md "Security: the
+bus"). `authorization` renders the `authorization { users = [...] }` block: with literal passwords
+for the embedded server (`llmbus up`, the tests; generated once per data directory into
+`credentials.json`), or with `$LLMBUS_NATS_PASSWORD_<ROLE>` references for `infra/nats/auth.conf`,
+which compose.yml's NATS reads (`python -m services.runtime.nats_auth conf` regenerates it, a
+test checks it is current; `... env` prints fresh passwords for a `.env` file).
+
+Every service may create and update the streams and buckets it uses (so start order never
+matters, as before) but delete or purge none. Each user's inbox is `_INBOX.<user>.>` (`bus.connect`
+sets the prefix), so no user reads another's replies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contracts import route, subjects
+
+REQ, OUT, DLQ = subjects.REQUEST_STREAM, subjects.EVENT_STREAM, subjects.DEAD_LETTER_STREAM
+API = "$JS.API"
+
+
+@dataclass(frozen=True)
+class Role:
+    publish: list[str]
+    subscribe: list[str]
+    deny_publish: list[str] = field(default_factory=list)
+    deny_subscribe: list[str] = field(default_factory=list)
+
+
+def _provision() -> list[str]:
+    """Create and update (never delete or purge) the three streams, and read any stream's info."""
+    return [
+        f"{API}.INFO",
+        f"{API}.STREAM.INFO.*",
+        *(f"{API}.STREAM.{verb}.{stream}" for stream in (REQ, OUT, DLQ) for verb in ("CREATE", "UPDATE")),
+    ]
+
+
+def _kv(bucket: str, *, write: bool) -> list[str]:
+    """A KV bucket: create it on first use, get, watch; with `write`, put and create keys."""
+    stream = "KV_" + bucket
+    allowed = [
+        f"{API}.STREAM.CREATE.{stream}",
+        f"{API}.STREAM.UPDATE.{stream}",
+        f"{API}.DIRECT.GET.{stream}",
+        f"{API}.DIRECT.GET.{stream}.>",
+        f"{API}.STREAM.MSG.GET.{stream}",
+        # A watch is an ordered (ephemeral) consumer, re-created after a gap, with flow control.
+        f"{API}.CONSUMER.CREATE.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}.>",
+        f"{API}.CONSUMER.DELETE.{stream}.*",
+        f"{API}.CONSUMER.INFO.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+    return [*allowed, f"$KV.{bucket}.>"] if write else allowed
+
+
+def _events_read() -> list[str]:
+    """Read a request's stored events back from LLM_OUT (direct gets: `services/runtime/events.py`)."""
+    return [f"{API}.DIRECT.GET.{OUT}", f"{API}.DIRECT.GET.{OUT}.>"]
+
+
+def _consume(durable: str, filters: list[str]) -> list[str]:
+    """Create and pull from one durable consumer of LLM_REQ, ack its messages, read a request back."""
+    return [
+        f"{API}.CONSUMER.CREATE.{REQ}.{durable}",
+        *(f"{API}.CONSUMER.CREATE.{REQ}.{durable}.{f}" for f in filters),
+        f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.{durable}",
+        f"{API}.CONSUMER.INFO.{REQ}.{durable}",
+        f"{API}.CONSUMER.MSG.NEXT.{REQ}.{durable}",
+        f"$JS.ACK.{REQ}.{durable}.>",
+        # The request behind a max-deliveries advisory: read, dead-lettered, then deleted.
+        f"{API}.STREAM.MSG.GET.{REQ}",
+        f"{API}.STREAM.MSG.DELETE.{REQ}",
+    ]
+
+
+def _worker(service: str, durable: str, filters: list[str]) -> Role:
+    """What every worker (`services/runtime/worker.py`) needs: its consumer, cancels, advisories,
+    events and usage out, dead letters, discovery (`$SRV.*`, answered through `allow_responses`)."""
+    return Role(
+        publish=[
+            *_provision(),
+            *_consume(durable, filters),
+            *_events_read(),
+            subjects.EVENT_SUBJECTS,  # events, stored in LLM_OUT (the default reply subject)
+            "_INBOX.>",  # or a direct publisher's own inbox, named by `Llmbus-Reply`
+            subjects.USAGE_SUBJECTS,
+            subjects.dead_letter_subject(service),
+        ],
+        subscribe=[
+            subjects.CANCEL_SUBJECTS,
+            subjects.MAX_DELIVERIES_ADVISORY.format(stream=REQ, consumer=durable),
+            subjects.LEADER_ELECTED_ADVISORY.format(stream=OUT),
+            "$SRV.>",
+        ],
+    )
+
+
+def _join(*roles: Role) -> Role:
+    return Role(
+        publish=[s for r in roles for s in r.publish],
+        subscribe=[s for r in roles for s in r.subscribe],
+        deny_publish=[s for r in roles for s in r.deny_publish],
+        deny_subscribe=[s for r in roles for s in r.deny_subscribe],
+    )
+
+
+# Consumers of the request stream the edge, and any worker but its owner, must never touch.
+_NO_CONSUMING = [
+    f"{API}.CONSUMER.MSG.NEXT.{REQ}.>",
+    f"{API}.CONSUMER.CREATE.{REQ}.>",
+    f"{API}.CONSUMER.CREATE.{REQ}",
+    f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.>",
+    f"$JS.ACK.{REQ}.>",
+]
+
+
+def roles() -> dict[str, Role]:
+    generator = _worker("generator", "generator", [subjects.GENERATE_SUBJECTS])
+    # A generator serving a set of models (LLMBUS_GENERATE_MODELS) has a durable named after them.
+    generator_hosts = Role(
+        publish=[
+            f"{API}.CONSUMER.CREATE.{REQ}.*",
+            f"{API}.CONSUMER.CREATE.{REQ}.*.{subjects.GENERATE_SUBJECTS}",
+            f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.*",
+            f"{API}.CONSUMER.INFO.{REQ}.*",
+            f"{API}.CONSUMER.MSG.NEXT.{REQ}.*",
+            f"$JS.ACK.{REQ}.*.>",
+        ],
+        subscribe=[subjects.MAX_DELIVERIES_ADVISORY.format(stream=REQ, consumer="*")],
+        # ... but never the embedder's or the classifier's.
+        deny_publish=[
+            subject
+            for other in ("embedder", "classifier")
+            for subject in (
+                f"{API}.CONSUMER.CREATE.{REQ}.{other}",
+                f"{API}.CONSUMER.CREATE.{REQ}.{other}.>",
+                f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.{other}",
+                f"{API}.CONSUMER.INFO.{REQ}.{other}",
+                f"{API}.CONSUMER.MSG.NEXT.{REQ}.{other}",
+                f"$JS.ACK.{REQ}.{other}.>",
+            )
+        ],
+    )
+    return {
+        # The HTTP edge: publishes requests, reads their events, never consumes a request stream.
+        "edge": Role(
+            publish=[
+                *_provision(),
+                *_events_read(),
+                subjects.REQUEST_SUBJECTS,
+                subjects.CANCEL_SUBJECTS,
+                subjects.EVENT_SUBJECTS,  # `accepted`, and start/routed when it routes a request itself
+                route.CLASSIFY_SUBJECT,
+                subjects.ADMIN_PREFIX + ">",
+                "$SRV.PING.>",  # readiness: is a generator there?
+                # Queue depth (`/metrics`, queue_full): consumer info, never their messages.
+                f"{API}.CONSUMER.LIST.{REQ}",
+                f"{API}.CONSUMER.NAMES.{REQ}",
+                f"{API}.CONSUMER.INFO.{REQ}.*",
+                # Routing a request itself (no classifier answered): the `llm.req.route` copy goes.
+                f"{API}.STREAM.MSG.DELETE.{REQ}",
+                # Its own buckets (route claims, admission counters) and reading the inventory.
+                *_kv(route.CLAIMS_BUCKET, write=True),
+                *_kv(subjects.ADMISSION_BUCKET, write=True),
+                *_kv(subjects.MODELS_BUCKET, write=False),
+            ],
+            subscribe=[subjects.EVENT_SUBJECTS],
+            deny_publish=_NO_CONSUMING,
+        ),
+        "generator": _join(generator, generator_hosts),
+        "embedder": _join(
+            _worker("embedder", "embedder", [subjects.EMBED_SUBJECTS]),
+            Role(publish=[*_kv(subjects.EMBED_CACHE_BUCKET, write=True)], subscribe=[]),
+        ),
+        # Routes `llm.req.route` on to `llm.req.generate.<model>`, and answers `llm.classify`.
+        "classifier": _join(
+            _worker("classifier", "classifier", [route.ROUTE_SUBJECT]),
+            Role(
+                publish=[
+                    subjects.GENERATE_SUBJECTS,
+                    *_kv(route.CLAIMS_BUCKET, write=True),
+                    *_kv(subjects.MODELS_BUCKET, write=False),
+                ],
+                subscribe=[route.CLASSIFY_SUBJECT],
+            ),
+        ),
+        # One per Ollama host: writes the inventory, answers `llm.admin.*`, hears usage.
+        "janitor": Role(
+            publish=[
+                *_provision(),
+                *_kv(subjects.MODELS_BUCKET, write=True),
+                subjects.MODEL_EVENT_PREFIX + ">",
+                "_INBOX.>",  # progress of a pull or create, to the inbox of whoever asked
+            ],
+            subscribe=[subjects.ADMIN_PREFIX + ">", subjects.USAGE_SUBJECTS, "$SRV.>"],
+        ),
+        # `llmbus dlq list|replay`: reads and removes dead letters, publishes requests again.
+        "dlq": Role(
+            publish=[
+                *_provision(),
+                subjects.REQUEST_SUBJECTS,
+                f"{API}.STREAM.MSG.GET.{DLQ}",
+                f"{API}.DIRECT.GET.{DLQ}",
+                f"{API}.STREAM.MSG.DELETE.{DLQ}",
+                *_events_read(),
+                subjects.EVENT_SUBJECTS,
+            ],
+            subscribe=[],
+        ),
+        # Direct NATS publishers (docs/contract.md): requests and cancels in; events come back to
+        # their own inbox (`Llmbus-Reply: _INBOX.publisher.<id>`), never to anyone else's subjects.
+        "publisher": Role(
+            publish=[subjects.REQUEST_SUBJECTS, subjects.CANCEL_SUBJECTS],
+            subscribe=[],
+        ),
+        # The operator (`llmbus models`, `nats` CLI, tests): everything.
+        "admin": Role(publish=[">"], subscribe=[">"]),
+    }
+
+
+ROLES = tuple(roles())
+
+
+def _subjects(key: str, items: list[str], indent: str) -> list[str]:
+    """`key: [` one quoted subject a line `]`, so a review sees each grant on its own line."""
+    return [f"{indent}{key}: [", *(f"{indent}  {json.dumps(s)}" for s in dict.fromkeys(items)), f"{indent}]"]
+
+
+def authorization(passwords: Mapping[str, str]) -> str:
+    """The `authorization` block; a password starting with `$` is a config variable reference."""
+    lines = ["authorization {", "  users = ["]
+    for name, role in roles().items():
+        secret = passwords[name]
+        password = secret if secret.startswith("$") else json.dumps(secret)
+        # Every user reads only its own inbox (admin reads everything anyway).
+        subscribe = [f"_INBOX.{name}.>", *role.subscribe]
+        lines += [f"    {{user: {name}, password: {password}, permissions: {{", "      publish: {"]
+        lines += _subjects("allow", role.publish, "        ")
+        if role.deny_publish:
+            lines += _subjects("deny", role.deny_publish, "        ")
+        lines += ["      }", "      subscribe: {"]
+        lines += _subjects("allow", subscribe, "        ")
+        if role.deny_subscribe:
+            lines += _subjects("deny", role.deny_subscribe, "        ")
+        # Answer requests (micro services, admin verbs) on the reply subject they name.
+        lines += ["      }", "      allow_responses: true", "    }}"]
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def env_name(role: str) -> str:
+    return f"LLMBUS_NATS_PASSWORD_{role.upper()}"
+
+
+COMPOSE_HEADER = """\
+# GENERATED by `python -m services.runtime.nats_auth conf` from services/runtime/nats_auth.py:
+# edit the roles there, not here. One NATS user per llmbus service, each allowed only the
+# subjects it needs (docs/operations.md "Security: the bus"). Passwords come from the environment
+# of the NATS container (compose.yml passes LLMBUS_NATS_PASSWORD_<ROLE> from .env).
+"""
+
+
+def compose_conf() -> str:
+    return COMPOSE_HEADER + authorization({name: "$" + env_name(name) for name in ROLES})
+
+
+def credentials(directory: Path) -> dict[str, str]:
+    """Every role's password for the embedded server, generated once into `credentials.json` (0600)."""
+    path = directory / "credentials.json"
+    known: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    if set(ROLES) - set(known):
+        known = {name: known.get(name) or secrets.token_urlsafe(24) for name in ROLES}
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(known, out, indent=2)
+    return known
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else ""
+    if command == "conf":
+        sys.stdout.write(compose_conf())
+    elif command == "env":
+        for name in ROLES:
+            print(f"{env_name(name)}={secrets.token_urlsafe(24)}")
+    else:
+        print("usage: python -m services.runtime.nats_auth conf|env", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
