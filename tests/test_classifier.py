@@ -125,6 +125,17 @@ async def test_auto_streams_start_routed_tokens_done_in_one_numbered_stream(
 
 
 @pytest.mark.usefixtures("classifier")
+async def test_compat_streams_name_the_routed_model(client: httpx.AsyncClient) -> None:
+    body = chat("```\nprint(1)\n```\nwhat does this print?", stream=True)
+    async with client.stream("POST", "/openai/v1/chat/completions", json=body) as response:
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: {")]
+    assert {json.loads(line[6:])["model"] for line in lines} == {"qwen2.5-coder:1.5b"}
+    async with client.stream("POST", "/ollama/api/chat", json=body) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert {json.loads(line)["model"] for line in lines} == {"qwen2.5-coder:1.5b"}
+
+
+@pytest.mark.usefixtures("classifier")
 async def test_rule_keywords_route_without_embedding(
     client: httpx.AsyncClient, fake_ollama: FakeOllama
 ) -> None:

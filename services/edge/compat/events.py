@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from contracts import Done, Error, ErrorCode, Event, Restart, Token
+from contracts import Done, Error, ErrorCode, Event, Restart, Routed, Token
 from services.edge.dispatch import EventFeed
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -25,8 +25,8 @@ DIVERGED = (
 )
 
 
-async def stream_events(feed: EventFeed) -> AsyncIterator[Token | Done | Error]:
-    """`Token`s, then one `Done` or `Error`; other events (start, routed...) are dropped."""
+async def stream_events(feed: EventFeed) -> AsyncIterator[Token | Routed | Done | Error]:
+    """`Routed` (for `auto`: the model that answers), `Token`s, then one `Done` or `Error`."""
     sent: list[str] = []  # what the client has, in case a restart makes us check a new attempt
     check: str | None = None  # while a new attempt repeats the sent text: that text
     at = 0  # how far into `check` the new attempt has come
@@ -52,6 +52,8 @@ async def stream_events(feed: EventFeed) -> AsyncIterator[Token | Done | Error]:
                 check = None  # past the text the client has: the rest is new
                 sent.append(text[overlap:])
                 yield msgspec.structs.replace(event, text=text[overlap:])
+            elif isinstance(event, Routed):
+                yield event
             elif isinstance(event, Restart):
                 check, at = (check if check is not None else "".join(sent)), 0
             elif isinstance(event, Done):

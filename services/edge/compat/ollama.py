@@ -29,6 +29,7 @@ from contracts import (
     LlmbusError,
     Message,
     Options,
+    Routed,
     Token,
 )
 from contracts.embed import Dimensions
@@ -178,6 +179,8 @@ async def _ndjson(feed: EventFeed, shape: _Shape) -> AsyncIterator[bytes]:
         async for event in stream_events(feed):
             if isinstance(event, Token):
                 yield _encode(shape.piece(event.text)) + b"\n"
+            elif isinstance(event, Routed):
+                shape.model = event.model  # lines name the model that answers, as non-streamed ones do
             elif isinstance(event, Done):
                 yield _encode(shape.final(event)) + b"\n"
             else:

@@ -29,6 +29,7 @@ from contracts import (
     LlmbusError,
     Message,
     Options,
+    Routed,
     Token,
 )
 from contracts.embed import Dimensions
@@ -264,9 +265,14 @@ async def _answer(
 
 async def _stream(feed: EventFeed, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
     try:
-        if shape.chat:
-            yield shape.chunk(None, first=True)
+        role_sent = not shape.chat  # a chat stream opens with the role, once the model is known
         async for event in stream_events(feed):
+            if isinstance(event, Routed):
+                shape.model = event.model  # chunks name the model that answers, as non-streamed ones do
+                continue
+            if not role_sent:
+                role_sent = True
+                yield shape.chunk(None, first=True)
             if isinstance(event, Token):
                 yield shape.chunk(event.text)
             elif isinstance(event, Done):
