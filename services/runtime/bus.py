@@ -59,7 +59,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 async def connect(settings: Settings, name: str, *, role: str | None = None, **options: Any) -> Client:
     """Connects as the NATS user of `role` (default: from `name`, `llmbus-<role>[-...]`)."""
 
+    client: list[Client] = []  # the callbacks run after connect returns
+
     async def on_disconnect() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close or drain, not a fault
         log.warning("nats disconnected; reconnecting")
 
     async def on_reconnect() -> None:
@@ -84,7 +88,9 @@ async def connect(settings: Settings, name: str, *, role: str | None = None, **o
         "reconnected_cb": on_reconnect,
         "error_cb": on_error,
     }
-    return await nats.connect(servers(settings.nats_url), name=name, **(defaults | auth | options))
+    nc = await nats.connect(servers(settings.nats_url), name=name, **(defaults | auth | options))
+    client.append(nc)
+    return nc
 
 
 # Room left in a message for its headers (message id, reply, deadline, trace context).
