@@ -56,6 +56,7 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     family: str | None = None
     parameter_size: str | None = None
     quantization: str | None = None
+    context_length: int | None = None  # tokens it was trained for (`/api/show`: `<arch>.context_length`)
     digest: str | None = None
     modelfile_digest: str | None = None  # sha256 of the Modelfile it was created from
     progress: Progress | None = None

@@ -312,3 +312,93 @@ def test_keys_new_prints_a_key_whose_hash_the_tenants_file_accepts(
     file.write_text(f'[tenants.acme]\nkeys = ["{key}"]\n')  # a key pasted instead of its hash
     with pytest.raises(SystemExit, match="never the key itself"):
         Keyring.load(file)
+
+
+async def test_a_request_without_max_tokens_gets_the_maximum(
+    settings: Settings, generator: Generator, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.tokens = 50
+    async with running(msgspec.structs.replace(settings, max_output_tokens=3)) as http:
+        native = await http.post("/v1/chat", json=CHAT)
+        assert native.json()["usage"]["completion_tokens"] == 3
+        assert native.json()["finish_reason"] == "length"
+        openai = await http.post("/openai/v1/chat/completions", json=CHAT)
+        assert openai.json()["usage"]["completion_tokens"] == 3
+        assert openai.json()["choices"][0]["finish_reason"] == "length"
+        ollama = await http.post("/ollama/api/chat", json={**CHAT, "stream": False})
+        assert ollama.json()["eval_count"] == 3 and ollama.json()["done_reason"] == "length"
+        within = await http.post("/v1/chat", json={**CHAT, "options": {"num_predict": 2}})
+        assert within.json()["usage"]["completion_tokens"] == 2  # a smaller ask is kept
+
+
+CLASSIFY = {"text": "will it rain tomorrow", "labels": ["weather", "sport"], "model": "nomic-embed-text"}
+
+
+@contextlib.asynccontextmanager
+async def classifier(settings: Settings) -> AsyncIterator[None]:
+    from services.classifier.main import Classifier
+
+    service = Classifier(msgspec.structs.replace(settings, routes_file="infra/routes.toml"))
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.stop(grace=0)
+
+
+async def test_classify_passes_the_same_admission_keys_models_and_rate_limits(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings = with_auth(settings, tmp_path, a="requests_per_minute = 2", b="requests_per_minute = 9")
+    async with classifier(settings), running(settings) as http:
+        assert_error(await http.post("/v1/classify", json=CLASSIFY), 401, "unauthorized")
+        # Tenant a may only use llama3.2:* models.
+        assert_error(await http.post("/v1/classify", json=CLASSIFY, headers=bearer("a")), 403, "forbidden")
+        routed = {k: v for k, v in CLASSIFY.items() if k != "model"}  # the routes file's default
+        for _ in range(2):
+            ok = await http.post("/v1/classify", json=routed, headers=bearer("a"))
+            assert ok.status_code == 200, ok.text
+        refused = await http.post("/v1/classify", json=routed, headers=bearer("a"))
+        assert_error(refused, 429, "rate_limited")
+        assert "Retry-After" in refused.headers
+        # Classify and chat draw on one budget; the other tenant still has its own.
+        assert_error(await http.post("/v1/chat", json=CHAT, headers=bearer("a")), 429, "rate_limited")
+        assert (await http.post("/v1/classify", json=CLASSIFY, headers=bearer("b"))).status_code == 200
+
+
+def edit(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+async def test_tenants_file_edits_apply_to_the_next_request_and_a_broken_edit_keeps_the_old_tenants(
+    settings: Settings,
+    tmp_path: Path,
+    generator: Generator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("services.edge.tenants.RELOAD_CHECK_S", 0.0)  # look on every request
+    settings = with_auth(settings, tmp_path)
+    file = Path(settings.tenants_file)
+    later = {"Authorization": "Bearer llmbus_a_key_added_later"}
+    async with running(settings) as http:
+        assert (await http.post("/v1/chat", json=CHAT, headers=bearer("a"))).status_code == 200
+        assert_error(await http.post("/v1/chat", json=CHAT, headers=later), 401, "unauthorized")
+        # Add a key to tenant a and give it its first limit: no restart.
+        edit(
+            file,
+            f'[tenants.a]\nkeys = ["{hash_key(KEYS["a"])}", "{hash_key("llmbus_a_key_added_later")}"]\n'
+            f'requests_per_minute = 1\n[tenants.b]\nkeys = ["{hash_key(KEYS["b"])}"]\n',
+        )
+        assert (await http.post("/v1/chat", json=CHAT, headers=later)).status_code == 200
+        assert_error(await http.post("/v1/chat", json=CHAT, headers=bearer("a")), 429, "rate_limited")
+        # A broken edit is logged and ignored: the tenants as they were keep working.
+        edit(file, "[tenants.a\nkeys = oops\n")
+        with caplog.at_level("ERROR", logger="services.edge.tenants"):
+            assert (await http.post("/v1/chat", json=CHAT, headers=bearer("b"))).status_code == 200
+        assert any("invalid tenants file" in r.getMessage() for r in caplog.records)
+        assert_error(await http.post("/v1/chat", json=CHAT, headers=bearer("a")), 429, "rate_limited")
+        # Removing a key revokes it on the next request.
+        edit(file, f'[tenants.b]\nkeys = ["{hash_key(KEYS["b"])}"]\n')
+        assert_error(await http.post("/v1/chat", json=CHAT, headers=bearer("a")), 401, "unauthorized")
+        assert (await http.post("/v1/chat", json=CHAT, headers=bearer("b"))).status_code == 200

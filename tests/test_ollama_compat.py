@@ -59,14 +59,15 @@ async def test_generate_non_streaming(client: ollama.AsyncClient) -> None:
 
 
 async def test_unknown_options_are_ignored_like_ollama_does(
-    client: ollama.AsyncClient, fake_ollama: FakeOllama
+    client: ollama.AsyncClient, fake_ollama: FakeOllama, settings: Settings
 ) -> None:
     answer = await client.generate(
         model="llama3.2:1b", prompt="x", options={"num_thread": 2, "temperature": 0.1}
     )
     assert answer.done
     calls = await fake_ollama.wait_calls(1, path="/api/generate")
-    assert calls[-1].body["options"] == {"temperature": 0.1}
+    # (num_predict: no max_tokens asked gets LLMBUS_MAX_OUTPUT_TOKENS)
+    assert calls[-1].body["options"] == {"temperature": 0.1, "num_predict": settings.max_output_tokens}
 
 
 async def test_errors_come_in_ollama_shape(client: ollama.AsyncClient) -> None:

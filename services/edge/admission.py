@@ -5,10 +5,14 @@
   tenant in a context variable for the rest of the request.
 * `Admission.admit` runs inside `Dispatcher.submit`, which every route family (native `/v1`,
   `/openai/v1`, `/ollama`'s `/api/*`, tasks, embed) goes through before anything is published:
-  model allowed (403), prompt within the context (400 `prompt_too_large`), `num_predict` capped,
-  the model's backlog under its bound (503 `queue_full`), then the tenant's shared limits (429
-  `rate_limited`, services/edge/quota.py). It returns a `Ticket` that the request's event feed
-  hands back when it closes, with the tokens the answer used.
+  model allowed (403), prompt within the context (400 `prompt_too_large`; the model's trained
+  context from the janitors' inventory unless the request sets `num_ctx`), `num_predict` capped
+  (and set to the cap when the client sends none), the model's backlog under its bound (503
+  `queue_full`), then the tenant's shared limits (429 `rate_limited`, services/edge/quota.py). It
+  returns a `Ticket` that the request's event feed hands back when it closes, with the tokens the
+  answer used.
+* `/v1/classify` is not a queued request: it takes `check_model` and `hold` (the same 403 and 429)
+  and gives its ticket back when the classifier answers.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from nats.js import JetStreamContext
 from contracts import Accepted, EmbedRequest, ErrorCode, GenerateRequest, LlmbusError
 from services.edge.backlog import Backlog
 from services.edge.quota import Quota, open_bucket
-from services.edge.tenants import ANONYMOUS, Keyring, Tenant
+from services.edge.tenants import ANONYMOUS, Keyring, Tenant, TenantsFile
 from services.runtime.events import RawEvent
+from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,13 +53,14 @@ CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     admission: Admission | None = getattr(connection.app.state, "admission", None)
-    if admission is None or admission.keyring is None:
+    keyring = admission.keyring if admission is not None else None
+    if keyring is None:
         return
     path = connection.scope["path"]
     if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
         return
     scheme, _, key = connection.headers.get("authorization", "").partition(" ")
-    tenant = admission.keyring.find(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    tenant = keyring.find(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
     if tenant is None:
         raise LlmbusError(
             ErrorCode.UNAUTHORIZED, "a valid API key is required: `Authorization: Bearer <key>`"
@@ -115,17 +121,28 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, settings: Settings, js: JetStreamContext) -> None:
+    def __init__(
+        self, settings: Settings, js: JetStreamContext, inventory: InventoryView | None = None
+    ) -> None:
         self.settings = settings
         self.js = js
-        self.keyring = Keyring.load(settings.tenants_file) if settings.auth == "on" else None
+        self.inventory = inventory  # the janitors' models: each one's context length
+        # Re-read when it changes (a broken tenants file stops the edge at start, not later).
+        self.tenants = TenantsFile(settings.tenants_file) if settings.auth == "on" else None
         self.backlog = Backlog(js, settings.max_queue, settings.queue_check_s)
         self.quota: Quota | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._opening = asyncio.Lock()
+
+    @property
+    def keyring(self) -> Keyring | None:
+        """The tenants as of now (None with auth off)."""
+        return self.tenants.current() if self.tenants is not None else None
 
     async def start(self) -> Admission:
-        if self.keyring is not None and any(t.limited for t in self.keyring.tenants.values()):
-            self.quota = Quota(await open_bucket(self.js), self.settings.lease_ttl_s)
+        keyring = self.keyring
+        if keyring is not None and any(t.limited for t in keyring.tenants.values()):
+            await self._open_quota()
         if self.backlog.bound > 0:
             await self.backlog.prime()
         return self
@@ -142,21 +159,52 @@ class Admission:
         self, request: GenerateRequest | EmbedRequest, subject: str
     ) -> tuple[GenerateRequest | EmbedRequest, Ticket | None]:
         """The request as it may be published (`num_predict` capped), and its ticket; or raises."""
-        tenant = caller.get()
-        if not tenant.allows(request.model):
-            raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {request.model[:64]!r}")
+        self.check_model(request.model)
         if isinstance(request, GenerateRequest):
             request = self._fit(request)
         self.backlog.check(subject)  # `llm.req.route` for a routed request: the classifier's queue
-        if self.quota is None or not tenant.limited:
-            return request, None
+        return request, await self.hold()
+
+    def check_model(self, model: str) -> None:
+        """403 `forbidden` for a model outside the caller's `models` globs."""
+        if not caller.get().allows(model):
+            raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {model[:64]!r}")
+
+    async def hold(self) -> Ticket | None:
+        """Takes one request of the caller's limits (429 `rate_limited`); None when it has none.
+
+        For calls that do not go through `admit` (`/v1/classify`): give it back with
+        `ticket.release(None)` when the call ends.
+        """
+        tenant = caller.get()
+        if not tenant.limited:
+            return None
+        quota = self.quota or await self._open_quota()  # a reload gave a tenant its first limits
         ticket = Ticket(self, tenant, uuid.uuid4().hex)
-        await self.quota.acquire(tenant, ticket.lease)
-        return request, ticket
+        await quota.acquire(tenant, ticket.lease)
+        return ticket
+
+    async def _open_quota(self) -> Quota:
+        async with self._opening:
+            if self.quota is None:
+                self.quota = Quota(await open_bucket(self.js), self.settings.lease_ttl_s)
+            return self.quota
+
+    def context_of(self, model: str) -> int | None:
+        """The model's trained context from the janitors' inventory (the smallest over its hosts)."""
+        if self.inventory is None:
+            return None
+        known = [info.context_length for info in self.inventory.lookup(model) if info.context_length]
+        return min(known) if known else None
 
     def _fit(self, request: GenerateRequest) -> GenerateRequest:
         options = request.options
-        context = options.num_ctx or self.settings.context_tokens
+        trained = self.context_of(request.model)
+        # The context the backend will read the prompt with: the request's `num_ctx`, else what the
+        # server loads models with (`LLMBUS_CONTEXT_TOKENS`, set it to Ollama's
+        # OLLAMA_CONTEXT_LENGTH); never more than the model was trained for, as Ollama lowers it.
+        served = options.num_ctx or self.settings.context_tokens
+        context = min(served, trained) if served and trained else served or trained or 0
         tokens = estimate_tokens(request)
         if context > 0 and tokens > context:
             raise LlmbusError(
@@ -165,11 +213,9 @@ class Admission:
                 "shorten or summarise it",
             )
         cap = self.settings.max_output_tokens
-        if (
-            cap > 0
-            and options.num_predict is not None
-            and (options.num_predict == -1 or options.num_predict > cap)
-        ):
+        # No max_tokens is Ollama's -1 (until the model stops, or forever with context shift):
+        # capped like an explicit -1, so leaving it out is no way around the cap.
+        if cap > 0 and (options.num_predict is None or options.num_predict < 0 or options.num_predict > cap):
             request = msgspec.structs.replace(
                 request, options=msgspec.structs.replace(options, num_predict=cap)
             )
@@ -178,7 +224,7 @@ class Admission:
     def owns(self, accepted: Accepted | None) -> bool:
         """Whether the caller may read or cancel the request `accepted` records."""
         tenant = caller.get()
-        if self.keyring is None or tenant.admin:
+        if self.tenants is None or tenant.admin:
             return True
         return accepted is not None and accepted.tenant == tenant.name
 

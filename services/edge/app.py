@@ -41,7 +41,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.settings = settings
         inventory = await models.start(app.state, nc)  # the janitors' model list, kept by a KV watch
         # API keys and limits (a broken tenants file stops the edge here, before it serves).
-        admission = app.state.admission = await Admission(settings, nc.jetstream()).start()
+        admission = app.state.admission = await Admission(settings, nc.jetstream(), inventory).start()
         app.state.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,

@@ -12,6 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from contracts import ErrorBody, ErrorCode, LlmbusError
 from contracts.route import CLASSIFY_SUBJECT, ClassifyRequest
+from services.edge.admission import Admission
 from services.edge.errors import error_response, request_id_of
 
 _encode = msgspec.json.Encoder().encode
@@ -27,12 +28,19 @@ async def classify(request: Request[Any, Any, Any], data: JSONBody[ClassifyReque
     request_id = request_id_of(request)
     data.validate()
     nc = request.app.state.nc
+    admission: Admission = request.app.state.admission
+    if data.model is not None:  # else the routes file's default, which every key may use
+        admission.check_model(data.model)
+    ticket = await admission.hold()  # the tenant's rate and in-flight limits, as for any request
     try:
         answer = await nc.request(CLASSIFY_SUBJECT, _encode(data), timeout=CLASSIFY_WAIT_S)
     except NoRespondersError:
         raise LlmbusError(ErrorCode.BACKEND_UNAVAILABLE, "no classifier is running", retry_after=1) from None
     except (NatsTimeoutError, TimeoutError):
         raise LlmbusError(ErrorCode.DEADLINE_EXCEEDED, "the classifier did not answer in time") from None
+    finally:
+        if ticket is not None:
+            ticket.release(None)  # the reply carries no usage: only requests and in-flight count
     if answer.headers and "Nats-Service-Error-Code" in answer.headers:
         detail = _decode_error(answer.data).error
         return error_response(detail.code, detail.message, request_id, detail.retry_after)

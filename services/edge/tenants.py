@@ -10,6 +10,10 @@ models = ["llama3.2:*", "nomic-embed-text*"]   # globs of the model names it may
 admin = false                   # may pull, create, copy, load, unload and delete models
 ```
 
+The edge re-reads the file when it changes (it looks at its mtime at most once a second, on the
+request path), so edits to keys and limits apply to the next request without a restart; a broken
+edit keeps the previous tenants and logs why.
+
 Only the SHA-256 of a key is stored. A fast hash is enough because the keys `llmbus keys new`
 makes carry 256 random bits: nobody can search that space, so the slow, salted hashes that protect
 guessable passwords would only add milliseconds to every request.
@@ -20,15 +24,21 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
+import logging
+import os
 import re
 import secrets
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import msgspec
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "llmbus_"
+RELOAD_CHECK_S = 1.0  # the tenants file's mtime is looked at no more often than this
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # becomes a KV key part
 
 
@@ -74,18 +84,29 @@ class Keyring:
 
     @classmethod
     def load(cls, path: str | Path) -> Keyring:
+        """The tenants in `path`; a broken file stops the program (at start, before serving)."""
+        try:
+            return cls.parse(path)
+        except TenantsFileError as exc:
+            raise SystemExit(str(exc)) from None
+
+    @classmethod
+    def parse(cls, path: str | Path) -> Keyring:
+        """The tenants in `path`, or `TenantsFileError` saying what is wrong with it."""
         try:
             raw = tomllib.loads(Path(path).read_text())
             parsed = msgspec.convert(raw, _File)
-        except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-            raise SystemExit(f"invalid tenants file {path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+            raise TenantsFileError(f"invalid tenants file {path}: {exc}") from None
         tenants: dict[str, Tenant] = {}
         for name, tenant in parsed.tenants.items():
             if not TENANT_NAME.match(name):
-                raise SystemExit(f"invalid tenants file {path}: tenant name {name!r} is not [A-Za-z0-9_-]")
+                raise TenantsFileError(
+                    f"invalid tenants file {path}: tenant name {name!r} is not [A-Za-z0-9_-]"
+                )
             for digest in tenant.keys:
                 if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-                    raise SystemExit(
+                    raise TenantsFileError(
                         f"invalid tenants file {path}: tenant {name!r} has a key that is not "
                         "`sha256:<64 hex>` (store `llmbus keys hash KEY`, never the key itself)"
                     )
@@ -94,6 +115,46 @@ class Keyring:
 
     def find(self, key: str) -> Tenant | None:
         return self._by_hash.get(hash_key(key))
+
+
+class TenantsFileError(ValueError):
+    pass
+
+
+class TenantsFile:
+    """The tenants file, re-read when its mtime, size or inode changed (looked at every
+    `RELOAD_CHECK_S` at most). A file that no longer parses keeps the tenants it had."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp = self._stat()
+        self.keyring = Keyring.load(self.path)
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def current(self) -> Keyring:
+        now = time.monotonic()
+        if now - self._checked < RELOAD_CHECK_S:
+            return self.keyring
+        self._checked = now
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self.keyring
+        # Stat before reading: a write that lands after the read changes the stamp again.
+        self._stamp = stamp
+        try:
+            self.keyring = Keyring.parse(self.path)
+        except TenantsFileError as exc:
+            log.error("%s; keeping the previous tenants until it is fixed", exc)
+        else:
+            log.info("reloaded %d tenants from %s", len(self.keyring.tenants), self.path)
+        return self.keyring
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

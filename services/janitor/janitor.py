@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -87,6 +88,8 @@ class Janitor:
         self.reachable: bool | None = None
         self.reconcile_now = asyncio.Event()
         self._expiry: dict[str, float] = {}
+        # model -> (digest, trained context): `/api/show` reads the GGUF, so once per model and digest
+        self._contexts: dict[str, tuple[str, int | None]] = {}
         self._warmed: set[desired_state.ModelSpec] = set()
         self._written: dict[str, ModelInfo] = {}
         self._lock = asyncio.Lock()
@@ -110,6 +113,8 @@ class Janitor:
                         self.last_used[info.model] = info.last_used
                     if info.modelfile_digest is not None:
                         self.created[info.model] = info.modelfile_digest
+                    if info.digest and info.context_length:  # no `/api/show` again after a restart
+                        self._contexts[info.model] = (info.digest, info.context_length)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
 
@@ -160,6 +165,21 @@ class Janitor:
                 self._expiry[name] = expires
         for name in set(self._expiry) - set(self.running):
             del self._expiry[name]
+        await self._learn_contexts()
+
+    async def _learn_contexts(self) -> None:
+        """The trained context of every model that is new (or changed digest) since the last look."""
+        for name in set(self._contexts) - set(self.tags):
+            del self._contexts[name]
+        new = [(n, t.digest) for n, t in self.tags.items() if self._contexts.get(n, ("", 0))[0] != t.digest]
+        if not new:
+            return
+        shown = await asyncio.gather(*(self.ollama.show(name) for name, _ in new), return_exceptions=True)
+        for (name, digest), answer in zip(new, shown, strict=True):
+            if isinstance(answer, BaseException):  # gone meanwhile, or Ollama hiccuped: next refresh
+                log.debug("show %s failed: %s", name, answer)
+                continue
+            self._contexts[name] = (digest, context_length(answer))
 
     # -- the inventory
 
@@ -193,6 +213,7 @@ class Janitor:
             family=details.family or None if details else None,
             parameter_size=details.parameter_size or None if details else None,
             quantization=details.quantization_level or None if details else None,
+            context_length=self._contexts.get(name, ("", None))[1] if tag is not None else None,
             digest=tag.digest or None if tag is not None else None,
             modelfile_digest=self.created.get(name),
             progress=op.progress if op is not None else None,
@@ -479,6 +500,15 @@ class Janitor:
         if info is None:
             raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} is not on {self.host}")
         return info
+
+
+def context_length(show: dict[str, Any]) -> int | None:
+    """`model_info["<general.architecture>.context_length"]` of an `/api/show` answer."""
+    info = show.get("model_info")
+    if not isinstance(info, dict):
+        return None
+    value = info.get(f"{info.get('general.architecture')}.context_length")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _busy(operation: Operation) -> LlmbusError:

@@ -117,6 +117,9 @@ class FakeConfig:
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     pullable: set[str] | None = None  # names /api/pull can fetch; None = any name
     pull_step_delay: float = 0.0  # seconds between a streamed pull's status lines (a slow download)
+    # trained context per model (`/api/show` model_info "<arch>.context_length"); by default
+    # 131072 (llama3.2's) or 2048 for embedding models (nomic-embed-text's)
+    context_lengths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -1410,7 +1413,9 @@ class FakeOllama:
                 "model_info": {
                     "general.architecture": family,
                     "general.parameter_count": int(_parameters(meta.root)[0]),
-                    f"{family}.context_length": 131072,
+                    f"{family}.context_length": self.config.context_lengths.get(
+                        name, 2048 if _is_embedding(meta.root) else 131072
+                    ),
                     f"{family}.embedding_length": self.config.embed_dim if _is_embedding(meta.root) else 2048,
                 },
                 "capabilities": ["embedding"] if _is_embedding(meta.root) else ["completion", "tools"],
