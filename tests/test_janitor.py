@@ -43,6 +43,7 @@ from services.janitor import desired, modelfile, policy
 from services.janitor.main import JanitorService
 from services.runtime.admin_client import AdminClient
 from services.runtime.inventory import InventoryView
+from services.runtime.nats_server import free_port
 from services.runtime.settings import Settings
 from tests.conftest import Edge
 from tests.fakes.ollama import FakeConfig, FakeOllama
@@ -613,14 +614,19 @@ async def test_the_edge_check_can_be_turned_off(
     assert [c.body["model"] for c in fake_ollama.calls if c.path == "/api/generate"] == ["no-such-model:7b"]
 
 
-async def test_a_janitor_without_ollama_to_manage_stays_idle(
+async def test_a_janitor_over_an_unreachable_openai_server_writes_nothing_and_says_so(
     settings: Settings, nc: Client, view: InventoryView, tmp_path: Path
 ) -> None:
-    async with janitor(settings, tmp_path, '[[models]]\nname = "phi3:mini"\n', backend="openai"):
+    # The janitor manages OpenAI-compatible hosts too (tests/test_janitor_openai.py, with llama.cpp).
+    down = f"http://127.0.0.1:{free_port()}"
+    async with janitor(
+        settings, tmp_path, '[[models]]\nname = "phi3:mini"\n', backend="openai", backend_url=down
+    ):
         await view.synced.wait()
+        with pytest.raises(LlmbusError) as caught:
+            await AdminClient(nc).call("list", None, ModelList)
+        assert caught.value.code is ErrorCode.BACKEND_UNAVAILABLE
         assert view.entries == {}
-        with pytest.raises(nats.errors.NoRespondersError):
-            await nc.request("$SRV.PING.llmbus-janitor", b"", timeout=1)
 
 
 async def test_admin_over_http_without_a_janitor_is_backend_unavailable(client: httpx.AsyncClient) -> None:

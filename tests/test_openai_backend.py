@@ -189,6 +189,14 @@ async def test_embeddings_of_similar_sentences_are_closer_than_unrelated(
     assert cosine(cat, kitten) > cosine(kitten, taxes)
 
 
+@pytest.mark.usefixtures("embedder")
+async def test_the_inventorys_latest_tag_names_the_same_model(client: httpx.AsyncClient) -> None:
+    # `GET /v1/models` lists Ollama-style names (`NAME:latest`); the server knows them bare.
+    embedded = await client.post("/v1/embed", json={"model": f"{EMBED}:latest", "input": "hi"}, timeout=SLOW)
+    assert embedded.status_code == 200, embedded.text
+    assert len(embedded.json()["embeddings"]) == 1
+
+
 async def test_client_disconnect_releases_the_llama_cpp_slot(
     client: httpx.AsyncClient, local: LocalServers
 ) -> None:

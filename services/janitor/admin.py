@@ -62,7 +62,7 @@ class Admin:
 
     async def show(self, data: bytes) -> ModelDetails:
         ref: ModelRef = _decode(data, ModelRef)
-        raw = await self.janitor.ollama.show(ref.model)
+        raw = await self.janitor.admin.show(ref.model)
         info = self.janitor.entry(canonical_model(ref.model))
         return ModelDetails(
             host=self.host,
@@ -132,8 +132,8 @@ async def serve(nc: Client, janitor: Janitor) -> Service:
         nc,
         name="llmbus-janitor",
         version="0.1.0",
-        description=f"llmbus model janitor for Ollama host {janitor.host}",
-        metadata={"host": janitor.host, "ollama": janitor.ollama.url},
+        description=f"llmbus model janitor for host {janitor.host}",
+        metadata={"host": janitor.host, "backend": janitor.admin.kind, "url": janitor.admin.url},
     )
     for verb in ADMIN_VERBS:
         handler = _endpoint(verb, getattr(admin, verb))

@@ -1,5 +1,7 @@
-"""One Ollama host's model keeper: what is there, what should be, and the steps between.
+"""One model host's keeper: what is there, what should be, and the steps between.
 
+The host is an Ollama or an OpenAI-compatible server, behind one `ModelAdmin` protocol; what the
+server cannot do (`admin.supports`) is refused with `bad_request` and left out of the policy.
 `tick()` (every `LLMBUS_JANITOR_INTERVAL_S`) reads `/api/tags` and `/api/ps`, learns last use,
 re-pins pinned models, unloads what the policy says and writes the inventory. `reconcile()` (at
 start, when models.toml changes, and every `LLMBUS_JANITOR_RECONCILE_S`) pulls and creates what is
@@ -38,7 +40,7 @@ from contracts.models import (
 )
 from services.janitor import desired as desired_state
 from services.janitor import modelfile, policy
-from services.runtime.backends.ollama_admin import CreateSpec, OllamaAdmin, Running, Status, Tag
+from services.runtime.backends.model_admin import CreateSpec, ModelAdmin, Running, Status, Tag, cannot
 from services.runtime.inventory import decode_info, encode_info
 
 log = logging.getLogger("llmbus.janitor")
@@ -66,7 +68,7 @@ class Janitor:
         self,
         nc: Client,
         kv: KeyValue,
-        ollama: OllamaAdmin,
+        admin: ModelAdmin,
         *,
         host: str,
         models_file: Path,
@@ -74,7 +76,7 @@ class Janitor:
     ) -> None:
         self.nc = nc
         self.kv = kv
-        self.ollama = ollama
+        self.admin = admin
         self.host = host
         self.models_file = models_file
         self.clock = clock
@@ -142,14 +144,14 @@ class Janitor:
     async def refresh(self) -> None:
         """Reads `/api/tags` and `/api/ps`; raises `LlmbusError` when Ollama is unreachable."""
         try:
-            tags, running = await asyncio.gather(self.ollama.tags(), self.ollama.ps())
+            tags, running = await asyncio.gather(self.admin.tags(), self.admin.ps())
         except LlmbusError as exc:
             if self.reachable is not False:
                 log.warning("%s; retrying every tick", exc.message)
             self.reachable = False
             raise
         if self.reachable is False:
-            log.info("Ollama at %s is reachable again", self.ollama.url)
+            log.info("the model server at %s is reachable again", self.admin.url)
         self.reachable = True
         now = self.clock()
         self.tags = {canonical_model(t.name): t for t in tags}
@@ -174,7 +176,7 @@ class Janitor:
         new = [(n, t.digest) for n, t in self.tags.items() if self._contexts.get(n, ("", 0))[0] != t.digest]
         if not new:
             return
-        shown = await asyncio.gather(*(self.ollama.show(name) for name, _ in new), return_exceptions=True)
+        shown = await asyncio.gather(*(self.admin.show(name) for name, _ in new), return_exceptions=True)
         for (name, digest), answer in zip(new, shown, strict=True):
             if isinstance(answer, BaseException):  # gone meanwhile, or Ollama hiccuped: next refresh
                 log.debug("show %s failed: %s", name, answer)
@@ -213,7 +215,9 @@ class Janitor:
             family=details.family or None if details else None,
             parameter_size=details.parameter_size or None if details else None,
             quantization=details.quantization_level or None if details else None,
-            context_length=self._contexts.get(name, ("", None))[1] if tag is not None else None,
+            context_length=(self._contexts.get(name, ("", None))[1] or tag.context_length)
+            if tag is not None
+            else None,
             digest=tag.digest or None if tag is not None else None,
             modelfile_digest=self.created.get(name),
             progress=op.progress if op is not None else None,
@@ -264,9 +268,12 @@ class Janitor:
         for name, spec in self.desired.models.items():
             if not spec.pinned or name in self.ops or name not in self.tags:
                 continue
+            if not self.admin.supports("load", name):
+                continue
             expires = self._expiry.get(name)
-            # A pinned model must stay loaded even after a request set a shorter keep_alive.
-            if name not in self.running or expires is None or expires - now < _FOREVER_S:
+            # A pinned model must stay loaded even after a request set a shorter keep_alive (a
+            # server without expiries, like llama.cpp's router, only needs it loaded).
+            if name not in self.running or (expires is not None and expires - now < _FOREVER_S):
                 try:
                     await self._load(name, -1, refresh=False)
                 except LlmbusError as exc:
@@ -280,6 +287,7 @@ class Janitor:
                 pinned=self.desired.pinned(name),
             )
             for name, run in self.running.items()
+            if self.admin.supports("unload", name)  # a server that cannot unload keeps what it has
         ]
         host = policy.read_host_memory() if self.desired.host_threshold is not None else None
         unloads = policy.plan(
@@ -296,7 +304,7 @@ class Janitor:
 
     async def _unload(self, name: str, reason: UnloadReason) -> None:
         try:
-            await self.ollama.unload(name)
+            await self.admin.unload(name)
         except LlmbusError as exc:
             log.warning("unloading %s failed: %s", name, exc.message)
             return
@@ -305,7 +313,7 @@ class Janitor:
         await self._event(OpDone(host=self.host, model=name, op="unload", reason=reason))
 
     async def _load(self, name: str, keep_alive_s: float | None, *, refresh: bool = True) -> None:
-        await self.ollama.load(name, keep_alive_s)
+        await self.admin.load(name, keep_alive_s)
         self.last_used[name] = self.clock()
         forever = keep_alive_s is None or keep_alive_s < 0
         log.info("loaded %s (keep_alive %s)", name, "forever" if forever else f"{keep_alive_s:g}s")
@@ -331,11 +339,12 @@ class Janitor:
                         await self._wait(self.start_create(name, spec.modelfile, spec.modelfile_path))
                 elif name not in self.tags:
                     await self._wait(self.start_pull(name))
-            except LlmbusError as exc:  # a Modelfile the janitor cannot use
-                log.error("cannot create %s: %s", name, exc.message)
+            except LlmbusError as exc:  # a Modelfile the janitor cannot use, or a server that cannot pull
+                if self.failed.get(name, ("", 0.0))[0] != exc.message:  # once, not every minute
+                    log.error("cannot %s %s: %s", "create" if spec.modelfile else "pull", name, exc.message)
                 self.failed[name] = (exc.message, now)
         for name, spec in list(self.desired.models.items()):
-            warm = spec.warm or spec.pinned
+            warm = (spec.warm or spec.pinned) and self.admin.supports("load", name)
             if not warm or spec in self._warmed or name not in self.tags or name in self.ops:
                 continue
             self._warmed.add(spec)
@@ -354,11 +363,15 @@ class Janitor:
     # -- operations: pull and create run as tasks and report through events
 
     def start_pull(self, model: str, progress: str | None = None) -> Operation:
+        if not self.admin.supports("pull"):
+            raise cannot("pull", self.admin.url)
         return self._start("pull", canonical_model(model), progress, lambda: self._pull_steps(model))
 
     def start_create(
         self, model: str, text: str, path: Path | None = None, progress: str | None = None
     ) -> Operation:
+        if not self.admin.supports("create"):
+            raise cannot("create", self.admin.url)
         name = canonical_model(model)
         spec = modelfile.parse(text, path.parent if path is not None else None)  # bad input fails now
         digest = desired_state.ModelSpec(name=name, modelfile=text).modelfile_digest
@@ -428,15 +441,15 @@ class Janitor:
             operation.done.set()
 
     async def _pull_steps(self, model: str) -> AsyncIterator[Status]:
-        async for status in self.ollama.pull(model):
+        async for status in self.admin.pull(model):
             yield status
 
     async def _create_steps(self, name: str, spec: CreateSpec, digest: str) -> AsyncIterator[Status]:
         if spec.from_ and canonical_model(spec.from_) not in self.tags:
             # Ollama would pull the base itself; doing it here shows its progress too.
-            async for status in self.ollama.pull(spec.from_):
+            async for status in self.admin.pull(spec.from_):
                 yield msgspec.structs.replace(status, status=f"{spec.from_}: {status.status}")
-        async for status in self.ollama.create(name, spec):
+        async for status in self.admin.create(name, spec):
             yield status
         self.created[name] = digest
 
@@ -455,6 +468,8 @@ class Janitor:
             await self.refresh()
             if name not in self.tags:
                 raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} is not on {self.host}")
+            if not self.admin.supports("load", name):
+                raise cannot("load", self.admin.url)
             ttl = self.desired.ttl(name)
             keep = -1 if self.desired.pinned(name) else keep_alive_s if keep_alive_s is not None else ttl
             await self._load(name, keep)
@@ -472,6 +487,8 @@ class Janitor:
             await self.refresh()
             if name not in self.tags:
                 raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} is not on {self.host}")
+            if not self.admin.supports("unload", name):
+                raise cannot("unload", self.admin.url)
             if name in self.running:
                 await self._unload(name, "admin")
             await self.refresh()
@@ -479,7 +496,7 @@ class Janitor:
         return self._require_entry(name)
 
     async def copy(self, source: str, destination: str) -> ModelInfo:
-        await self.ollama.copy(source, destination)
+        await self.admin.copy(source, destination)
         name = canonical_model(destination)
         await self.sync()
         await self._event(OpDone(host=self.host, model=name, op="copy", info=self.entry(name)))
@@ -489,7 +506,7 @@ class Janitor:
         name = canonical_model(model)
         if name in self.ops:
             raise _busy(self.ops[name])
-        await self.ollama.delete(model)
+        await self.admin.delete(model)
         self.created.pop(name, None)
         self.last_used.pop(name, None)
         await self.sync()

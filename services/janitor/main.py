@@ -1,4 +1,4 @@
-"""`llmbus janitor`: wiring only (one janitor per Ollama host)."""
+"""`llmbus janitor`: wiring only (one janitor per model host: Ollama or OpenAI-compatible)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from contracts.models import UsageEvent, validate_host
 from services.janitor import admin
 from services.janitor.janitor import Janitor
 from services.runtime import bus, service
-from services.runtime.backends.ollama_admin import OllamaAdmin
+from services.runtime.backends.model_admin import create_model_admin
 from services.runtime.inventory import open_bucket
 from services.runtime.settings import Settings
 
@@ -32,31 +32,28 @@ class JanitorService:
         except LlmbusError as exc:
             raise SystemExit(f"LLMBUS_JANITOR_HOST: {exc.message}") from None
         self.settings = settings
-        self.ollama = OllamaAdmin(settings.generate_url, connect_timeout=settings.backend_connect_timeout_s)
+        self.admin = create_model_admin(settings)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 
     async def start(self) -> None:
         settings = self.settings
-        if settings.backend != "ollama":
-            # `llmbus up` with the embedded llama.cpp, or an OpenAI-compatible server: no Ollama here.
-            log.info("LLMBUS_BACKEND is %s, not ollama: the janitor has nothing to manage", settings.backend)
-            return
         self._started = True
         self.nc = await bus.connect(settings, f"llmbus-janitor-{settings.janitor_host}")
         js = self.nc.jetstream()
         await bus.provision(js, settings)
         kv = await open_bucket(js)
         self.janitor = Janitor(
-            self.nc, kv, self.ollama, host=settings.janitor_host, models_file=Path(settings.models_file)
+            self.nc, kv, self.admin, host=settings.janitor_host, models_file=Path(settings.models_file)
         )
         async with asyncio.timeout(10):
             await self.janitor.restore()
         self.janitor.reload_desired()
         log.info(
-            "janitor for host %r: Ollama at %s, desired state %s",
+            "janitor for host %r: %s at %s, desired state %s",
             settings.janitor_host,
-            self.ollama.url,
+            self.admin.kind,
+            self.admin.url,
             settings.models_file,
         )
         self._usage = await self.nc.subscribe(subjects.USAGE_SUBJECTS, cb=self._on_usage)
@@ -91,7 +88,7 @@ class JanitorService:
     async def stop(self, grace: float | None = None) -> None:
         """Stops at once: a pull in progress is abandoned (Ollama keeps what it downloaded)."""
         if not self._started:
-            await self.ollama.aclose()
+            await self.admin.aclose()
             return
         tasks = self._tasks + [op.task for op in self.janitor.ops.values() if op.task is not None]
         for task in tasks:
@@ -106,7 +103,7 @@ class JanitorService:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 await self.nc.drain()
-        await self.ollama.aclose()
+        await self.admin.aclose()
 
 
 def main(settings: Settings) -> None:

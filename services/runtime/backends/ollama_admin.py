@@ -34,6 +34,7 @@ class Tag(msgspec.Struct):
     size: int = 0
     digest: str = ""
     details: Details = msgspec.field(default_factory=Details)
+    context_length: int | None = None  # when the listing says (OpenAI-compatible servers); Ollama: `show`
 
 
 class Running(msgspec.Struct):
@@ -111,6 +112,8 @@ def _in_band_error(message: str, model: str) -> LlmbusError:
 
 
 class OllamaAdmin:
+    kind = "ollama"
+
     def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
         self.url = url.rstrip("/")
         # Pulls stream for minutes and uploads are large: no read timeout, a bounded connect.
@@ -120,6 +123,9 @@ class OllamaAdmin:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def supports(self, op: str, model: str | None = None) -> bool:
+        return True  # Ollama has an API for every operation (`model_admin.ModelAdmin`)
 
     async def _call(self, method: str, path: str, model: str, body: Any = None, wait_s: float = 30) -> bytes:
         try:

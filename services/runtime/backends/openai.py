@@ -242,9 +242,17 @@ class OpenAIBackend:
             raise LlmbusError(ErrorCode.BACKEND_ERROR, f"unreadable /v1/models answer: {exc}") from exc
         return [name for model in listed for name in (model.id, *model.aliases)]
 
-    async def _check_model(self, model: str) -> None:
-        if self._served is not None and model in self._served:
-            return
+    def _known_as(self, model: str) -> str | None:
+        """`model` as the server lists it: as given, or without the `:latest` tag that Ollama-style
+        names (and the janitors' inventory) carry."""
+        if self._served is None:
+            return None
+        return next((n for n in (model, model.removesuffix(":latest")) if n in self._served), None)
+
+    async def _served_name(self, model: str) -> str:
+        """The name to send for `model`; `model_not_found` when the server does not serve it."""
+        if (name := self._known_as(model)) is not None:
+            return name
         now = time.monotonic()
         if now - self._served_at >= _MODELS_REFRESH_S:
             self._served_at = now
@@ -259,18 +267,21 @@ class OpenAIBackend:
                 self._served = {*names, *(PurePath(n).name.removesuffix(".gguf") for n in names)}
             else:
                 self._served = None
-        if self._served is not None and model not in self._served:
-            served = ", ".join(sorted(self._served)) or "none"
-            raise LlmbusError(
-                ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found on the backend (it serves: {served})"
-            )
+        if self._served is None:
+            return model
+        if (name := self._known_as(model)) is not None:
+            return name
+        served = ", ".join(sorted(self._served)) or "none"
+        raise LlmbusError(
+            ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found on the backend (it serves: {served})"
+        )
 
     @generation("openai")
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
         path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
         started = time.perf_counter()
         try:
-            await self._check_model(request.model)
+            request = msgspec.structs.replace(request, model=await self._served_name(request.model))
             async with self._client.stream(
                 "POST", path, content=_encode(request_body(request, stream=self.stream)), headers=_JSON
             ) as response:
@@ -332,7 +343,7 @@ class OpenAIBackend:
         if dimensions is not None:
             body["dimensions"] = dimensions
         try:
-            await self._check_model(model)
+            body["model"] = await self._served_name(model)
             response = await self._client.post("/v1/embeddings", content=_encode(body), headers=_JSON)
             if response.status_code != 200:
                 raise error_for_status(response.status_code, response.content, model)
