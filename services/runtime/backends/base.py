@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
+import httpx
 import msgspec
 
-from contracts import GenerateRequest
+from contracts import ErrorCode, GenerateRequest, LlmbusError
 
 
 class Final(msgspec.Struct):
@@ -52,3 +54,15 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@contextlib.contextmanager
+def http_failures(url: str, what: str) -> Iterator[None]:
+    """A backend call's transport failures as llmbus errors, the same for every backend: no
+    connection is `backend_unavailable` (retried), anything else `backend_error`."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise LlmbusError(ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {url}") from exc
+    except (httpx.HTTPError, msgspec.DecodeError) as exc:
+        raise LlmbusError(ErrorCode.BACKEND_ERROR, f"{what} failed: {exc!r}") from exc

@@ -9,7 +9,7 @@ import httpx
 import msgspec
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError
-from services.runtime.backends.base import EmbedResult, Final
+from services.runtime.backends.base import EmbedResult, Final, http_failures
 from services.runtime.backends.observed import embedding, generation
 from services.runtime.backends.streaming import StreamError, StreamingClient
 
@@ -112,19 +112,13 @@ class OllamaBackend:
             body["truncate"] = truncate
         if dimensions is not None:
             body["dimensions"] = dimensions
-        try:
+        with http_failures(self.url, "embedding call"):
             response = await self._client.post(
                 "/api/embed", content=_encode(body), headers={"content-type": "application/json"}
             )
             if response.status_code != 200:
                 raise error_for_status(response.status_code, response.content, model)
             answer = _decode_embed(response.content)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
-            ) from exc
-        except (httpx.HTTPError, msgspec.DecodeError) as exc:
-            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"embedding call failed: {exc!r}") from exc
         if len(answer.embeddings) != len(inputs):
             raise LlmbusError(
                 ErrorCode.BACKEND_ERROR,

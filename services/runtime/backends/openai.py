@@ -21,7 +21,7 @@ import httpx
 import msgspec
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError, Message
-from services.runtime.backends.base import EmbedResult, Final
+from services.runtime.backends.base import EmbedResult, Final, http_failures
 from services.runtime.backends.observed import embedding, generation
 
 
@@ -280,7 +280,7 @@ class OpenAIBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
         path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
         started = time.perf_counter()
-        try:
+        with http_failures(self.url, "backend stream"):
             request = msgspec.structs.replace(request, model=await self._served_name(request.model))
             async with self._client.stream(
                 "POST", path, content=_encode(request_body(request, stream=self.stream)), headers=_JSON
@@ -327,12 +327,6 @@ class OpenAIBackend:
                     completion_tokens=completion,
                     tokens_per_s=speed,
                 )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
-            ) from exc
-        except (httpx.HTTPError, msgspec.DecodeError) as exc:
-            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend stream failed: {exc!r}") from exc
 
     @embedding("openai")
     async def embed(
@@ -342,18 +336,12 @@ class OpenAIBackend:
         body: dict[str, Any] = {"model": model, "input": inputs}
         if dimensions is not None:
             body["dimensions"] = dimensions
-        try:
+        with http_failures(self.url, "embedding call"):
             body["model"] = await self._served_name(model)
             response = await self._client.post("/v1/embeddings", content=_encode(body), headers=_JSON)
             if response.status_code != 200:
                 raise error_for_status(response.status_code, response.content, model)
             answer = _decode_embeddings(response.content)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
-            ) from exc
-        except (httpx.HTTPError, msgspec.DecodeError) as exc:
-            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"embedding call failed: {exc!r}") from exc
         if len(answer.data) != len(inputs):
             raise LlmbusError(
                 ErrorCode.BACKEND_ERROR,
