@@ -24,11 +24,12 @@ import time
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
 from services.edge.tenants import Tenant
+from services.runtime import bus
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,16 @@ _decode = msgspec.json.Decoder(TenantState).decode
 
 
 async def open_bucket(js: JetStreamContext) -> KeyValue:
-    try:
-        return await js.key_value(subjects.ADMISSION_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.ADMISSION_BUCKET,
-                description="llmbus admission: t.<tenant> -> this minute's requests/tokens, in-flight leases",
-                history=1,
-                ttl=3600,  # a tenant idle for an hour starts afresh
-                storage=StorageType.MEMORY,  # counters, not records: a restart of NATS may forget them
-            )
-        )
+    return await bus.key_value(
+        js,
+        KeyValueConfig(
+            bucket=subjects.ADMISSION_BUCKET,
+            description="llmbus admission: t.<tenant> -> this minute's requests/tokens, in-flight leases",
+            history=1,
+            ttl=3600,  # a tenant idle for an hour starts afresh
+            storage=StorageType.MEMORY,  # counters, not records: a restart of NATS may forget them
+        ),
+    )
 
 
 def _key(tenant: Tenant) -> str:

@@ -22,11 +22,13 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
 from services.runtime.retry import Backoff, with_backoff
@@ -161,6 +163,14 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             backoff=Backoff(retries=8, base_s=0.25, max_s=4.0),
             retryable=lambda exc: isinstance(exc, NatsTimeoutError | ServiceUnavailableError),
         )
+
+
+async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """A KV bucket, created on first use by whichever service comes first (same config: idempotent)."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(config)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

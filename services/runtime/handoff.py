@@ -14,12 +14,12 @@ import logging
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from contracts import GenerateRequest, headers, subjects
 from contracts.route import CLAIMS_BUCKET
-from services.runtime import tracing
+from services.runtime import bus, tracing
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,10 @@ class Claims:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(CLAIMS_BUCKET)
-            except BucketNotFoundError:
-                config = KeyValueConfig(
-                    bucket=CLAIMS_BUCKET, ttl=self.ttl_s, history=1, storage=StorageType.MEMORY
-                )
-                self._kv = await self.js.create_key_value(config)
+            config = KeyValueConfig(
+                bucket=CLAIMS_BUCKET, ttl=self.ttl_s, history=1, storage=StorageType.MEMORY
+            )
+            self._kv = await bus.key_value(self.js, config)
         return self._kv
 
     async def take(self, request_id: str, owner: str) -> bool:

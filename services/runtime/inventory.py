@@ -14,11 +14,11 @@ import logging
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
 from contracts.models import ModelInfo, canonical_model
+from services.runtime import bus
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,15 @@ decode_info = msgspec.json.Decoder(ModelInfo).decode
 
 
 async def open_bucket(js: JetStreamContext) -> KeyValue:
-    """The bucket, created on first use by whichever service comes first (same config: idempotent)."""
-    try:
-        return await js.key_value(subjects.MODELS_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.MODELS_BUCKET,
-                description="llmbus model inventory: <host>.<model> -> ModelInfo (written by janitors)",
-                history=1,
-                storage=StorageType.FILE,
-            )
-        )
+    return await bus.key_value(
+        js,
+        KeyValueConfig(
+            bucket=subjects.MODELS_BUCKET,
+            description="llmbus model inventory: <host>.<model> -> ModelInfo (written by janitors)",
+            history=1,
+            storage=StorageType.FILE,
+        ),
+    )
 
 
 class InventoryView:
