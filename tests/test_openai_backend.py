@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import jsonschema
+import msgspec
 import pytest
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError, Options
 from services.embedder.main import Embedder
 from services.local import models
 from services.runtime.backends.openai import OpenAIBackend, error_for_status, sse_data
-from services.runtime.nats_server import NatsServer, free_port
+from services.runtime.nats_server import free_port
 from services.runtime.settings import Settings
 from tests.sse import collect, sse_events
 
@@ -97,17 +98,9 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServers]:
 
 
 @pytest.fixture
-def settings(nats_server: NatsServer, local: LocalServers) -> Settings:
-    return Settings(
-        nats_url=nats_server.url,
-        backend="openai",
-        backend_url=local.chat_url,
-        embed_backend_url=local.embed_url,
-        http_port=free_port(),
-        ack_wait_s=2.0,
-        shutdown_grace_s=1.0,
-        max_body_bytes=64 * 1024,
-        concurrency=8,
+def settings(settings: Settings, local: LocalServers) -> Settings:
+    return msgspec.structs.replace(
+        settings, backend="openai", backend_url=local.chat_url, embed_backend_url=local.embed_url
     )
 
 
