@@ -21,6 +21,10 @@ fmt:
 bench *ARGS:
     python -m scripts.bench {{ARGS}}
 
+# What one bus hop costs on this machine: sockets, nats-server, nats-py, JetStream (docs/benchmarks.md).
+bench-floor *ARGS:
+    python -m scripts.bench.floor {{ARGS}}
+
 # What tracing costs: the same requests with tracing off and exported to a real OTLP receiver.
 bench-tracing *ARGS:
     python scripts/bench_tracing.py {{ARGS}}

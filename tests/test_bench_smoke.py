@@ -52,3 +52,23 @@ def test_a_run_with_errors_exits_non_zero_and_says_it_is_not_a_result() -> None:
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert "HTTP 500" in run.stdout  # the first errors are shown
     assert "FAILED" in run.stderr and "this run is not a result" in run.stderr
+
+
+def test_hop_floor_measures_every_hop_kind() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.bench.floor", "--round-trips", "20", "--pause-ms", "1"],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [row[1].strip().split(",")[0].split(":")[0] for row in rows] == [
+        "socket",
+        "nats-server",
+        "nats-py request (core NATS)",
+        "JetStream publish -> pull -> core reply",
+    ]
+    assert all(row[2].strip() == "20" and float(row[3]) > 0 for row in rows)  # round trips, p50 µs

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import httpx
 
+from tests.conftest import Edge
 from tests.fakes.ollama import FakeOllama
 from tests.sse import collect, sse_events
 
@@ -34,6 +36,27 @@ async def test_streaming_chat_yields_start_tokens_and_one_done(client: httpx.Asy
     assert done["usage"]["completion_tokens"] == 8
     assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + 8
     assert done["timings"]["ttft_ms"] <= done["timings"]["total_ms"]
+
+
+async def test_a_finished_stream_is_freed_without_the_cyclic_collector(
+    client: httpx.AsyncClient, edge: Edge
+) -> None:
+    # A request's objects must not form reference cycles: under load each cycle waits for a full
+    # collection, whose pauses (70-110 ms) were the p99 of every stream's token gaps.
+    dispatcher = edge.server.config.app.state.dispatcher
+    gc.collect()
+    gc.disable()
+    try:
+        for stream in (True, False):
+            async with client.stream("POST", "/v1/chat", json={**CHAT, "stream": stream}) as response:
+                await response.aread()
+            for _ in range(50):  # `close` unsubscribes in a background task
+                if not dispatcher._feeds:  # a WeakSet: empty once refcounting freed the feed
+                    break
+                await asyncio.sleep(0.01)
+            assert not dispatcher._feeds, "a finished request's feed is kept alive by a reference cycle"
+    finally:
+        gc.enable()
 
 
 async def test_accept_header_selects_sse(client: httpx.AsyncClient) -> None:

@@ -20,13 +20,15 @@ from granian.server.embed import Server
 
 from services.edge.app import create_app
 from services.runtime import tracing
-from services.runtime.service import setup_logging
+from services.runtime.service import freeze_startup_heap, setup_logging
 from services.runtime.settings import Settings
 
 
 async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    app.on_startup.append(freeze_startup_heap)  # as `llmbus edge` does
     server = Server(
-        create_app(settings),
+        app,
         address=settings.http_host,
         port=settings.http_port,
         interface=Interfaces.ASGI,  # with lifespan: the app connects to NATS at start-up

@@ -247,7 +247,10 @@ class EventFeed:
         if self.ticket is not None:
             self.ticket.release(self.last)
         if self._sub is not None:
+            # Dropped here: the subscription's task holds the request's context, which holds this
+            # feed; without the cycle a finished request is freed at once, not by a full collection.
             _in_background(self._sub.unsubscribe())
+            self._sub = None
 
 
 _background: set[asyncio.Task[None]] = set()

@@ -6,15 +6,17 @@ import uvicorn
 
 from services.edge.app import create_app
 from services.runtime import tracing
-from services.runtime.service import setup_logging
+from services.runtime.service import freeze_startup_heap, setup_logging
 from services.runtime.settings import Settings
 
 
 def main(settings: Settings) -> None:
     setup_logging(settings.log_level, "llmbus-edge")
     tracing.setup("llmbus-edge")
+    app = create_app(settings)
+    app.on_startup.append(freeze_startup_heap)  # after the lifespan has connected
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.http_host,
         port=settings.http_port,
         loop="uvloop",

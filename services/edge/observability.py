@@ -199,6 +199,7 @@ def _finish(record: _Record) -> None:
     if feed is not None and feed.first_token_at is not None:
         ttft = feed.first_token_at - record.started
     code = record.outcome()
+    record.feed = None  # tasks made during the request hold this record (their context): no cycle
     metrics.http_request_ended(record.endpoint, record.model, code, duration, ttft)
     log.info(
         "request finished",

@@ -86,7 +86,6 @@ class Job(Generic[R]):
     """One delivery of one request: the handler's way to publish events."""
 
     __slots__ = (
-        "_js",
         "_nc",
         "_sent",
         "attempt",
@@ -118,7 +117,6 @@ class Job(Generic[R]):
         # The answer's text an earlier attempt already streamed (a generator continues after it).
         self.prior_text = ""
         self.prior_tokens = 0  # ... in this many token events
-        self._js = nc.jetstream()
         self._sent: deque[bytes] = deque(maxlen=RESEND_WINDOW)  # the newest events, ending at seq - 1
         self.terminal = False
         self.started = time.perf_counter()

@@ -74,6 +74,7 @@ import argparse
 import asyncio
 import copy
 import dataclasses
+import gc
 import hashlib
 import logging
 import math
@@ -1484,6 +1485,10 @@ async def _serve_forever(fake: FakeOllama) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await fake.start()
+    # Like the real server (Go), no stop-the-world pauses over the startup heap: the fake upstream
+    # must not add tens of milliseconds to the benchmark's TTFT of every contender.
+    gc.collect()
+    gc.freeze()
     print(f"fake ollama listening on {fake.url}", flush=True)
     try:
         await stop.wait()
