@@ -47,14 +47,16 @@ async def test_a_finished_stream_is_freed_without_the_cyclic_collector(
     gc.collect()
     gc.disable()
     try:
-        for stream in (True, False):
-            async with client.stream("POST", "/v1/chat", json={**CHAT, "stream": stream}) as response:
-                await response.aread()
-            for _ in range(50):  # `close` unsubscribes in a background task
-                if not dispatcher._feeds:  # a WeakSet: empty once refcounting freed the feed
-                    break
-                await asyncio.sleep(0.01)
-            assert not dispatcher._feeds, "a finished request's feed is kept alive by a reference cycle"
+        for path in ("/v1/chat", "/openai/v1/chat/completions", "/ollama/api/chat"):
+            for stream in (True, False):
+                async with client.stream("POST", path, json={**CHAT, "stream": stream}) as response:
+                    await response.aread()
+                assert response.status_code == 200, path
+                for _ in range(50):  # `close` unsubscribes in a background task
+                    if not dispatcher._feeds:  # a WeakSet: empty once refcounting freed the feed
+                        break
+                    await asyncio.sleep(0.01)
+                assert not dispatcher._feeds, f"{path}: a finished request's feed is kept by a cycle"
     finally:
         gc.enable()
 

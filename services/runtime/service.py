@@ -25,7 +25,8 @@ def freeze_startup_heap() -> None:
     """Takes what startup left alive (modules, the app, clients: ~70k objects) out of the cyclic
     collector's walks, once the process is ready to serve. A full collection then visits only what
     requests allocate; walking the startup heap too paused the event loop for 70-110 ms, which was
-    the p99 of every stream's token gaps under load (docs/benchmarks.md)."""
+    the p99 of every stream's token gaps under load (docs/benchmarks.md). The cost: startup state
+    that is later dropped inside a reference cycle is never reclaimed, once, not per request."""
     gc.collect()
     gc.freeze()
 
