@@ -9,12 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contender_and_level() -> None:
-    args = ["--quick", "--no-litellm", "--concurrency", "1,2", "--requests", "3", "--rounds", "1"]
-    args += ["--tokens", "3", "--idle-streams", "5", "--ceiling-requests", "2", "--ceiling-tokens", "20"]
-    args += ["--edge", "granian=scripts.bench.edge_granian"]  # an alternative edge, in the same run
+def _run(module: str, *args: str) -> str:
+    """Runs `python -m module args` from the repository; its stdout, once it exited 0."""
     run = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         check=False,
         capture_output=True,
@@ -22,7 +20,14 @@ def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contende
         timeout=90,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    out = run.stdout
+    return run.stdout
+
+
+def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contender_and_level() -> None:
+    args = ["--quick", "--no-litellm", "--concurrency", "1,2", "--requests", "3", "--rounds", "1"]
+    args += ["--tokens", "3", "--idle-streams", "5", "--ceiling-requests", "2", "--ceiling-tokens", "20"]
+    args += ["--edge", "granian=scripts.bench.edge_granian"]  # an alternative edge, in the same run
+    out = _run("scripts.bench", *args)
     assert "| streams | contender | requests | errors | TTFT p50 ms |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
@@ -55,16 +60,8 @@ def test_a_run_with_errors_exits_non_zero_and_says_it_is_not_a_result() -> None:
 
 
 def test_hop_floor_measures_every_hop_kind() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "scripts.bench.floor", "--round-trips", "20", "--pause-ms", "1"],
-        cwd=REPO,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| ")][1:]
+    out = _run("scripts.bench.floor", "--round-trips", "20", "--pause-ms", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row[1].strip().split(",")[0].split(":")[0] for row in rows] == [
         "socket",
         "nats-server",
