@@ -113,7 +113,11 @@ def asyncapi() -> str:
                 "type": "string",
                 "description": "the request id; JetStream de-duplicates on it",
             },
-            headers.REPLY: {"type": "string", "description": "subject for the request's events"},
+            headers.REPLY: {
+                "type": "string",
+                "pattern": subjects.REPLY_PATTERN,
+                "description": "subject for the request's events, under llm.out. or _INBOX.",
+            },
             headers.DEADLINE: {"type": "string", "description": "absolute deadline, Unix epoch milliseconds"},
             headers.SEQ: {
                 "type": "string",

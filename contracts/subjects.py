@@ -79,6 +79,17 @@ def event_subject(request_id: str) -> str:
     return EVENT_PREFIX + request_id
 
 
+# Where workers may publish a request's events (`Llmbus-Reply`): their NATS permissions allow only
+# these, so a reply anywhere else would be dropped by the server and the request heard by nobody.
+REPLY_PATTERN = r"^(llm\.out|_INBOX)(\.[^.\s*>]+)+$"
+_REPLY = re.compile(REPLY_PATTERN)
+
+
+def valid_reply(subject: str) -> bool:
+    """A subject under `llm.out.` or `_INBOX.`, with no empty token and no wildcard."""
+    return len(subject) <= 256 and _REPLY.match(subject) is not None
+
+
 def accepted_subject(request_id: str) -> str:
     """Where the edge records that it accepted a request (not matched by `event_subject`'s subscribers)."""
     return EVENT_PREFIX + request_id + ".accepted"

@@ -387,6 +387,37 @@ async def test_undecodable_request_is_dead_lettered_and_its_sender_told(
     assert "rejected: malformed request" in out.getvalue()
 
 
+async def test_an_invalid_request_without_a_reply_subject_is_refused_on_its_event_subject(
+    generator: Generator, nc: Client
+) -> None:
+    request_id = uuid.uuid4().hex
+    events = await nc.subscribe(subjects.event_subject(request_id))  # the default, as the contract says
+    body = _encode({"id": request_id, "model": MODEL, "messages": []})
+    await nc.jetstream().publish(subjects.generate_subject(MODEL), body, headers={headers.MSG_ID: request_id})
+    error = json.loads((await events.next_msg(5)).data)
+    assert error["type"] == "error" and error["code"] == "bad_request" and "empty" in error["message"]
+
+
+@pytest.mark.parametrize("reply", ["llm.events.mine", "_INBOX.me.>", "llm.out."])
+async def test_a_reply_subject_workers_cannot_publish_to_is_refused_not_run_unheard(
+    generator: Generator, nc: Client, fake_ollama: FakeOllama, reply: str
+) -> None:
+    request_id = uuid.uuid4().hex
+    events = await nc.subscribe(subjects.event_subject(request_id))  # where the refusal goes instead
+    body = _encode({"id": request_id, **CHAT})
+    await nc.jetstream().publish(
+        subjects.generate_subject(MODEL), body, headers={headers.MSG_ID: request_id, headers.REPLY: reply}
+    )
+    error = json.loads((await events.next_msg(5)).data)
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    assert "Llmbus-Reply must be a subject under llm.out. or _INBOX." in error["message"]
+    async with asyncio.timeout(5):
+        while not (entries := await dlq.entries(nc)):
+            await asyncio.sleep(0.05)
+    assert [entry.headers[headers.REPLY] for entry in entries] == [reply]
+    assert chat_calls(fake_ollama) == []  # never run
+
+
 async def test_request_that_exhausts_max_deliveries_ends_with_error_and_is_dead_lettered(
     settings: Settings, nc: Client, fake_ollama: FakeOllama
 ) -> None:

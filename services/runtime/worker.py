@@ -409,6 +409,12 @@ class Worker(Generic[R]):
         try:
             request = self._decode(msg.data)
             request.validate()
+            reply = hdrs.get(headers.REPLY) or subjects.event_subject(request.id)
+            if not subjects.valid_reply(reply):
+                raise LlmbusError(
+                    ErrorCode.BAD_REQUEST,
+                    f"{headers.REPLY} must be a subject under llm.out. or _INBOX. (got {reply[:80]!r})",
+                )
         except (msgspec.DecodeError, msgspec.ValidationError, LlmbusError) as exc:
             await self._reject(msg, hdrs, attempt, exc)
             return
@@ -420,7 +426,6 @@ class Worker(Generic[R]):
             with contextlib.suppress(Exception):
                 await msg.in_progress()
             return
-        reply = hdrs.get(headers.REPLY) or subjects.event_subject(request.id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         if headers.DEADLINE in hdrs:
@@ -503,9 +508,14 @@ class Worker(Generic[R]):
             await job.fail(ErrorCode.INTERNAL, f"internal error; see the worker log for request {job.id}")
 
     async def _reject(self, msg: Msg, hdrs: dict[str, str], attempt: int, exc: Exception) -> None:
-        """Poison: tell the sender if it said where to, dead-letter it, terminate it (no redelivery)."""
+        """Poison: tell the sender where it listens, dead-letter it, terminate it (no redelivery)."""
         message = exc.message if isinstance(exc, LlmbusError) else f"malformed request: {exc}"
         reply = hdrs.get(headers.REPLY)
+        if not reply or not subjects.valid_reply(reply):
+            # The sender listens on its request's default subject (or named one nobody could hear).
+            request_id = dlq.request_id_of(msg.data)
+            default = subjects.event_subject(request_id) if request_id is not None else ""
+            reply = default if subjects.valid_reply(default) else None
         if reply:
             error = Error(seq=0, attempt=attempt, code=ErrorCode.BAD_REQUEST, message=message)
             await self.nc.publish(reply, _encode(error))
