@@ -22,7 +22,6 @@ from contracts.messages import (
     Start,
     Timings,
     Token,
-    Usage,
     validate_model,
 )
 from contracts.models import (
@@ -32,6 +31,7 @@ from contracts.models import (
     canonical_model,
 )
 from contracts.route import ClassifyReply, ClassifyRequest, LabelScore, Routed
+from contracts.usage import Usage
 
 __all__ = [
     "TERMINAL_EVENTS",

@@ -16,6 +16,7 @@ from contracts.embed import Embeddings, Vectors
 from contracts.errors import ErrorCode, LlmbusError
 from contracts.route import Routed
 from contracts.subjects import MODEL_NAME, REQUEST_ID
+from contracts.usage import Usage
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -81,12 +82,6 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
 def validate_model(model: str) -> None:
     if not MODEL_NAME.match(model):
         raise LlmbusError(ErrorCode.BAD_REQUEST, f"invalid model name {model[:64]!r}")
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class Timings(msgspec.Struct, omit_defaults=True):

@@ -18,6 +18,7 @@ import msgspec
 
 from contracts.errors import ErrorCode, LlmbusError
 from contracts.subjects import MODEL_NAME
+from contracts.usage import Usage
 
 ROUTE_SUBJECT = "llm.req.route"
 # Not under `llm.req.>`: that prefix is captured by the work-queue stream, a request/reply is not.
@@ -97,7 +98,9 @@ class LabelScore(msgspec.Struct):
 class ClassifyReply(msgspec.Struct):
     """Every label with its score, best first; `label` is the best one.
 
-    Single-label scores sum to 1. Multi-label scores are independent, each in [0, 1].
+    Single-label scores sum to 1. Multi-label scores are independent, each in [0, 1]. `usage`: the
+    tokens the model calls cost (labels already embedded cost none), counted against the caller's
+    `tokens_per_minute`.
     """
 
     label: str
@@ -105,3 +108,4 @@ class ClassifyReply(msgspec.Struct):
     method: ClassifyMethod
     model: str
     multi_label: bool
+    usage: Usage

@@ -366,6 +366,21 @@ async def test_classify_passes_the_same_admission_keys_models_and_rate_limits(
         assert (await http.post("/v1/classify", json=CLASSIFY, headers=bearer("b"))).status_code == 200
 
 
+async def test_classify_tokens_count_against_tokens_per_minute(settings: Settings, tmp_path: Path) -> None:
+    settings = with_auth(settings, tmp_path, b="tokens_per_minute = 5")
+    async with classifier(settings), running(settings) as http:
+        first = await http.post("/v1/classify", json=CLASSIFY, headers=bearer("b"))
+        assert first.status_code == 200, first.text
+        assert first.json()["usage"]["total_tokens"] >= 5
+        for _ in range(20):  # the tokens are added once the reply is in, in the background
+            refused = await http.post("/v1/classify", json=CLASSIFY, headers=bearer("b"))
+            if refused.status_code == 429:
+                break
+            await asyncio.sleep(0.05)
+        assert_error(refused, 429, "rate_limited")
+        assert "tokens per minute" in refused.json()["error"]["message"]
+
+
 def edit(path: Path, text: str) -> None:
     path.write_text(text)
 

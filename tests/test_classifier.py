@@ -339,10 +339,15 @@ async def test_classify_by_embedding_scores_every_label(client: httpx.AsyncClien
     assert scores == sorted(scores, reverse=True)
     assert {item["label"] for item in reply["labels"]} == set(LABELS)
     assert sum(scores) == pytest.approx(1.0, abs=1e-3)
+    # One embedding call for the text and the labels: its tokens, none for generation.
+    assert reply["usage"]["prompt_tokens"] > 0 and reply["usage"]["completion_tokens"] == 0
+    assert reply["usage"]["total_tokens"] == reply["usage"]["prompt_tokens"]
 
     multi = (await client.post("/v1/classify", json={**body, "multi_label": True})).json()
     assert multi["label"] == "weather forecast rain" and multi["multi_label"] is True
     assert all(0.0 <= item["score"] <= 1.0 for item in multi["labels"])
+    # The labels are embedded once and kept: now only the text costs tokens.
+    assert 0 < multi["usage"]["prompt_tokens"] < reply["usage"]["prompt_tokens"]
 
 
 @pytest.mark.usefixtures("classifier")
@@ -356,6 +361,9 @@ async def test_classify_by_llm_asks_for_json_constrained_to_the_labels(
     assert [c.body["format"] for c in fake_ollama.calls if c.path == "/api/chat"][-1]["properties"]["label"][
         "enum"
     ] == LABELS
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
     multi = (await client.post("/v1/classify", json={**body, "multi_label": True})).json()
     assert [c.body["format"] for c in fake_ollama.calls if c.path == "/api/chat"][-1]["required"] == LABELS

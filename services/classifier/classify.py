@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from contracts import ErrorCode, LlmbusError
+from contracts import ErrorCode, LlmbusError, Usage
 from contracts.route import ClassifyReply, ClassifyRequest, LabelScore
 from services.classifier import judge
 from services.classifier.routes import RouteTable
@@ -38,7 +38,7 @@ class Classify:
         config = routes.classify
         if request.method == "llm":
             model = request.model or config.llm_model
-            scores = await judge.pick_labels(
+            scores, usage = await judge.pick_labels(
                 self.backend,
                 model,
                 request.text,
@@ -50,9 +50,10 @@ class Classify:
             model = request.model or config.embed_model or routes.router.embed_model
             try:
                 async with asyncio.timeout(config.timeout_s):
-                    sims = await self.similarity.label_scores(model, request.text, request.labels)
+                    sims, tokens = await self.similarity.label_scores(model, request.text, request.labels)
             except TimeoutError:
                 raise LlmbusError(ErrorCode.DEADLINE_EXCEEDED, f"{model} did not embed in time") from None
+            usage = Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
             if request.multi_label:
                 scores = [min(1.0, max(0.0, s)) for s in sims]
             else:
@@ -68,4 +69,5 @@ class Classify:
             method=request.method,
             model=model,
             multi_label=request.multi_label,
+            usage=usage,
         )

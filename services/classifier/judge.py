@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Options
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Options, Usage
 from services.classifier.routes import Route
-from services.runtime.backends import Backend
+from services.runtime.backends import Backend, Final
 
 _ROUTER_SYSTEM = (
     "You decide which assistant should answer a user's message. "
@@ -26,8 +26,9 @@ _ROUTER_SYSTEM = (
 
 async def ask_json(
     backend: Backend, model: str, system: str, user: str, *, schema: dict[str, Any], timeout_s: float
-) -> Any:
-    """The model's answer to `user`, parsed; raises `LlmbusError` when there is no valid one."""
+) -> tuple[Any, Usage]:
+    """The model's answer to `user`, parsed, and what it cost; raises `LlmbusError` when there is
+    no valid one."""
     request = GenerateRequest(
         id=uuid.uuid4().hex,
         model=model,
@@ -35,15 +36,22 @@ async def ask_json(
         options=Options(temperature=0.0, num_predict=512),
         format=schema,
     )
+    parts: list[str] = []
+    usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
     try:
         async with asyncio.timeout(timeout_s):
-            parts = [piece async for piece in backend.generate(request) if isinstance(piece, str)]
+            async for piece in backend.generate(request):
+                if isinstance(piece, Final):
+                    spent = piece.prompt_tokens + piece.completion_tokens
+                    usage = Usage(piece.prompt_tokens, piece.completion_tokens, spent)
+                else:
+                    parts.append(piece)
     except TimeoutError:
         raise LlmbusError(
             ErrorCode.DEADLINE_EXCEEDED, f"{model} did not answer within {timeout_s} s"
         ) from None
     try:
-        return msgspec.json.decode("".join(parts))
+        return msgspec.json.decode("".join(parts)), usage
     except msgspec.DecodeError:
         raise LlmbusError(ErrorCode.BACKEND_ERROR, f"{model} did not answer with valid JSON") from None
 
@@ -65,7 +73,7 @@ async def pick_route(
         "required": ["route"],
     }
     system = _ROUTER_SYSTEM + "\n".join(_describe(r) for r in candidates)
-    answer = await ask_json(backend, model, system, text, schema=schema, timeout_s=timeout_s)
+    answer, _ = await ask_json(backend, model, system, text, schema=schema, timeout_s=timeout_s)
     name = answer.get("route") if isinstance(answer, dict) else None
     for route in candidates:
         if route.name == name:
@@ -75,8 +83,8 @@ async def pick_route(
 
 async def pick_labels(
     backend: Backend, model: str, text: str, labels: list[str], *, multi_label: bool, timeout_s: float
-) -> list[float]:
-    """1.0 for each label the model chose, 0.0 for the others, in label order."""
+) -> tuple[list[float], Usage]:
+    """1.0 for each label the model chose, 0.0 for the others, in label order; and what it cost."""
     if multi_label:
         schema: dict[str, Any] = {
             "type": "object",
@@ -95,13 +103,13 @@ async def pick_labels(
         }
         system = "Choose the one label that best fits the user's text. Reply with JSON only."
     system += "\nLabels: " + ", ".join(labels)
-    answer = await ask_json(backend, model, system, text, schema=schema, timeout_s=timeout_s)
+    answer, usage = await ask_json(backend, model, system, text, schema=schema, timeout_s=timeout_s)
     if not isinstance(answer, dict):
         raise LlmbusError(ErrorCode.BACKEND_ERROR, f"{model} did not answer with a JSON object")
     if multi_label:
-        return [1.0 if answer.get(label) is True else 0.0 for label in labels]
+        return [1.0 if answer.get(label) is True else 0.0 for label in labels], usage
     if answer.get("label") not in labels:
         raise LlmbusError(
             ErrorCode.BACKEND_ERROR, f"{model} answered an unknown label {answer.get('label')!r}"
         )
-    return [1.0 if label == answer["label"] else 0.0 for label in labels]
+    return [1.0 if label == answer["label"] else 0.0 for label in labels], usage

@@ -21,9 +21,9 @@ from services.classifier.handler import RouteRequest
 from services.classifier.inventory import Inventory, ListModels
 from services.classifier.router import Router
 from services.classifier.routes import RouteTable
-from services.classifier.similarity import Similarity, Vector
+from services.classifier.similarity import Similarity
 from services.runtime import bus, service
-from services.runtime.backends import Backend, OpenAIBackend, create_backend
+from services.runtime.backends import Backend, EmbedResult, OpenAIBackend, create_backend
 from services.runtime.backends.ollama_admin import OllamaAdmin
 from services.runtime.handoff import Claims
 from services.runtime.settings import Settings
@@ -60,8 +60,8 @@ class Classifier:
 
         return tags
 
-    async def _embed(self, model: str, texts: list[str]) -> list[Vector]:
-        return (await self.embed_backend.embed(model, texts)).vectors
+    async def _embed(self, model: str, texts: list[str]) -> EmbedResult:
+        return await self.embed_backend.embed(model, texts)
 
     async def start(self) -> None:
         try:

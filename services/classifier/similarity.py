@@ -17,10 +17,10 @@ import numpy.typing as npt
 
 from contracts import ErrorCode, LlmbusError
 from services.classifier.routes import Route, RoutesFile
+from services.runtime.backends import EmbedResult
 
-Vector = list[float]
-# (model, texts) -> one vector per text, in order
-EmbedFn = Callable[[str, list[str]], Awaitable[list[Vector]]]
+# (model, texts) -> one vector per text, in order, and the tokens the call cost
+EmbedFn = Callable[[str, list[str]], Awaitable[EmbedResult]]
 Matrix = npt.NDArray[np.float32]
 
 
@@ -41,8 +41,9 @@ class Similarity:
 
     async def vectors(
         self, model: str, cached: Sequence[str], fresh: Sequence[str] = ()
-    ) -> tuple[Matrix, Matrix]:
-        """Unit vectors of `cached` (kept) and of `fresh` (never kept), from one backend call at most."""
+    ) -> tuple[Matrix, Matrix, int]:
+        """Unit vectors of `cached` (kept) and of `fresh` (never kept), from one backend call at most,
+        and the tokens that call cost (0 when every text was cached)."""
         key = (model, tuple(cached))
         stack = self._stacks.get(key)
         if stack is None and len(self._rows) > self._max_cached:
@@ -52,7 +53,8 @@ class Similarity:
             [] if stack is not None else [t for t in dict.fromkeys(cached) if (model, t) not in self._rows]
         )
         asked = [*missing, *fresh]
-        got = await self._embed(model, asked) if asked else []
+        result = await self._embed(model, asked) if asked else EmbedResult(vectors=[], prompt_tokens=0)
+        got = result.vectors
         if len(got) != len(asked):
             raise LlmbusError(ErrorCode.BACKEND_ERROR, f"{len(got)} embeddings for {len(asked)} texts")
         rows = unit_rows(got) if got else np.empty((0, 0), dtype=np.float32)
@@ -68,7 +70,7 @@ class Similarity:
             if len(self._stacks) > 64:
                 self._stacks.clear()
             self._stacks[key] = stack
-        return stack, rows[len(missing) :]
+        return stack, rows[len(missing) :], result.prompt_tokens
 
     async def warm(self, routes: RoutesFile) -> None:
         await self.vectors(routes.router.embed_model, _examples(routes))
@@ -76,7 +78,7 @@ class Similarity:
     async def route_scores(self, routes: RoutesFile, text: str) -> list[tuple[Route, float]]:
         """Every route with examples and its score, best first."""
         router = routes.router
-        examples, query = await self.vectors(
+        examples, query, _ = await self.vectors(
             router.embed_model, _examples(routes), [text[-router.max_chars :]]
         )
         sims = examples @ query[0]
@@ -90,10 +92,10 @@ class Similarity:
         scored.sort(key=lambda pair: pair[1], reverse=True)
         return scored
 
-    async def label_scores(self, model: str, text: str, labels: list[str]) -> list[float]:
-        """Cosine similarity of `text` to each label, in label order."""
-        vectors, query = await self.vectors(model, labels, [text])
-        return [float(s) for s in vectors @ query[0]]
+    async def label_scores(self, model: str, text: str, labels: list[str]) -> tuple[list[float], int]:
+        """Cosine similarity of `text` to each label, in label order, and the tokens it cost."""
+        vectors, query, tokens = await self.vectors(model, labels, [text])
+        return [float(s) for s in vectors @ query[0]], tokens
 
 
 def _examples(routes: RoutesFile) -> list[str]:

@@ -108,16 +108,25 @@ class Ticket:
         self.released = False
 
     def release(self, last: RawEvent | None) -> None:
-        if self.released:
-            return
-        self.released = True
+        """Gives the hold back, counting the tokens the request's terminal event (`last`) reports."""
         tokens = 0
         if last is not None and last[0].type in ("done", "embeddings"):
-            with contextlib.suppress(msgspec.DecodeError):
-                usage = _decode_terminal(last[1]).usage
-                if usage is not None:
-                    tokens = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
-        self.admission.release_later(self, tokens)
+            tokens = spent_tokens(last[1])
+        self.give_back(tokens)
+
+    def give_back(self, tokens: int) -> None:
+        if not self.released:
+            self.released = True
+            self.admission.release_later(self, tokens)
+
+
+def spent_tokens(answer: bytes) -> int:
+    """The tokens a terminal event or a classify reply reports in its `usage` (0 without one)."""
+    try:
+        usage = _decode_terminal(answer).usage
+    except msgspec.DecodeError:
+        return 0
+    return 0 if usage is None else usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
 
 
 class Admission:

@@ -12,7 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from contracts import ErrorBody, ErrorCode, LlmbusError
 from contracts.route import CLASSIFY_SUBJECT, ClassifyRequest
-from services.edge.admission import Admission
+from services.edge.admission import Admission, spent_tokens
 from services.edge.errors import error_response, request_id_of
 
 _encode = msgspec.json.Encoder().encode
@@ -32,6 +32,7 @@ async def classify(request: Request[Any, Any, Any], data: JSONBody[ClassifyReque
     if data.model is not None:  # else the routes file's default, which every key may use
         admission.check_model(data.model)
     ticket = await admission.hold()  # the tenant's rate and in-flight limits, as for any request
+    answer = None
     try:
         answer = await nc.request(CLASSIFY_SUBJECT, _encode(data), timeout=CLASSIFY_WAIT_S)
     except NoRespondersError:
@@ -39,8 +40,8 @@ async def classify(request: Request[Any, Any, Any], data: JSONBody[ClassifyReque
     except (NatsTimeoutError, TimeoutError):
         raise LlmbusError(ErrorCode.DEADLINE_EXCEEDED, "the classifier did not answer in time") from None
     finally:
-        if ticket is not None:
-            ticket.release(None)  # the reply carries no usage: only requests and in-flight count
+        if ticket is not None:  # the model calls' tokens count against `tokens_per_minute`
+            ticket.give_back(spent_tokens(answer.data) if answer is not None else 0)
     if answer.headers and "Nats-Service-Error-Code" in answer.headers:
         detail = _decode_error(answer.data).error
         return error_response(detail.code, detail.message, request_id, detail.retry_after)
