@@ -90,6 +90,11 @@ async def test_a_model_outside_the_keys_globs_and_an_admin_route_are_403_forbidd
         assert_error(await http.post("/v1/models/load", json=load, headers=bearer("b")), 403, "forbidden")
         # The admin key passes the guard (what the janitor then says is not this test's business).
         assert (await http.post("/v1/models/load", json=load, headers=bearer("admin"))).status_code != 403
+        # Ollama's load idiom (nothing to answer) is the same operation: the same scope.
+        ollama_load = await http.post("/ollama/api/generate", json=load, headers=bearer("b"))
+        assert ollama_load.status_code == 403 and "admin key" in ollama_load.json()["error"]
+        ollama_load = await http.post("/ollama/api/generate", json=load, headers=bearer("admin"))
+        assert ollama_load.status_code != 403
 
 
 async def test_over_requests_per_minute_is_429_with_retry_after_and_other_tenants_are_unaffected(

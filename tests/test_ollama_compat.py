@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,8 +77,8 @@ async def test_errors_come_in_ollama_shape(client: ollama.AsyncClient) -> None:
     assert info.value.status_code == 404
     assert "not found" in info.value.error
     with pytest.raises(ollama.ResponseError) as bad:
-        await client.chat(model="llama3.2:1b", messages=[])
-    assert bad.value.status_code == 400
+        await client.chat(model="llama3.2:1b", messages=[], keep_alive="soon")
+    assert bad.value.status_code == 400 and "keep_alive" in bad.value.error
 
 
 async def test_disconnect_mid_stream_cancels_upstream(
@@ -215,6 +216,27 @@ async def test_list_ps_and_show_come_from_the_inventory_in_ollama_shape(
         await client.show("no-such-model:7b")
     assert missing.value.status_code == 404
     assert "not found" in missing.value.error
+
+
+async def test_nothing_to_answer_loads_the_model_and_keep_alive_0_unloads_it_like_ollama(
+    client: ollama.AsyncClient, fake_ollama: FakeOllama, janitor: JanitorService
+) -> None:
+    await _loaded(client)  # warm: loaded at start
+    unloaded = await client.generate(model="llama3.2:1b", keep_alive=0)
+    assert unloaded.done and unloaded.done_reason == "unload" and unloaded.response == ""
+    async with asyncio.timeout(5):
+        while (await client.ps()).models:
+            await asyncio.sleep(0.02)
+
+    loaded = await client.chat(model="llama3.2:1b", messages=[], keep_alive="10m")
+    assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+    [running] = (await _loaded(client)).models
+    assert running.expires_at is not None
+    expires_in = running.expires_at.timestamp() - time.time()
+    assert 590 < expires_in <= 600  # the keep_alive asked for, not the idle TTL
+    calls = [c.body for c in fake_ollama.calls if c.path == "/api/generate" and "prompt" not in c.body]
+    assert [c["keep_alive"] for c in calls][-2:] == [0, "600s"]  # Ollama's own unload, then load
+    assert all(c.path != "/api/chat" for c in fake_ollama.calls)  # nothing was generated
 
 
 async def test_list_and_ps_are_empty_before_any_janitor_reports(client: ollama.AsyncClient) -> None:

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from contracts import LlmbusError, canonical_model, validate_model
+from services.runtime.durations import seconds
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -80,14 +79,11 @@ def parse_duration(value: Any, where: str) -> float | None:
     """Seconds from `300`, `"5m"`, `"1h30m"`, `"0.5s"`; None (never) from `"never"`, `false`, `-1`."""
     if value is False or (isinstance(value, str) and value.strip().lower() in _NEVER):
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return None if value < 0 else float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        parts = _DURATION.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _SECONDS[u] for n, u in parts)
-    raise DesiredStateError(f'{where}: {value!r} is not a duration (e.g. 300, "5m", "never")')
+    try:
+        duration = seconds(value)
+    except ValueError:
+        raise DesiredStateError(f'{where}: {value!r} is not a duration (e.g. 300, "5m", "never")') from None
+    return None if duration < 0 else duration
 
 
 def parse_size(value: Any, where: str) -> int:

@@ -33,7 +33,8 @@ from contracts import (
     Token,
 )
 from contracts.embed import Dimensions
-from contracts.models import ModelDetails, ModelInfo, ModelRef, canonical_model
+from contracts.models import LoadRequest, ModelDetails, ModelInfo, ModelRef, canonical_model
+from services.edge.admission import Admission
 from services.edge.compat.events import stream_events
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.embed import embed_texts
@@ -41,6 +42,7 @@ from services.edge.errors import Failure, handlers, request_id_of
 from services.edge.generation import collect
 from services.edge.hangup import ClientGone, unless_client_leaves
 from services.edge.models import listing
+from services.runtime import durations
 from services.runtime.admin_client import AdminClient
 from services.runtime.inventory import InventoryView
 
@@ -76,7 +78,11 @@ class _Common(msgspec.Struct, kw_only=True):
 
 
 class ChatBody(_Common, kw_only=True):
-    messages: list[OllamaMessage]
+    messages: list[OllamaMessage] = []  # none: Ollama's "load the model" (or unload, `keep_alive: 0`)
+
+    @property
+    def empty(self) -> bool:
+        return not self.messages
 
     def to_request(self, request_id: str) -> GenerateRequest:
         messages = [Message(role=m.role, content=m.content, images=m.images) for m in self.messages]
@@ -90,8 +96,12 @@ class ChatBody(_Common, kw_only=True):
 
 
 class GenerateBody(_Common, kw_only=True):
-    prompt: str
+    prompt: str = ""  # empty: Ollama's "load the model" (or unload, `keep_alive: 0`)
     system: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.prompt
 
     def to_request(self, request_id: str) -> GenerateRequest:
         return GenerateRequest(
@@ -155,6 +165,8 @@ def _now() -> str:
 async def _answer(
     request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool
 ) -> Response[bytes] | Stream:
+    if body.empty:
+        return await _load_or_unload(request, body, chat)
     request_id = request_id_of(request)
     wire = body.to_request(request_id)
     wire.validate()
@@ -187,6 +199,37 @@ async def _ndjson(feed: EventFeed, shape: _Shape) -> AsyncIterator[bytes]:
                 yield _encode({"error": event.message}) + b"\n"  # Ollama's in-stream error line
     finally:
         feed.close()
+
+
+async def _load_or_unload(
+    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool
+) -> Response[bytes]:
+    """Ollama's idiom with nothing to answer: load the model (for `keep_alive`, default its idle
+    TTL, negative: until unloaded), or unload it with `keep_alive: 0`. The janitor of the model's
+    host does it, as for `POST /v1/models/load|unload`, so it takes an admin key as they do."""
+    ModelRef(body.model).validate()
+    try:
+        keep = None if body.keep_alive is None else durations.seconds(body.keep_alive)
+    except ValueError as exc:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"keep_alive: {exc}") from None
+    admission: Admission = request.app.state.admission
+    admission.check_model(body.model)
+    if not admission.is_admin():
+        raise LlmbusError(ErrorCode.FORBIDDEN, "loading or unloading a model needs an admin key")
+    admin: AdminClient = request.app.state.admin
+    host = admin.host_for(None, body.model)
+    if keep == 0:
+        await admin.call("unload", ModelRef(body.model), ModelInfo, host)
+    else:
+        forever = keep is not None and keep < 0
+        await admin.call("load", LoadRequest(body.model, -1 if forever else keep), ModelInfo, host)
+    answer: dict[str, Any] = {"model": body.model, "created_at": _now()}
+    if chat:
+        answer["message"] = {"role": "assistant", "content": ""}
+    else:
+        answer["response"] = ""
+    answer |= {"done": True, "done_reason": "unload" if keep == 0 else "load"}
+    return _json(answer, request_id_of(request))
 
 
 def _json(body: Any, request_id: str) -> Response[bytes]:
