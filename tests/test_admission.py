@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -140,13 +141,18 @@ async def test_tokens_per_minute_are_counted_from_each_answers_usage(
     async with running(with_auth(settings, tmp_path, a="tokens_per_minute = 5")) as http:
         first = await http.post("/v1/chat", json=CHAT, headers=bearer("a"))
         assert first.json()["usage"]["total_tokens"] >= 5
-        for _ in range(20):  # the tokens are added when the answer's feed closes, in the background
-            refused = await http.post("/v1/chat", json=CHAT, headers=bearer("a"))
-            if refused.status_code == 429:
-                break
-            await asyncio.sleep(0.05)
-        assert_error(refused, 429, "rate_limited")
-        assert "tokens per minute" in refused.json()["error"]["message"]
+        await refused_for_tokens(http, "/v1/chat", CHAT, "a")
+
+
+async def refused_for_tokens(http: httpx.AsyncClient, path: str, body: dict[str, Any], key: str) -> None:
+    """The next calls get 429 for tokens per minute (the tokens are added in the background)."""
+    for _ in range(20):
+        refused = await http.post(path, json=body, headers=bearer(key))
+        if refused.status_code == 429:
+            break
+        await asyncio.sleep(0.05)
+    assert_error(refused, 429, "rate_limited")
+    assert "tokens per minute" in refused.json()["error"]["message"]
 
 
 async def test_two_edges_share_one_tenants_limits(
@@ -377,13 +383,7 @@ async def test_classify_tokens_count_against_tokens_per_minute(settings: Setting
         first = await http.post("/v1/classify", json=CLASSIFY, headers=bearer("b"))
         assert first.status_code == 200, first.text
         assert first.json()["usage"]["total_tokens"] >= 5
-        for _ in range(20):  # the tokens are added once the reply is in, in the background
-            refused = await http.post("/v1/classify", json=CLASSIFY, headers=bearer("b"))
-            if refused.status_code == 429:
-                break
-            await asyncio.sleep(0.05)
-        assert_error(refused, 429, "rate_limited")
-        assert "tokens per minute" in refused.json()["error"]["message"]
+        await refused_for_tokens(http, "/v1/classify", CLASSIFY, "b")
 
 
 def edit(path: Path, text: str) -> None:
