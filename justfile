@@ -17,6 +17,10 @@ fmt:
     ruff check --fix .
     ruff format .
 
+# Retake README's demo-page picture (docs/img/demo.png) from the browser test.
+screenshot:
+    LLMBUS_UPDATE_SCREENSHOT=1 python -m pytest tests/test_demo_page.py -k cancels_one_upstream
+
 # Measure what the gateway adds to each request, next to direct calls and LiteLLM (docs/benchmarks.md).
 bench *ARGS:
     python -m scripts.bench {{ARGS}}
