@@ -7,15 +7,19 @@ consumers or leftover messages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.edge.app import create_app
 from services.generator.main import Generator
+from services.runtime import tracing
 from services.runtime.nats_server import NatsServer, free_port
 from services.runtime.settings import Settings
 from tests.fakes.ollama import FakeConfig, FakeOllama
@@ -94,3 +98,15 @@ async def edge(settings: Settings) -> AsyncIterator[Edge]:
 async def client(edge: Edge, generator: Generator) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
         yield http
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span the process finishes, kept in memory (the tracing tests' exporter)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use_provider(provider)
+    yield exporter
+    tracing.reset()
+    provider.shutdown()

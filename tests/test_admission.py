@@ -53,6 +53,19 @@ async def running(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+@contextlib.asynccontextmanager
+async def two_edges(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two edges on one bus (and so one set of tenant limits), a client for each."""
+    other = msgspec.structs.replace(settings, http_port=free_port())
+    async with (
+        Edge(settings) as edge_one,
+        Edge(other) as edge_two,
+        httpx.AsyncClient(base_url=edge_one.url, timeout=10) as first,
+        httpx.AsyncClient(base_url=edge_two.url, timeout=10) as second,
+    ):
+        yield first, second
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()["error"]
@@ -158,14 +171,7 @@ async def refused_for_tokens(http: httpx.AsyncClient, path: str, body: dict[str,
 async def test_two_edges_share_one_tenants_limits(
     settings: Settings, tmp_path: Path, generator: Generator
 ) -> None:
-    one = with_auth(settings, tmp_path, a="requests_per_minute = 3")
-    two = msgspec.structs.replace(one, http_port=free_port())
-    async with (
-        Edge(one) as edge_one,
-        Edge(two) as edge_two,
-        httpx.AsyncClient(base_url=edge_one.url, timeout=10) as first,
-        httpx.AsyncClient(base_url=edge_two.url, timeout=10) as second,
-    ):
+    async with two_edges(with_auth(settings, tmp_path, a="requests_per_minute = 3")) as (first, second):
         assert (await first.post("/v1/chat", json=CHAT, headers=bearer("a"))).status_code == 200
         assert (await second.post("/v1/chat", json=CHAT, headers=bearer("a"))).status_code == 200
         assert (await first.post("/v1/chat", json=CHAT, headers=bearer("a"))).status_code == 200
@@ -177,14 +183,7 @@ async def test_two_edges_share_one_tenants_limits(
 async def test_concurrent_admissions_on_two_edges_never_exceed_the_limit(
     settings: Settings, tmp_path: Path, generator: Generator
 ) -> None:
-    one = with_auth(settings, tmp_path, a="requests_per_minute = 5")
-    two = msgspec.structs.replace(one, http_port=free_port())
-    async with (
-        Edge(one) as edge_one,
-        Edge(two) as edge_two,
-        httpx.AsyncClient(base_url=edge_one.url, timeout=10) as first,
-        httpx.AsyncClient(base_url=edge_two.url, timeout=10) as second,
-    ):
+    async with two_edges(with_auth(settings, tmp_path, a="requests_per_minute = 5")) as (first, second):
         answers = await asyncio.gather(
             *(http.post("/v1/chat", json=CHAT, headers=bearer("a")) for http in [first, second] * 6)
         )

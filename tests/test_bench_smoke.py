@@ -9,8 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(module: str, *args: str) -> str:
-    """Runs `python -m module args` from the repository; its stdout, once it exited 0."""
+def _run(module: str, *args: str, exit_code: int = 0) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m module args` from the repository and checks how it exited."""
     run = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
@@ -19,15 +19,15 @@ def _run(module: str, *args: str) -> str:
         text=True,
         timeout=90,
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout
+    assert run.returncode == exit_code, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
 
 
 def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contender_and_level() -> None:
     args = ["--quick", "--no-litellm", "--concurrency", "1,2", "--requests", "3", "--rounds", "1"]
     args += ["--tokens", "3", "--idle-streams", "5", "--ceiling-requests", "2", "--ceiling-tokens", "20"]
     args += ["--edge", "granian=scripts.bench.edge_granian"]  # an alternative edge, in the same run
-    out = _run("scripts.bench", *args)
+    out = _run("scripts.bench", *args).stdout
     assert "| streams | contender | requests | errors | TTFT p50 ms |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
@@ -46,21 +46,13 @@ def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contende
 def test_a_run_with_errors_exits_non_zero_and_says_it_is_not_a_result() -> None:
     args = ["--quick", "--no-litellm", "--contenders", "direct", "--fail-upstream", "--concurrency", "1"]
     args += ["--requests", "2", "--rounds", "1", "--idle-streams", "0", "--ceiling-requests", "0"]
-    run = subprocess.run(
-        [sys.executable, "-m", "scripts.bench", *args],
-        cwd=REPO,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    run = _run("scripts.bench", *args, exit_code=1)
     assert "HTTP 500" in run.stdout  # the first errors are shown
     assert "FAILED" in run.stderr and "this run is not a result" in run.stderr
 
 
 def test_hop_floor_measures_every_hop_kind() -> None:
-    out = _run("scripts.bench.floor", "--round-trips", "20", "--pause-ms", "1")
+    out = _run("scripts.bench.floor", "--round-trips", "20", "--pause-ms", "1").stdout
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row[1].strip().split(",")[0].split(":")[0] for row in rows] == [
         "socket",

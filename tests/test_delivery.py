@@ -472,20 +472,27 @@ RETRIED_THEN_OK = [
 ]
 
 
-@pytest.mark.parametrize(("fault", "calls"), RETRIED_THEN_OK)
-async def test_upstream_failure_before_the_first_token_is_retried(
-    settings: Settings, nc: Client, fake_ollama: FakeOllama, fault: dict[str, Any], calls: int
-) -> None:
+async def with_upstream_fault(
+    settings: Settings, nc: Client, fake: FakeOllama, fault: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every event of one chat request while the fake Ollama misbehaves as `fault` says."""
     for key, value in fault.items():
-        setattr(fake_ollama.config, key, value)
+        setattr(fake.config, key, value)
     gen = await running(fast(settings))
     try:
         body: dict[str, Any] = {"id": uuid.uuid4().hex, **CHAT}
         events = await follow(nc, body["id"])
         await publish(nc, body)
-        seen = await until_terminal(events)
+        return await until_terminal(events)
     finally:
         await gen.stop(grace=0)
+
+
+@pytest.mark.parametrize(("fault", "calls"), RETRIED_THEN_OK)
+async def test_upstream_failure_before_the_first_token_is_retried(
+    settings: Settings, nc: Client, fake_ollama: FakeOllama, fault: dict[str, Any], calls: int
+) -> None:
+    seen = await with_upstream_fault(settings, nc, fake_ollama, fault)
     assert seen[-1]["type"] == "done", seen[-1]
     assert Audit.of(seen, await full_answer(fake_ollama.url, MODEL, MESSAGES)).seamless
     assert len(chat_calls(fake_ollama)) == calls + 1  # + full_answer
@@ -523,16 +530,7 @@ FAILS = [
 async def test_upstream_failure_ends_the_request_with_one_error(
     settings: Settings, nc: Client, fake_ollama: FakeOllama, fault: dict[str, Any], code: str, calls: int
 ) -> None:
-    for key, value in fault.items():
-        setattr(fake_ollama.config, key, value)
-    gen = await running(fast(settings))
-    try:
-        body: dict[str, Any] = {"id": uuid.uuid4().hex, **CHAT}
-        events = await follow(nc, body["id"])
-        await publish(nc, body)
-        seen = await until_terminal(events)
-    finally:
-        await gen.stop(grace=0)
+    seen = await with_upstream_fault(settings, nc, fake_ollama, fault)
     assert seen[-1]["type"] == "error" and seen[-1]["code"] == code
     assert sum(e["type"] in ("done", "error") for e in seen) == 1
     assert [e["seq"] for e in seen] == list(range(len(seen)))

@@ -11,12 +11,10 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.runtime import logs, tracing
+from services.runtime import logs
 from tests.fakes.ollama import FakeOllama
 from tests.sse import collect
 
@@ -56,17 +54,6 @@ async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(5):
         while not condition():
             await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use_provider(provider)
-    yield exporter
-    tracing.reset()
-    provider.shutdown()
 
 
 async def test_request_lines_carry_request_and_trace_ids_and_no_prompt(

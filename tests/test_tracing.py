@@ -21,7 +21,6 @@ import msgspec
 import nats
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -38,17 +37,6 @@ from tests.sse import collect
 MODEL = "llama3.2:1b"
 EMBED_MODEL = "nomic-embed-text"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use_provider(provider)
-    yield exporter
-    tracing.reset()
-    provider.shutdown()
 
 
 async def trace_of(exporter: InMemorySpanExporter, trace_id: int, count: int) -> list[ReadableSpan]:

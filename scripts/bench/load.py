@@ -12,7 +12,7 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import msgspec
@@ -20,14 +20,31 @@ import msgspec
 # ---------------------------------------------------------------------------- stream parsers
 
 
-class Parser(Protocol):
-    tokens: int
-    finished: bool
-    failure: str | None
+class Parser:
+    """Splits a streamed body into its units (lines, SSE frames) and counts tokens as they complete.
+
+    Each protocol says what one unit means in `_take`; buffering and counting are done here once.
+    """
+
+    separator = b"\n"
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.finished = False
+        self.failure: str | None = None
+        self._rest = b""
 
     def feed(self, chunk: bytes) -> int:
         """Consumes raw body bytes; returns how many tokens they completed."""
-        ...
+        *units, self._rest = (self._rest + chunk.replace(b"\r\n", b"\n")).split(self.separator)
+        before = self.tokens
+        for unit in units:
+            if unit:
+                self._take(unit)
+        return self.tokens - before
+
+    def _take(self, unit: bytes) -> None:
+        raise NotImplementedError
 
 
 class _OllamaMessage(msgspec.Struct):
@@ -43,52 +60,32 @@ class _OllamaChunk(msgspec.Struct):
 _decode_ollama = msgspec.json.Decoder(_OllamaChunk).decode
 
 
-class NdjsonParser:
+class NdjsonParser(Parser):
     """Ollama's native stream: one JSON object a line, the last one `"done": true`."""
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.finished = False
-        self.failure: str | None = None
-        self._rest = b""
-
-    def feed(self, chunk: bytes) -> int:
-        *lines, self._rest = (self._rest + chunk).split(b"\n")
-        before = self.tokens
-        for line in lines:
-            if not line:
-                continue
-            obj = _decode_ollama(line)
-            if obj.error is not None:
-                self.failure = obj.error
-            elif obj.done:
-                self.finished = True
-            elif obj.message is not None and obj.message.content:
-                self.tokens += 1
-        return self.tokens - before
+    def _take(self, unit: bytes) -> None:
+        obj = _decode_ollama(unit)
+        if obj.error is not None:
+            self.failure = obj.error
+        elif obj.done:
+            self.finished = True
+        elif obj.message is not None and obj.message.content:
+            self.tokens += 1
 
 
-class LlmbusSseParser:
+class LlmbusSseParser(Parser):
     """llmbus's SSE: `event: token` per token, then exactly one `event: done` or `event: error`."""
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.finished = False
-        self.failure: str | None = None
-        self._rest = b""
+    separator = b"\n\n"
 
-    def feed(self, chunk: bytes) -> int:
-        *frames, self._rest = (self._rest + chunk).split(b"\n\n")
-        before = self.tokens
-        for frame in frames:
-            kind = _field(frame, b"event: ")
-            if kind == b"token":
-                self.tokens += 1
-            elif kind == b"done":
-                self.finished = True
-            elif kind == b"error":
-                self.failure = _field(frame, b"data: ").decode(errors="replace")
-        return self.tokens - before
+    def _take(self, unit: bytes) -> None:
+        kind = _field(unit, b"event: ")
+        if kind == b"token":
+            self.tokens += 1
+        elif kind == b"done":
+            self.finished = True
+        elif kind == b"error":
+            self.failure = _field(unit, b"data: ").decode(errors="replace")
 
 
 class _Delta(msgspec.Struct):
@@ -108,32 +105,24 @@ class _OpenAIChunk(msgspec.Struct):
 _decode_openai = msgspec.json.Decoder(_OpenAIChunk).decode
 
 
-class OpenAISseParser:
+class OpenAISseParser(Parser):
     """OpenAI-style SSE (LiteLLM): `data: {chunk}` frames with `delta.content`, then `data: [DONE]`."""
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.finished = False
-        self.failure: str | None = None
-        self._rest = b""
+    separator = b"\n\n"
 
-    def feed(self, chunk: bytes) -> int:
-        *frames, self._rest = (self._rest + chunk.replace(b"\r\n", b"\n")).split(b"\n\n")
-        before = self.tokens
-        for frame in frames:
-            data = _field(frame, b"data: ") or _field(frame, b"data:")
-            if not data:
-                continue
-            if data.strip() == b"[DONE]":
-                self.finished = True
-                continue
-            obj = _decode_openai(data)
-            if obj.error is not None:
-                self.failure = str(obj.error)
-            for choice in obj.choices:
-                if choice.delta is not None and choice.delta.content:
-                    self.tokens += 1
-        return self.tokens - before
+    def _take(self, unit: bytes) -> None:
+        data = _field(unit, b"data: ") or _field(unit, b"data:")
+        if not data:
+            return
+        if data.strip() == b"[DONE]":
+            self.finished = True
+            return
+        obj = _decode_openai(data)
+        if obj.error is not None:
+            self.failure = str(obj.error)
+        for choice in obj.choices:
+            if choice.delta is not None and choice.delta.content:
+                self.tokens += 1
 
 
 def _field(frame: bytes, name: bytes) -> bytes:
