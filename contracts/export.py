@@ -7,6 +7,7 @@ not use Python can rely on the checked-in files.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -88,22 +89,44 @@ def _ref(name: str) -> str:
     return f"#/components/schemas/{name}"
 
 
+def _normalised(node: Any) -> Any:
+    """The schema with every docstring-derived `description` dedented as `inspect.cleandoc` does:
+    msgspec 0.23 started cleaning them itself, 0.22 did not, and the exported bytes must not depend
+    on which one is installed."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _normalised(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_normalised(item) for item in node]
+    return node
+
+
+def _schema(tp: Any) -> dict[str, Any]:
+    return dict(_normalised(msgspec.json.schema(tp)))
+
+
+def _schema_components(types: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    schemas, components = msgspec.json.schema_components(types, ref_template=_ref("{name}"))
+    return list(_normalised(list(schemas))), dict(_normalised(components))
+
+
 def json_schemas() -> dict[str, str]:
     return {
-        f"{name}.json": json.dumps(msgspec.json.schema(tp), indent=2, sort_keys=True) + "\n"
+        f"{name}.json": json.dumps(_schema(tp), indent=2, sort_keys=True) + "\n"
         for name, tp in MESSAGES.items()
     }
 
 
 def asyncapi() -> str:
-    (event, *_), components = msgspec.json.schema_components(
-        [Event, GenerateRequest, EmbedRequest, ClassifyRequest, ClassifyReply, ErrorBody],
-        ref_template=_ref("{name}"),
+    (event, *_), components = _schema_components(
+        [Event, GenerateRequest, EmbedRequest, ClassifyRequest, ClassifyReply, ErrorBody]
     )
     components["Event"] = event  # the tagged union: anyOf the event types, discriminated by `type`
-    (model_event, *_), model_components = msgspec.json.schema_components(
-        _MODEL_TYPES, ref_template=_ref("{name}")
-    )
+    (model_event, *_), model_components = _schema_components(_MODEL_TYPES)
     components |= model_components
     components["ModelEvent"] = model_event  # progress, done or error, discriminated by `type`
     header_schema = {

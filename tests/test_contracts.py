@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, subjects
+from contracts.export import _normalised
 from contracts.export import main as export_main
 
 
@@ -19,6 +21,25 @@ def test_model_subject_encoding_round_trips(model: str) -> None:
 
 def test_exported_schemas_are_current() -> None:
     assert export_main(check=True) == 0, "run `llmbus contracts` and commit the result"
+
+
+class _Indented(msgspec.Struct):
+    """First line.
+
+        An indented second paragraph, as a docstring inside a class body is written.
+    """
+
+    text: str
+
+
+def test_exported_descriptions_do_not_depend_on_the_msgspec_version() -> None:
+    # msgspec 0.22 exports a docstring as written, 0.23 dedents it: the export dedents both ways.
+    raw = {"description": _Indented.__doc__, "properties": {"x": {"description": "  a\n    b"}}}
+    assert _normalised(raw) == {
+        "description": "First line.\n\nAn indented second paragraph, as a docstring inside a class body is written.",
+        "properties": {"x": {"description": "a\nb"}},
+    }
+    assert _normalised(msgspec.json.schema(_Indented)) == _normalised(_normalised(msgspec.json.schema(_Indented)))
 
 
 def test_every_error_code_maps_to_an_http_status() -> None:
