@@ -23,6 +23,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_OUTPUT = "invalid_output"  # a task's answer did not match its output schema, even retried
     QUEUE_FULL = "queue_full"
     BACKEND_UNAVAILABLE = "backend_unavailable"
+    BUS_UNAVAILABLE = "bus_unavailable"  # the edge is not (yet, or no longer) connected to NATS
     DEADLINE_EXCEEDED = "deadline_exceeded"
 
     @property
@@ -50,6 +51,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_OUTPUT: 502,
     ErrorCode.QUEUE_FULL: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
+    ErrorCode.BUS_UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
 }
 

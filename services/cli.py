@@ -4,52 +4,83 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
+from services import dlq
+from services.edge import tenants
 from services.janitor import cli as models_cli
-from services.runtime.settings import Settings
-
-# Every long-running service: `llmbus NAME` runs `services.NAME.main.main(settings)`, and
-# `llmbus up` starts each as its own process, in this order.
-SERVICES = ("generator", "embedder", "classifier", "janitor", "edge")
-# Started by `llmbus up` only when needed: the embedded model servers (the `local` extra).
-ON_DEMAND = ("local",)
+from services.runtime.bus import NatsUnreachable
+from services.runtime.settings import PREFIX, Settings, unknown_variables, variables_help
+from services.up import ON_DEMAND, SERVICES, up
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="llmbus", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def version() -> str:
+    try:
+        return importlib.metadata.version("llmbus")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="llmbus", description=__doc__)
+    top.add_argument("--version", action="version", version=f"llmbus {version()}")
+    sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run embedded NATS and every service as its own process (Ctrl-C stops all)")
     for name in (*SERVICES, *ON_DEMAND):
         sub.add_parser(name, help=f"run the {name} service")
     models_cli.add_parser(sub)  # `llmbus models ...`: a command, not a service
     export = sub.add_parser("contracts", help="write JSON Schema and AsyncAPI documents of the wire contract")
     export.add_argument("--check", action="store_true", help="fail if the checked-in export is stale")
-    from services import dlq
-
     dlq.add_parser(sub)
-    from services.edge import tenants
-
     tenants.add_parser(sub)  # `llmbus keys new|hash`
-    args = parser.parse_args(argv)
+    sub.add_parser("config", help="print every effective setting and where it comes from")
+    for name, command in sub.choices.items():
+        if variables_help(name).count("\n"):
+            command.epilog = variables_help(name)
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
+    return top
+
+
+def show_config(settings: Settings) -> int:
+    """Every setting, its effective value and its source; then the unknown `LLMBUS_*` variables."""
+    sources = Settings.sources()
+    for name in Settings.__struct_fields__:
+        value = getattr(settings, name)
+        shown = "***" if value and (name.endswith("password") or name.endswith("api_key")) else value
+        print(f"{PREFIX}{name.upper():<34} {shown!s:<32} {sources[name]}")
+    for warning in unknown_variables():
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     settings = Settings.from_env()
+    try:
+        sys.exit(_run(args, settings))
+    except NatsUnreachable as exc:  # one line, no traceback: what to fix is in it
+        print(exc, file=sys.stderr)
+        sys.exit(1)
 
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "up":
-        from services.up import up
-
-        sys.exit(up(settings))
+        return up(settings)
     if args.command in (*SERVICES, *ON_DEMAND):
         importlib.import_module(f"services.{args.command}.main").main(settings)
-    elif args.command == "models":
-        sys.exit(models_cli.main(args, settings))
-    elif args.command == "contracts":
+        return 0
+    if args.command == "models":
+        return models_cli.main(args, settings)
+    if args.command == "contracts":
         from contracts.export import main as export_main
 
-        sys.exit(export_main(check=args.check))
-    elif args.command == "dlq":
-        sys.exit(dlq.main(args, settings))
-    elif args.command == "keys":
-        sys.exit(tenants.main(args))
+        return export_main(check=args.check)
+    if args.command == "dlq":
+        return dlq.main(args, settings)
+    if args.command == "keys":
+        return tenants.main(args)
+    return show_config(settings)
 
 
 if __name__ == "__main__":

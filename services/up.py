@@ -1,103 +1,234 @@
 """`llmbus up`: the local stack as separate processes, supervised.
 
-Embedded nats-server first, then each service as its own process (as in production). A service
-that dies is restarted. Ctrl-C (or SIGTERM) stops the services gracefully, then NATS. Children run
-in their own sessions so a terminal's Ctrl-C reaches only this supervisor, which keeps that order.
+Embedded nats-server first, then each service as its own process (as in production). Children run
+in sessions of their own, so a terminal's Ctrl-C reaches only this supervisor, which stops the
+services gracefully and then NATS; and they get SIGTERM from Linux if the supervisor dies by any
+signal (services/runtime/children.py). A child that crashes is restarted after a capped exponential
+backoff; one that crashes `CRASH_LIMIT` times within a minute stops the whole stack, with its last
+log lines, and `llmbus up` exits non-zero.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 import httpx
 
-from services.cli import SERVICES
 from services.local import launch
+from services.runtime import logs
+from services.runtime.children import die_with_parent
 from services.runtime.nats_server import NatsServer
-from services.runtime.settings import Settings
+from services.runtime.retry import Backoff
+from services.runtime.settings import Settings, unknown_variables
+
+# Every long-running service: `llmbus NAME` runs `services.NAME.main.main(settings)`, and
+# `llmbus up` starts each as its own process, in this order.
+SERVICES = ("generator", "embedder", "classifier", "janitor", "edge")
+# Started by `llmbus up` only when needed: the embedded model servers (the `local` extra).
+ON_DEMAND = ("local",)
+
+CRASH_LIMIT = 5  # crashes of one child within CRASH_WINDOW_S that stop the stack
+CRASH_WINDOW_S = 60.0
+RESTART_BACKOFF = Backoff(retries=CRASH_LIMIT, base_s=0.5, max_s=8.0)
+TAIL_LINES = 20  # a child's last log lines, shown when it takes the stack down
+
+log = logging.getLogger("llmbus.up")
 
 
-def _say(line: str) -> None:
-    print(f"llmbus: {line}", flush=True)
-
-
-def _wait_ready(url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on `host:port` (a port in TIME_WAIT is free: servers reuse it)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_ports(settings: Settings) -> list[str]:
+    """One line per port `llmbus up` needs that another process holds."""
+    wanted = [(settings.http_host, settings.http_port, "LLMBUS_HTTP_PORT", "HTTP")]
+    wanted.append(("127.0.0.1", settings.nats_port, "LLMBUS_NATS_PORT", "NATS"))
+    return [
+        f"the {what} port {port} on {host} is already in use by another process; "
+        f"stop it or choose another port: {var}=<port> llmbus up"
+        for host, port, var, what in wanted
+        if port_taken(host, port)
+    ]
+
+
+class Child:
+    """One supervised service: its process, its last log lines, its recent crashes."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.crashes: list[float] = []
+        self.restart_at: float | None = None
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - fork-safe, see services/runtime/children.py
+        )
+        assert proc.stdout is not None
+        threading.Thread(target=self._relay, args=(proc.stdout,), daemon=True).start()
+        return proc
+
+    def _relay(self, stream: IO[bytes]) -> None:
+        """Passes the child's lines through to our stdout, keeping the last few."""
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            self.tail.append(line.rstrip("\n"))
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def crashed(self, now: float) -> int:
+        """Records a crash; the number within the window."""
+        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW_S] + [now]
+        return len(self.crashes)
+
+    def restart(self) -> None:
+        self.restart_at = None
+        self.proc = self._spawn()
+
+
+def wait_ready(url: str, instance: str, timeout: float, stopping: threading.Event) -> bool:
+    """Until `/health/ready` answers 200 from *our* edge (its instance id): another process that
+    happens to answer on the port does not count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stopping.is_set():
+        try:
+            answer = httpx.get(f"{url}/health/ready", timeout=1)
+            if answer.status_code == 200 and answer.json().get("instance") == instance:
                 return True
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
-        time.sleep(0.2)
+        stopping.wait(0.2)
     return False
 
 
 def up(settings: Settings) -> int:
-    stopping = False
+    logs.setup(settings.log_level, "llmbus-up", settings.log_format)
+    if logs.is_text(settings.log_format):
+        logs.use_formatter(logging.Formatter("llmbus: %(message)s"))  # the supervisor's own voice
+    for warning in unknown_variables():
+        log.warning(warning)
+    taken = taken_ports(settings)
+    for line in taken:
+        log.error(line)
+    if taken:
+        return 2
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
     backend = launch.plan(settings)  # Ollama, a configured server, or the embedded llama.cpp
     data = Path(settings.data_dir).resolve()
     # Permissions on: one NATS user per service (services/runtime/nats_auth.py), passwords
     # generated once into <data>/nats/credentials.json, where `llmbus models|dlq` find theirs.
-    nats = NatsServer(data / "nats", port=settings.nats_port, auth=True).start()
-    _say(f"NATS with JetStream at {nats.url} (data in {data / 'nats'}, users in {nats.credentials_file})")
+    nats = NatsServer(data / "nats", port=settings.nats_port, auth=True, die_with_parent=True).start()
+    log.info(f"NATS with JetStream at {nats.url} (data in {data / 'nats'}, users in {nats.credentials_file})")
+    instance = uuid.uuid4().hex
     env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
     passwords = nats.credentials
-    children: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(name: str) -> None:
+    children: dict[str, Child] = {}
+    for name in ("local", *SERVICES) if backend.local else SERVICES:
         # Each service gets its own NATS user and password, nobody else's.
         own = {"LLMBUS_NATS_USER": name, "LLMBUS_NATS_PASSWORD": passwords[name]} if name in passwords else {}
-        children[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", name], env=env | own, start_new_session=True
-        )
+        if name == "edge":
+            own["LLMBUS_INSTANCE_ID"] = instance
+        command = [sys.executable, "-m", "services.cli", name]
+        children[name] = Child(name, command, env | own)
 
-    for name in ("local", *SERVICES) if backend.local else SERVICES:
-        spawn(name)
     edge_url = f"http://{settings.http_host}:{settings.http_port}"
-    _say(f"model backend: {backend.message}")
-    if backend.local and not launch.wait_local(backend, children["local"], lambda: stopping):
-        _say("the embedded model servers did not start; see the `local` log above")
-    if _wait_ready(edge_url, 30):
-        _say(f"edge ready at {edge_url}  (API docs: {edge_url}/schema)  — Ctrl-C stops everything")
-    else:
-        _say(f"edge at {edge_url} is not ready yet; see the service logs above")
+    log.info(f"model backend: {backend.message}")
+    if backend.local and not launch.wait_local(backend, children["local"].proc, stopping.is_set):
+        log.warning("the embedded model servers did not start; see the `local` log above")
+    if wait_ready(edge_url, instance, 30, stopping):
+        log.info(f"edge ready at {edge_url}  (API docs: {edge_url}/schema)  — Ctrl-C stops everything")
+    elif not stopping.is_set():
+        log.warning(f"edge at {edge_url} is not ready yet; see the service logs above")
 
-    restarts: dict[str, float] = {}
+    status = 0
     try:
-        while not stopping:
-            time.sleep(0.2)
-            for name, proc in list(children.items()):
-                # Back off a crash loop: at most one restart per second per service.
-                crashed = proc.poll() is not None and not stopping
-                if crashed and time.monotonic() - restarts.get(name, 0.0) > 1.0:
-                    _say(f"{name} exited with {proc.returncode}; restarting")
-                    restarts[name] = time.monotonic()
-                    spawn(name)
+        while not stopping.wait(0.2):
+            status = _supervise(children, nats)
+            if status:
+                break
     finally:
-        _say("stopping")
-        for proc in children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + settings.shutdown_grace_s + 5
-        for proc in children.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        log.info("stopping")
+        _stop(children.values(), settings.shutdown_grace_s + 5)
         nats.stop()
-        _say("stopped")
+        log.info("stopped")
+    return status
+
+
+def _supervise(children: dict[str, Child], nats: NatsServer) -> int:
+    """One look at every child: restart the crashed after their backoff; non-zero when one crashes
+    too often (the stack stops)."""
+    now = time.monotonic()
+    if nats.proc is None or nats.proc.poll() is not None:
+        log.warning("nats-server exited; restarting it (its log: %s)", nats.log_path)
+        try:
+            nats.start()
+        except RuntimeError as exc:
+            log.error("%s; stopping everything", exc)
+            return 1
+    for child in children.values():
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                child.restart()
+            continue
+        code = child.proc.poll()
+        if code is None:
+            continue
+        crashes = child.crashed(now)
+        if crashes >= CRASH_LIMIT:
+            log.error(
+                f"{child.name} crashed {crashes} times within {CRASH_WINDOW_S:g} s (last exit code {code}); "
+                f"stopping everything. Its last lines:\n" + "\n".join(child.tail)
+            )
+            return 1
+        delay = RESTART_BACKOFF.delay(crashes - 1)
+        log.warning(f"{child.name} exited with {code}; restarting in {delay:.1f} s")
+        child.restart_at = now + delay
     return 0
+
+
+def _stop(children: Iterable[Child], grace: float) -> None:
+    """SIGTERM to every child, then SIGKILL to whichever has not exited within `grace`."""
+    procs = [child.proc for child in children]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)

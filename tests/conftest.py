@@ -65,8 +65,9 @@ async def generator(settings: Settings) -> AsyncIterator[Generator]:
 class Edge:
     def __init__(self, settings: Settings) -> None:
         self.url = f"http://127.0.0.1:{settings.http_port}"
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            self.app,
             host="127.0.0.1",
             port=settings.http_port,
             log_level="warning",
@@ -77,9 +78,11 @@ class Edge:
 
     async def __aenter__(self) -> Edge:
         self.task = asyncio.create_task(self.server.serve())
-        while not self.server.started:
+        # Serving starts at once; the routes that need NATS work once the edge has attached to it.
+        while not self.server.started or getattr(self.app.state, "dispatcher", None) is None:
             if self.task.done():
                 self.task.result()
+            assert not getattr(self.app.state, "failed", False), "the edge could not start (see its log)"
             await asyncio.sleep(0.01)
         return self
 

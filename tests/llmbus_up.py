@@ -47,6 +47,7 @@ async def start(tmp_path: Path, **env: str) -> Up:
         "LLMBUS_NATS_PORT": str(nats_port),
         "LLMBUS_OLLAMA_URL": f"http://127.0.0.1:{free_port()}",
         "LLMBUS_DATA_DIR": str(tmp_path / "data"),
+        "LLMBUS_LOG_FORMAT": "text",  # `llmbus: ...` status lines, as on a terminal
         **env,
     }
     proc = await asyncio.create_subprocess_exec(

@@ -26,7 +26,7 @@ def test_exported_schemas_are_current() -> None:
 class _Indented(msgspec.Struct):
     """First line.
 
-        An indented second paragraph, as a docstring inside a class body is written.
+    An indented second paragraph, as docstrings are written.
     """
 
     text: str
@@ -36,10 +36,12 @@ def test_exported_descriptions_do_not_depend_on_the_msgspec_version() -> None:
     # msgspec 0.22 exports a docstring as written, 0.23 dedents it: the export dedents both ways.
     raw = {"description": _Indented.__doc__, "properties": {"x": {"description": "  a\n    b"}}}
     assert _normalised(raw) == {
-        "description": "First line.\n\nAn indented second paragraph, as a docstring inside a class body is written.",
+        "description": "First line.\n\nAn indented second paragraph, as docstrings are written.",
         "properties": {"x": {"description": "a\nb"}},
     }
-    assert _normalised(msgspec.json.schema(_Indented)) == _normalised(_normalised(msgspec.json.schema(_Indented)))
+    assert _normalised(msgspec.json.schema(_Indented)) == _normalised(
+        _normalised(msgspec.json.schema(_Indented))
+    )
 
 
 def test_every_error_code_maps_to_an_http_status() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -163,3 +164,18 @@ def test_setup_logging_writes_json_to_stderr(capsys: pytest.CaptureFixture[str])
         "llmbus-generator",
         "llmbus.generator",
     )
+
+
+def test_text_format_is_one_short_line_for_people(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    level = root.level
+    try:
+        logs.setup("info", "llmbus-up", "text")
+        logging.getLogger("llmbus.up").warning("edge ready at %s", "http://127.0.0.1:8080")
+    finally:
+        if logs._handler is not None:
+            root.removeHandler(logs._handler)
+            logs._handler = None
+        root.setLevel(level)
+    [line] = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d warning llmbus-up: edge ready at http://127\.0\.0\.1:8080", line)

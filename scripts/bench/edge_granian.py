@@ -20,13 +20,12 @@ from granian.server.embed import Server
 
 from services.edge.app import create_app
 from services.runtime import tracing
-from services.runtime.service import freeze_startup_heap, setup_logging
+from services.runtime.service import freeze_startup_heap, setup_process
 from services.runtime.settings import Settings
 
 
 async def serve(settings: Settings) -> None:
-    app = create_app(settings)
-    app.on_startup.append(freeze_startup_heap)  # as `llmbus edge` does
+    app = create_app(settings, on_ready=freeze_startup_heap)  # as `llmbus edge` does
     server = Server(
         app,
         address=settings.http_host,
@@ -45,8 +44,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main(settings: Settings) -> None:
-    setup_logging(settings.log_level, "llmbus-edge")
-    tracing.setup("llmbus-edge")
+    setup_process("edge", settings)
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve(settings))
     tracing.shutdown()

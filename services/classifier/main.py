@@ -68,7 +68,7 @@ class Classifier:
             routes = self.table.current()
         except LlmbusError as exc:  # a broken routes file stops the start here, loudly
             raise SystemExit(f"classifier: {exc.message} (LLMBUS_ROUTES_FILE)") from None
-        self.nc = await bus.connect(self.settings, "llmbus-classifier")
+        self.nc = await bus.connect_with_retry(self.settings, "llmbus-classifier")
         js = self.nc.jetstream()
         self.similarity = Similarity(self._embed)
         try:
@@ -150,4 +150,4 @@ async def _close(*backends: Backend) -> None:
 
 
 def main(settings: Settings) -> None:
-    service.run(Classifier(settings), "classifier", settings.log_level)
+    service.run(Classifier(settings), "classifier", settings)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
+from contracts import ErrorCode, LlmbusError
 from services.edge import models
-from services.edge.admission import Admission, authenticate
+from services.edge.admission import PUBLIC_PATHS, PUBLIC_PREFIXES, Admission, authenticate
 from services.edge.classify import classify
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import router as openai_router
@@ -28,34 +36,82 @@ from services.edge.tasks import list_tasks, run_task, show_task
 from services.runtime import bus
 from services.runtime.settings import Settings
 
+log = logging.getLogger("llmbus.edge")
 
-def create_app(settings: Settings) -> Litestar:
+
+async def attach(app: Litestar, settings: Settings) -> None:
+    """Connects to NATS (retrying while it is down) and builds everything that needs it; the edge
+    serves `/health/live` meanwhile, and other routes answer 503 `bus_unavailable`."""
+    nc = await bus.connect_with_retry(settings, "llmbus-edge")
+    app.state.closers.append(nc.drain)
+    await bus.provision(nc.jetstream(), settings)
+    inventory = await models.start(app.state, nc)  # the janitors' model list, kept by a KV watch
+    app.state.closers.append(inventory.stop)
+    # API keys and limits (a broken tenants file stops the edge here, before it serves).
+    admission = app.state.admission = await Admission(settings, nc.jetstream(), inventory).start()
+    app.state.closers.append(admission.stop)
+    app.state.nc = nc
+    app.state.dispatcher = Dispatcher(
+        nc,
+        max_timeout_s=settings.request_timeout_s,
+        fallback=RouteFallback(nc, settings),
+        inventory=inventory if settings.edge_model_check else None,
+        admission=admission,
+    )
+
+
+async def connected(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Routes other than health, metrics, the schema and the demo page need the bus."""
+    if getattr(connection.app.state, "dispatcher", None) is not None:
+        return
+    path = connection.scope["path"]
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return
+    raise LlmbusError(
+        ErrorCode.BUS_UNAVAILABLE,
+        "the edge is not connected to NATS yet (see its log and /health/ready); retry shortly",
+        retry_after=1,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    on_fatal: Callable[[], None] | None = None,
+) -> Litestar:
+    """The edge. `on_ready` is called once it is attached to NATS; `on_fatal` when it cannot start
+    (a broken tenants file, a refused provisioning): the server then stops, not 503s forever."""
     tasks = load_tasks(settings.tasks_dir or None)  # a broken task file stops the edge here
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        nc = await bus.connect(settings, "llmbus-edge")
-        await bus.provision(nc.jetstream(), settings)
-        app.state.nc = nc
         app.state.settings = settings
-        inventory = await models.start(app.state, nc)  # the janitors' model list, kept by a KV watch
-        # API keys and limits (a broken tenants file stops the edge here, before it serves).
-        admission = app.state.admission = await Admission(settings, nc.jetstream(), inventory).start()
-        app.state.dispatcher = Dispatcher(
-            nc,
-            max_timeout_s=settings.request_timeout_s,
-            fallback=RouteFallback(nc, settings),
-            inventory=inventory if settings.edge_model_check else None,
-            admission=admission,
-        )
         app.state.tasks = tasks
+        app.state.instance = settings.instance_id or uuid.uuid4().hex
+        app.state.closers = []
+
+        async def attaching() -> None:
+            try:
+                await attach(app, settings)
+                if on_ready is not None:
+                    on_ready()
+            except Exception:
+                log.exception("the edge cannot start")
+                app.state.failed = True
+                if on_fatal is not None:
+                    on_fatal()
+
+        task = asyncio.create_task(attaching())
         try:
             yield
         finally:
-            await inventory.stop()
-            await admission.stop()
-            await nc.drain()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for close in reversed(app.state.closers):
+                await close()
 
     return Litestar(
         route_handlers=[
@@ -78,7 +134,7 @@ def create_app(settings: Settings) -> Litestar:
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
-        guards=[authenticate],  # API keys and admin scope, for every route of every API
+        guards=[connected, authenticate],  # the bus, API keys and admin scope, for every route
         cors_config=CORSConfig(allow_origins=origins) if origins else None,  # closed unless configured
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="llmbus", version="0.1.0", path="/schema"),

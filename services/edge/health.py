@@ -15,6 +15,7 @@ from contracts import subjects
 
 class Readiness(msgspec.Struct):
     ready: bool
+    instance: str  # this edge process's id (`LLMBUS_INSTANCE_ID`): `llmbus up` knows its own edge by it
     nats: bool
     stream: bool
     consumer: bool
@@ -29,10 +30,17 @@ async def live() -> dict[str, str]:
 
 @get("/health/ready", summary="NATS connected, request stream and consumer present, a generator alive")
 async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
-    nc = request.app.state.nc
-    js = nc.jetstream()
-    state = Readiness(ready=False, nats=nc.is_connected, stream=False, consumer=False, generators=False)
-    if state.nats:
+    nc = getattr(request.app.state, "nc", None)  # None: still connecting (services/edge/app.py)
+    state = Readiness(
+        ready=False,
+        instance=request.app.state.instance,
+        nats=nc is not None and nc.is_connected,
+        stream=False,
+        consumer=False,
+        generators=False,
+    )
+    if nc is not None and state.nats:
+        js = nc.jetstream()
         try:
             await js.stream_info(subjects.REQUEST_STREAM)
             state.stream = True

@@ -6,16 +6,20 @@ import uvicorn
 
 from services.edge.app import create_app
 from services.runtime import tracing
-from services.runtime.service import freeze_startup_heap, setup_logging
+from services.runtime.service import freeze_startup_heap, setup_process
 from services.runtime.settings import Settings
 
 
 def main(settings: Settings) -> None:
-    setup_logging(settings.log_level, "llmbus-edge")
-    tracing.setup("llmbus-edge")
-    app = create_app(settings)
-    app.on_startup.append(freeze_startup_heap)  # after the lifespan has connected
-    uvicorn.run(
+    setup_process("edge", settings)
+    server: uvicorn.Server | None = None
+
+    def fatal() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(settings, on_ready=freeze_startup_heap, on_fatal=fatal)
+    config = uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
@@ -26,4 +30,8 @@ def main(settings: Settings) -> None:
         access_log=False,  # the edge logs one structured line per request itself
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
+    server = uvicorn.Server(config)
+    server.run()
     tracing.shutdown()
+    if getattr(app.state, "failed", False):
+        raise SystemExit(1)

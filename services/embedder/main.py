@@ -36,7 +36,7 @@ class Embedder:
             log.info("embedding backend: %s %s at %s", self.settings.backend, version, self.backend.url)
         except LlmbusError as exc:
             log.warning("%s; requests will fail with backend_unavailable until it is up", exc.message)
-        self.nc = await bus.connect(self.settings, "llmbus-embedder")
+        self.nc = await bus.connect_with_retry(self.settings, "llmbus-embedder")
         cache: EmbedCache | None = None
         if self.settings.embed_cache_ttl_s > 0:
             cache = EmbedCache(self.nc.jetstream(), self.settings)
@@ -65,4 +65,4 @@ class Embedder:
 
 
 def main(settings: Settings) -> None:
-    service.run(Embedder(settings), "embedder", settings.log_level)
+    service.run(Embedder(settings), "embedder", settings)

@@ -50,7 +50,7 @@ class Generator:
             log.info("model backend: %s %s at %s", self.settings.backend, version, self.backend.url)
         except LlmbusError as exc:
             log.warning("%s; requests will fail with backend_unavailable until it is up", exc.message)
-        self.nc = await bus.connect(self.settings, "llmbus-generator")
+        self.nc = await bus.connect_with_retry(self.settings, "llmbus-generator")
         self.worker = Worker(
             self.nc,
             self.settings,
@@ -69,4 +69,4 @@ class Generator:
 
 
 def main(settings: Settings) -> None:
-    service.run(Generator(settings), "generator", settings.log_level)
+    service.run(Generator(settings), "generator", settings)

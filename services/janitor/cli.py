@@ -16,9 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TextIO
 
-import nats
-import nats.errors
-
 from contracts import LlmbusError
 from contracts.models import (
     CopyRequest,
@@ -75,12 +72,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    try:
-        # The operator's NATS user (`admin`), from LLMBUS_NATS_USER or the data directory's credentials.
-        nc = await bus.connect(settings, "llmbus-admin", connect_timeout=3, max_reconnect_attempts=0)
-    except (OSError, nats.errors.Error) as exc:
-        print(f"error: cannot reach NATS at {settings.nats_url}: {exc}", file=sys.stderr)
-        return 1
+    # The operator's NATS user (`admin`), from LLMBUS_NATS_USER or the data directory's credentials;
+    # NATS unreachable: `bus.NatsUnreachable`, which `llmbus` reports in one line.
+    nc = await bus.connect(settings, "llmbus-admin")
     inventory = await InventoryView().start(nc.jetstream())
     try:
         with contextlib.suppress(TimeoutError):

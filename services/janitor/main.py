@@ -39,7 +39,7 @@ class JanitorService:
     async def start(self) -> None:
         settings = self.settings
         self._started = True
-        self.nc = await bus.connect(settings, f"llmbus-janitor-{settings.janitor_host}")
+        self.nc = await bus.connect_with_retry(settings, f"llmbus-janitor-{settings.janitor_host}")
         js = self.nc.jetstream()
         await bus.provision(js, settings)
         kv = await open_bucket(js)
@@ -58,6 +58,7 @@ class JanitorService:
         )
         self._usage = await self.nc.subscribe(subjects.USAGE_SUBJECTS, cb=self._on_usage)
         self._micro = await admin.serve(self.nc, self.janitor)
+        await self.nc.flush()  # the admin subscriptions are on the server before start returns
         self._tasks = [
             asyncio.create_task(self._every(settings.janitor_interval_s, self.janitor.tick)),
             asyncio.create_task(self._reconciling()),
@@ -107,4 +108,4 @@ class JanitorService:
 
 
 def main(settings: Settings) -> None:
-    service.run(JanitorService(settings), "janitor", settings.log_level)
+    service.run(JanitorService(settings), "janitor", settings)

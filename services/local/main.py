@@ -116,4 +116,4 @@ _PR_SET_PDEATHSIG = 1
 
 def main(settings: Settings) -> None:
     stop_with_parent()
-    service.run(LocalModels(settings), "local", settings.log_level)
+    service.run(LocalModels(settings), "local", settings)

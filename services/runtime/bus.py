@@ -7,15 +7,21 @@ no-op on the server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
+import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import nats
 from nats.aio.client import Client
+from nats.errors import AuthorizationError, NoServersError
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -58,20 +64,74 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-async def connect(settings: Settings, name: str, *, role: str | None = None, **options: Any) -> Client:
-    """Connects as the NATS user of `role` (default: from `name`, `llmbus-<role>[-...]`)."""
+class NatsUnreachable(Exception):
+    """NATS did not take the connection; the message is the one line an operator needs."""
 
-    client: list[Client] = []  # the callbacks run after connect returns
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach NATS at {url}: {reason}")
+
+
+def display_url(url: str) -> str:
+    """`LLMBUS_NATS_URL` as it is safe to print: any password in it masked."""
+    parts = []
+    for server in servers(url):
+        parsed = urlsplit(server if "://" in server else f"nats://{server}")
+        netloc = parsed.hostname or ""
+        if parsed.port:
+            netloc += f":{parsed.port}"
+        if parsed.username:
+            netloc = f"{parsed.username}:***@{netloc}" if parsed.password else f"{parsed.username}@{netloc}"
+        parts.append(f"{parsed.scheme}://{netloc}")
+    return ",".join(parts)
+
+
+def _reason(failure: BaseException | None, timeout: float) -> str:
+    """What went wrong, in the words an operator searches for."""
+    if isinstance(failure, AuthorizationError) or "authorization violation" in str(failure).lower():
+        return (
+            "authorization violation (wrong NATS user or password: see LLMBUS_NATS_USER, "
+            "LLMBUS_NATS_PASSWORD and LLMBUS_NATS_CREDENTIALS)"
+        )
+    if isinstance(failure, ConnectionRefusedError):
+        return "connection refused (is nats-server running there? `llmbus up` starts one)"
+    if isinstance(failure, ssl.SSLError):
+        return f"TLS failed: {failure.reason or failure}"
+    if isinstance(failure, socket.gaierror):
+        return f"unknown host ({failure.strerror})"
+    if failure is None or isinstance(failure, (TimeoutError, NatsTimeoutError)):
+        return f"no answer within {timeout:g} s"
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror.lower()
+    return str(failure).removeprefix("nats: ") or type(failure).__name__
+
+
+async def connect(
+    settings: Settings, name: str, *, role: str | None = None, within: float = 5.0, **options: Any
+) -> Client:
+    """Connects as the NATS user of `role` (default: from `name`, `llmbus-<role>[-...]`).
+
+    One attempt at every server of `LLMBUS_NATS_URL`, `within` seconds: `NatsUnreachable` with the
+    reason when none takes the connection, so a command never hangs. Once connected, the client
+    reconnects without limit: a service outlives NATS restarts. (nats.py's own initial-connect
+    retry cannot be bounded: it reads `max_reconnect_attempts=0` as "forever".)
+    """
+
+    client = Client()
+    connected = False
+    failures: list[BaseException] = []  # until connected, errors are kept for the one-line report
 
     async def on_disconnect() -> None:
-        if client and (client[0].is_closed or client[0].is_draining):
-            return  # our own close or drain, not a fault
+        if client.is_closed or client.is_draining or failures:
+            return  # our own close or drain, or a failed first attempt: not a fault to log
         log.warning("nats disconnected; reconnecting")
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
     async def on_error(exc: Exception) -> None:
+        if not connected:
+            failures.append(exc)
+            return
         log.warning("nats error: %s", exc)
 
     user = credentials(settings, role or name.removeprefix("llmbus-").split("-")[0])
@@ -82,16 +142,54 @@ async def connect(settings: Settings, name: str, *, role: str | None = None, **o
     tls = tls_context(settings)
     if tls is not None:
         auth["tls"] = tls
-    defaults: dict[str, Any] = {
-        "max_reconnect_attempts": -1,  # a service outlives NATS restarts
-        "reconnect_time_wait": 0.5,
-        "connect_timeout": 5,
+    first_attempt: dict[str, Any] = {
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 1,  # each server twice at most, then NoServersError
+        "reconnect_time_wait": 0.1,
+        "connect_timeout": within,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
         "error_cb": on_error,
     }
-    nc = await nats.connect(servers(settings.nats_url), name=name, **(defaults | auth | options))
-    client.append(nc)
+    try:
+        await asyncio.wait_for(
+            client.connect(servers(settings.nats_url), name=name, **(first_attempt | auth | options)), within
+        )
+    except (TimeoutError, OSError, NatsError) as exc:
+        with contextlib.suppress(Exception):
+            await client.close()
+        cause: BaseException | None = failures[-1] if failures else exc
+        if isinstance(cause, (NoServersError, TimeoutError)):
+            cause = None  # they say nothing more than "no answer"
+        raise NatsUnreachable(display_url(settings.nats_url), _reason(cause, within)) from None
+    connected = True
+    failures.clear()
+    # Connected: from now on reconnect forever, every half second (the options are read live).
+    client.options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    client.options.update({k: v for k, v in options.items() if k in _RECONNECT_OPTIONS})
+    return client
+
+
+_RECONNECT_OPTIONS = ("allow_reconnect", "max_reconnect_attempts", "reconnect_time_wait")
+SERVICE_CONNECT_BACKOFF = Backoff(retries=sys.maxsize, base_s=0.5, max_s=10.0)
+
+
+async def connect_with_retry(settings: Settings, name: str, *, role: str | None = None) -> Client:
+    """A service's connect: says where it connects, retries with capped backoff while NATS is
+    unreachable (each failure logged with its reason), and can be cancelled at any point, so
+    SIGTERM stops a service that is still waiting for NATS."""
+    log.info("connecting to NATS at %s", display_url(settings.nats_url))
+
+    def report(failure: Exception, delay: float) -> None:
+        log.warning("%s; retrying in %.1f s", failure, delay)
+
+    nc = await with_backoff(
+        lambda: connect(settings, name, role=role),
+        backoff=SERVICE_CONNECT_BACKOFF,
+        retryable=lambda failure: isinstance(failure, NatsUnreachable),
+        on_retry=report,
+    )
+    log.info("connected to NATS at %s", display_url(settings.nats_url))
     return nc
 
 

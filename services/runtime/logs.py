@@ -73,6 +73,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class TextFormatter(JsonFormatter):
+    """The same record for a person at a terminal: `12:00:01 warning llmbus-edge: message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = json.loads(super().format(record))
+        line = f"{fields.pop('ts')[11:19]} {fields.pop('level')} {fields.pop('service', fields['logger'])}: "
+        line += str(fields.pop("msg"))
+        if "request_id" in fields:
+            line += f" [request {fields['request_id']}]"
+        if "exc" in fields:
+            line += "\n" + str(fields["exc"])
+        return line
+
+
+def is_text(fmt: str) -> bool:
+    """`LLMBUS_LOG_FORMAT`: json, text, or auto (text when stderr is a terminal, else json)."""
+    return fmt == "text" or (fmt == "auto" and sys.stderr.isatty())
+
+
+def formatter(fmt: str, service: str | None = None) -> logging.Formatter:
+    return TextFormatter(service) if is_text(fmt) else JsonFormatter(service)
+
+
 def _timestamp(created: float) -> str:
     seconds = int(created)
     return (
@@ -83,15 +106,21 @@ def _timestamp(created: float) -> str:
 _handler: logging.Handler | None = None
 
 
-def setup(level: str, service: str | None = None) -> None:
-    """JSON lines on stderr for the root logger (and so for every library that propagates)."""
+def setup(level: str, service: str | None = None, fmt: str = "json") -> None:
+    """Log lines on stderr for the root logger (and so for every library that propagates)."""
     global _handler
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
     _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(JsonFormatter(service))
+    _handler.setFormatter(formatter(fmt, service))
     root.addHandler(_handler)
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call is noise
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def use_formatter(fmt: logging.Formatter) -> None:
+    """Replaces the format `setup` chose (`llmbus up`'s own short lines)."""
+    assert _handler is not None, "call setup first"
+    _handler.setFormatter(fmt)

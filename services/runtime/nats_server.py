@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from services.runtime import nats_auth
+from services.runtime.children import die_with_parent
 
 
 def server_binary() -> str:
@@ -52,11 +53,13 @@ class NatsServer:
         anonymous: str | None = None,
         tls: tuple[Path, Path] | None = None,
         credentials_dir: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         """`auth`: one user per service with its permissions (`nats_auth`), passwords generated
         once into `<credentials_dir or store_dir>/credentials.json` (a cluster's nodes share one);
         `anonymous`: the user a client without credentials becomes (the tests' own connections:
-        `admin`); `tls`: certificate and key."""
+        `admin`); `tls`: certificate and key; `die_with_parent`: SIGTERM when the thread that starts
+        it dies (services/runtime/children.py)."""
         self.store_dir = store_dir
         self.port = port or free_port()
         self.host = host
@@ -66,6 +69,7 @@ class NatsServer:
         self.anonymous = anonymous
         self.tls = tls
         self.credentials_dir = credentials_dir or store_dir
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,7 +114,13 @@ class NatsServer:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             # Own session: a terminal's Ctrl-C must not stop NATS before the services have drained.
             self.proc = subprocess.Popen(
-                [*args, *self.extra_args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [*args, *self.extra_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # Only when started from a thread that lives as long as the server (`llmbus up`'s main
+                # thread): the signal follows the thread that forked, not the process.
+                preexec_fn=die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

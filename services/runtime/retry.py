@@ -44,10 +44,12 @@ async def with_backoff(
     backoff: Backoff,
     retryable: Callable[[Exception], bool],
     deadline: float | None = None,
+    on_retry: Callable[[Exception, float], None] | None = None,
 ) -> T:
     """`await op()`, retried after a `retryable` failure; the last failure is raised.
 
     `deadline` is event-loop time: no retry is started whose delay would end after it.
+    `on_retry(failure, delay)` is told of each retry before its wait (to log it).
     """
     loop = asyncio.get_running_loop()
     retry = 0
@@ -61,4 +63,6 @@ async def with_backoff(
             if deadline is not None and loop.time() + delay >= deadline:
                 raise
             retry += 1
+            if on_retry is not None:
+                on_retry(exc, delay)
             await asyncio.sleep(delay)

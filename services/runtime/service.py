@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import signal
 from typing import Protocol
 
 from services.runtime import logs, tracing
+from services.runtime.settings import Settings, unknown_variables
+
+log = logging.getLogger(__name__)
 
 
 class Service(Protocol):
@@ -16,9 +21,13 @@ class Service(Protocol):
     async def stop(self, grace: float | None = None) -> None: ...
 
 
-def setup_logging(level: str, service: str | None = None) -> None:
-    """JSON lines with request and trace ids (see `services.runtime.logs`)."""
-    logs.setup(level, service)
+def setup_process(name: str, settings: Settings) -> None:
+    """What every service does first: log lines (`services.runtime.logs`), a warning for each
+    `LLMBUS_*` variable no setting reads, tracing."""
+    logs.setup(settings.log_level, f"llmbus-{name}", settings.log_format)
+    for warning in unknown_variables():
+        log.warning(warning)
+    tracing.setup(f"llmbus-{name}")
 
 
 def freeze_startup_heap() -> None:
@@ -31,10 +40,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def run(service: Service, name: str, log_level: str = "info") -> None:
+def run(service: Service, name: str, settings: Settings) -> None:
     """Runs `service` until SIGINT or SIGTERM, then stops it gracefully."""
-    setup_logging(log_level, f"llmbus-{name}")
-    tracing.setup(f"llmbus-{name}")
+    setup_process(name, settings)
     try:
         import uvloop
 
@@ -49,7 +57,18 @@ async def _serve(service: Service) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    # A signal while starting (NATS down: `bus.connect_with_retry` waits) stops the process at once.
+    starting = asyncio.create_task(service.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped before it was ready")
+        return
+    stopping.cancel()
+    starting.result()  # a failed start ends the process with its error
     freeze_startup_heap()
     await stop.wait()
     await service.stop()

@@ -5,6 +5,7 @@ One struct for every service keeps names and defaults in one place; docs/operati
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Literal
@@ -94,6 +95,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: int = 4096  # num_predict / max_tokens asked above this (or -1) is capped to it
     lease_ttl_s: float = 30.0  # an in-flight slot of a crashed edge is freed after this long
     log_level: str = "info"
+    # json: one JSON object per line; text: short lines for people; auto: text on a terminal, else json.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    # Who this process is, as `/health/ready` reports it (`llmbus up` checks that the edge answering
+    # on its port is the one it started); empty: a random id per process.
+    instance_id: str = ""
     # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
     # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.
     metrics_port: int = 0
@@ -113,6 +119,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         except msgspec.ValidationError as exc:
             raise SystemExit(f"invalid configuration: {exc} (environment variables {PREFIX}*)") from None
 
+    @classmethod
+    def sources(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Where each setting comes from: `environment (LLMBUS_X)` or `default`."""
+        env = os.environ if environ is None else environ
+        return {
+            name: f"environment ({PREFIX}{name.upper()})" if PREFIX + name.upper() in env else "default"
+            for name in cls.__struct_fields__
+        }
+
     @property
     def generate_url(self) -> str:
         return self.backend_url or self.ollama_url
@@ -124,3 +139,78 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         return {PREFIX + name.upper(): str(getattr(self, name)) for name in self.__struct_fields__}
+
+
+# `LLMBUS_*` variables that are not settings but are known: compose's inputs, one per service, that
+# it hands to each container as LLMBUS_NATS_PASSWORD (compose.yml).
+_NOT_SETTINGS = ("LLMBUS_NATS_PASSWORD_",)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per `LLMBUS_*` variable that no setting reads, naming the closest known one:
+    a mistyped name (`LLMBUS_CONCURENCY`) would otherwise be silently ignored."""
+    env = os.environ if environ is None else environ
+    known = [PREFIX + name.upper() for name in Settings.__struct_fields__]
+    warnings = []
+    for key in sorted(env):
+        if not key.startswith(PREFIX) or key in known or key.startswith(_NOT_SETTINGS):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (`llmbus config` lists every setting)"
+        warnings.append(f"unknown variable {key} is ignored{hint}")
+    return warnings
+
+
+# Which settings each command reads, for its `--help` and `llmbus config`; every setting is in a group
+# (a test checks), so a new one cannot be left out of the help.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "bus": (
+        "nats_url", "nats_user", "nats_password", "nats_credentials", "nats_tls_ca", "nats_tls_cert",
+        "nats_tls_key", "data_dir", "stream_replicas", "dedupe_window_s", "event_max_age_s", "dlq_max_age_s",
+    ),
+    "process": ("log_level", "log_format", "instance_id", "metrics_port", "shutdown_grace_s"),
+    "worker": ("concurrency", "ack_wait_s", "max_deliver", "request_timeout_s"),
+    "backend": (
+        "ollama_url", "backend", "backend_url", "backend_api_key", "backend_stream", "embed_backend_url",
+        "backend_connect_timeout_s", "backend_first_token_timeout_s", "backend_retries",
+        "backend_retry_base_s", "backend_retry_max_s",
+    ),
+    "generator": ("generate_models",),
+    "embedder": (
+        "embed_concurrency", "embed_batching", "embed_max_batch", "embed_max_wait_ms", "embed_max_calls",
+        "embed_max_inputs", "embed_max_input_chars", "embed_cache_ttl_s", "embed_cache_max_bytes",
+    ),
+    "routing": ("routes_file", "route_wait_s"),
+    "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
+    "edge": (
+        "http_host", "http_port", "max_body_bytes", "tasks_dir", "edge_model_check", "auth", "tenants_file",
+        "cors_origins", "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s",
+    ),
+    "local": ("local", "local_max_tokens", "local_model", "local_chat_port", "local_embed_port"),
+    "up": ("nats_port",),
+}  # fmt: skip
+_WORKER = ("bus", "process", "worker", "backend")
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "up": tuple(GROUPS),
+    "edge": ("bus", "process", "edge", "routing", "worker"),
+    "generator": (*_WORKER, "generator"),
+    "embedder": (*_WORKER, "embedder"),
+    "classifier": (*_WORKER, "routing"),
+    "janitor": (*_WORKER, "janitor"),
+    "local": ("process", "local"),
+    "models": ("bus",),
+    "dlq": ("bus",),
+    "config": tuple(GROUPS),
+}
+
+
+def variables_help(command: str) -> str:
+    """The `--help` epilog of `command`: each variable it reads and its default."""
+    defaults = Settings()
+    lines = ["environment variables read (default in brackets):"]
+    for group in COMMAND_GROUPS.get(command, ()):
+        for name in GROUPS[group]:
+            default = getattr(defaults, name)
+            shown = "" if name.endswith("password") or name.endswith("api_key") else str(default)
+            lines.append(f"  {PREFIX}{name.upper():<34} [{shown}]")
+    return "\n".join(lines)
