@@ -2,15 +2,26 @@
 
 Each test gets its own NATS server (about 50 ms to start), so tests never share streams,
 consumers or leftover messages.
+
+The run is hermetic: it sees none of the caller's `LLMBUS_*` / `NATS_*` variables, works in a
+directory of its own (so a `.llmbus/` left by `llmbus up` in the checkout is never read), and
+fails if any process it started outlives it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,6 +34,55 @@ from services.runtime import tracing
 from services.runtime.nats_server import NatsServer, free_port
 from services.runtime.settings import Settings
 from tests.fakes.ollama import FakeConfig, FakeOllama
+
+ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_CHILD_SUBREAPER = 36
+_workdir: Path | None = None
+
+
+def hermetic_environment(environ: dict[str, str] | os._Environ[str], workdir: Path) -> None:
+    """Drops the caller's llmbus and NATS settings; points the data directory into `workdir`."""
+    for key in [k for k in environ if k.startswith(("LLMBUS_", "NATS_"))]:
+        del environ[key]
+    environ["LLMBUS_DATA_DIR"] = str(workdir / ".llmbus")
+    # Subprocesses import `tests.*` and `scripts.*` from the checkout whatever their directory.
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH", "")]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _workdir
+    _workdir = Path(tempfile.mkdtemp(prefix="llmbus-tests-"))
+    hermetic_environment(os.environ, _workdir)
+    # Relative defaults (infra/routes.toml, infra/tenants.toml, ...) still find the checkout's files.
+    (_workdir / "infra").symlink_to(ROOT / "infra")
+    os.chdir(_workdir)
+    if sys.platform == "linux":  # orphans of killed children become ours, so the check below sees them
+        ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No process a test started may outlive the run: each survivor is named, killed, and fails it."""
+    survivors = [p for p in psutil.Process().children(recursive=True) if _alive(p)]
+    for proc in survivors:
+        with contextlib.suppress(psutil.Error):
+            sys.stderr.write(f"\nleft running by the tests: pid {proc.pid}: {' '.join(proc.cmdline())}\n")
+            proc.kill()
+    if survivors:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    os.chdir(ROOT)
+    if _workdir is not None:
+        shutil.rmtree(_workdir, ignore_errors=True)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)  # reap it: exited, just not yet waited for
+            return False
+        return True
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture

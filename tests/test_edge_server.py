@@ -33,7 +33,7 @@ async def edge_process(settings: Settings, generator: Generator) -> AsyncIterato
             for _ in range(200):
                 assert proc.poll() is None, "the edge exited at start-up"
                 try:
-                    if (await http.get(f"{url}/health/live")).status_code == 200:
+                    if (await http.get(f"{url}/health/ready")).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
