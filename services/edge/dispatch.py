@@ -41,6 +41,7 @@ from contracts import (
 from contracts.route import ROUTE_SUBJECT, is_routed
 from services.edge import observability
 from services.edge.admission import Admission, Ticket
+from services.edge.backlog import Slot
 from services.edge.routing import RouteFallback
 from services.runtime import bus, events, tracing
 from services.runtime.events import RawEvent, Sequencer
@@ -379,12 +380,14 @@ class Dispatcher:
         routed = isinstance(request, GenerateRequest) and is_routed(request.model)  # "auto", "route:x"
         subject = subject or (ROUTE_SUBJECT if routed else subjects.generate_subject(request.model))
         ticket = None
+        slot = Slot(None, subject)
         if self.admission is not None:
-            request, ticket = await self.admission.admit(request, subject)
+            request, ticket, slot = await self.admission.admit(request, subject)
         try:
             return await self._submit(
                 request,
                 ticket,
+                slot,
                 timeout_s,
                 subject=subject,
                 routed=routed,
@@ -396,11 +399,14 @@ class Dispatcher:
             if ticket is not None:
                 ticket.release(None)
             raise
+        finally:
+            slot.dropped()  # unless `_submit` stored it
 
     async def _submit(
         self,
         request: Request,
         ticket: Ticket | None,
+        slot: Slot,
         timeout_s: float | None,
         *,
         subject: str,
@@ -457,6 +463,8 @@ class Dispatcher:
                 ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
             ) from exc
         observability.accepted(feed, request.model)
+        if not ack.duplicate:
+            slot.stored(ack.seq)
         if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
             feed.replay = True
             return feed
