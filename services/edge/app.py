@@ -15,6 +15,7 @@ from services.edge.classify import classify
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import router as openai_router
 from services.edge.demo import asset, page
+from services.edge.depth import LimitedRequest
 from services.edge.dispatch import Dispatcher
 from services.edge.embed import embed
 from services.edge.errors import exception_handlers
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> Litestar:
         guards=[authenticate],  # API keys and admin scope, for every route of every API
         cors_config=CORSConfig(allow_origins=origins) if origins else None,  # closed unless configured
         request_max_body_size=settings.max_body_bytes,
+        request_class=LimitedRequest,  # a JSON body nested too deeply is 400, not a RecursionError
         openapi_config=OpenAPIConfig(title="llmbus", version="0.1.0", path="/schema"),
         plugins=[Observability()],  # server span, request metrics and log context; GET /metrics
     )
