@@ -18,7 +18,7 @@ from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
 from services.edge.dispatch import Dispatcher
 from services.edge.embed import embed
-from services.edge.errors import exception_handlers
+from services.edge.errors import exception_handlers, with_retry_after
 from services.edge.generation import chat, generate
 from services.edge.health import live, ready
 from services.edge.observability import Observability
@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> Litestar:
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        after_request=with_retry_after,  # every 429 and 503 has a Retry-After
         guards=[authenticate],  # API keys and admin scope, for every route of every API
         cors_config=CORSConfig(allow_origins=origins) if origins else None,  # closed unless configured
         request_max_body_size=settings.max_body_bytes,
