@@ -86,11 +86,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is None or not cycle.response_started:
-            self.transport.write(
-                error_bytes(408, f"the request's {part} did not arrive within {seconds:g} s")
-            )
-            if cycle is not None:
-                cycle.response_complete = True  # the handler's own answer, if any, goes nowhere
+            message = f"the request's {part} did not arrive within {seconds:g} s"
+            self.transport.write(error_bytes(408, message))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the handler reading the body gets `http.disconnect`; its
+            cycle.message_event.set()  # answer goes nowhere (the 408 was the answer)
         self.transport.close()
 
 
