@@ -84,7 +84,9 @@ async def fuzz(max_examples: int, seed: int, workers: int, *, auth: bool = True)
 async def _run_schemathesis(
     url: str, max_examples: int, seed: int, workers: int, *, tmp: Path, headers: list[str]
 ) -> dict[str, Any]:
-    st = shutil.which("st") or "st"
+    # The `st` next to this interpreter (its virtualenv's bin need not be on PATH), else PATH's.
+    beside = Path(sys.executable).parent / "st"
+    st = str(beside) if beside.exists() else shutil.which("st") or "st"
     command = [
         st,
         "run",

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.edge.app import create_app
+from services.edge.http_protocol import edge_protocol
 from services.generator.main import Generator
 from services.runtime import tracing
 from services.runtime.nats_server import NatsServer, free_port
@@ -133,6 +134,7 @@ class Edge:
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=1,
+            http=edge_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
         )
         self.server = uvicorn.Server(config)
 

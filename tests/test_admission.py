@@ -12,8 +12,10 @@ from typing import Any
 
 import httpx
 import msgspec
+import nats
 import pytest
 
+from contracts import subjects
 from services.edge.quota import Quota, open_bucket
 from services.edge.tenants import Tenant, hash_key
 from services.generator.main import Generator
@@ -223,6 +225,52 @@ async def test_a_model_backlog_over_its_bound_is_503_queue_full_with_retry_after
         assert openai.status_code == 503 and openai.json()["error"]["code"] == "queue_full"
         # Another model's queue is not full.
         assert (await http.post("/v1/chat", json={**deferred, "model": "qwen3:14b"})).status_code == 202
+
+
+async def queued(settings: Settings, subject: str) -> int:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        info = await nc.jetstream().stream_info(subjects.REQUEST_STREAM, subjects_filter=subject)
+        return sum((info.state.subjects or {}).values())
+    finally:
+        await nc.close()
+
+
+async def test_a_burst_never_queues_more_than_the_bound(settings: Settings) -> None:
+    # No generator: what is admitted stays queued. Views refreshed as often as possible, so a
+    # look that answers while the burst's publishes are in flight would lose count of them.
+    async with running(msgspec.structs.replace(settings, max_queue=3, queue_check_s=0.001)) as http:
+        for burst in range(3):
+            model = f"burst{burst}:1b"
+            answers = await asyncio.gather(
+                *(
+                    http.post("/v1/chat", json={**CHAT, "model": model, "stream": "deferred"})
+                    for _ in range(30)
+                )
+            )
+            statuses = sorted(a.status_code for a in answers)
+            assert statuses == [202] * 3 + [503] * 27, (burst, statuses)
+            assert await queued(settings, subjects.generate_subject(model)) == 3
+
+
+async def test_a_drained_queue_is_never_refused(settings: Settings, fake_ollama: FakeOllama) -> None:
+    fake_ollama.config.tokens = 3
+    settings = msgspec.structs.replace(settings, max_queue=3, queue_check_s=0.2)
+    async with running(settings) as http:
+        gen = Generator(settings)
+        await gen.start()
+        try:
+            for round_ in range(3):  # each ran to its end
+                answers = await asyncio.gather(*(http.post("/v1/chat", json=CHAT) for _ in range(3)))
+                refused = [a.text for a in answers if a.status_code != 200]
+                assert refused == [], round_
+                await asyncio.sleep(0.5)  # idle, longer than the view may get old
+        finally:
+            await gen.stop(grace=0)
+        assert await queued(settings, subjects.generate_subject(MODEL)) == 0
+        for _ in range(3):  # empty, and no generator to take them: three fit
+            assert (await http.post("/v1/chat", json={**CHAT, "stream": "deferred"})).status_code == 202
+        assert_error(await http.post("/v1/chat", json={**CHAT, "stream": "deferred"}), 503, "queue_full")
 
 
 async def test_a_body_over_the_limit_is_413_request_too_large(client: httpx.AsyncClient) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import nats
 import pytest
 from httpx import AsyncClient
 
-from contracts import subjects
+from contracts import headers, subjects
+from services.edge.depth import MAX_JSON_DEPTH, too_deep
 from services.runtime.nats_server import NatsServer
 from tests.fakes.ollama import FakeOllama
 
@@ -99,3 +102,57 @@ async def test_wrong_method_is_a_clear_error(client: AsyncClient) -> None:
     response = await client.get("/v1/chat")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "bad_request"
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+async def test_json_nested_too_deeply_is_400_on_every_post_route(client: AsyncClient) -> None:
+    schema = (await client.get("/schema/openapi.json")).json()
+    posts = [path for path, operations in schema["paths"].items() if "post" in operations]
+    assert len(posts) >= 17
+    deep = b'{"model": "llama3.2:1b", "input": ' + nested(5000) + b"}"
+    fmt = msgspec.json.encode({"model": "llama3.2:1b", "messages": USER})[:-1] + b', "format": '
+    fmt += b'{"a": ' * 3000 + b"{}" + b"}" * 3000 + b"}"
+    cases = [(path.replace("{name}", "summarize"), deep) for path in posts] + [("/v1/chat", fmt)]
+    for path, content in cases:
+        response = await client.post(path, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (path, response.status_code, response.text[:200])
+        assert "nested" in response.text, (path, response.text[:200])
+    # As deep as a real body gets (a JSON schema in `format`, say) is fine.
+    ok = {"model": "llama3.2:1b", "messages": USER, "format": {"type": "object"}}
+    assert (await client.post("/v1/chat", json=ok)).status_code == 200
+    brackets = [{"role": "user", "content": '["\\' + "[{" * 5000}]  # in a string they do not nest
+    assert (
+        await client.post("/v1/chat", json={"model": "llama3.2:1b", "messages": brackets})
+    ).status_code == 200
+
+
+def test_the_depth_limit_is_exact_and_cheap() -> None:
+    assert not too_deep(nested(MAX_JSON_DEPTH)) and too_deep(nested(MAX_JSON_DEPTH + 1))
+    assert not too_deep(b"[]" * 100_000)  # many brackets, shallow
+    assert too_deep(b'{"a": "\\"' + b", [" * 101 + b"]" * 101 + b"}")  # an escaped quote ends no string
+    body = b"[" * 500_000 + b"]" * 500_000  # a whole 1 MB body of brackets
+    started = time.perf_counter()
+    assert too_deep(body)
+    assert time.perf_counter() - started < 0.5
+
+
+async def test_a_request_nested_too_deeply_on_the_bus_is_refused_by_the_worker(
+    client: AsyncClient, nats_server: NatsServer
+) -> None:
+    # A direct publisher skips the edge's limit: the worker's decoder refuses it, not a redelivery loop.
+    request_id = "deep-request-1"
+    body = b'{"id": "deep-request-1", "model": "llama3.2:1b", "prompt": "x", "format": '
+    body += b'{"a": ' * 3000 + b"{}" + b"}" * 3000 + b"}"
+    nc = await nats.connect(nats_server.url)
+    try:
+        events = await nc.subscribe(subjects.event_subject(request_id))
+        reply = {headers.REPLY: subjects.event_subject(request_id)}
+        await nc.jetstream().publish(subjects.generate_subject("llama3.2:1b"), body, headers=reply)
+        error = msgspec.json.decode((await events.next_msg(5)).data)
+        assert error["type"] == "error" and error["code"] == "bad_request"
+        assert "recursion" in error["message"]
+    finally:
+        await nc.close()

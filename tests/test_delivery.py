@@ -547,3 +547,20 @@ async def test_unreachable_model_server_fails_within_the_retry_budget(settings: 
     finally:
         await gen.stop(grace=0)
     assert seen[-1]["code"] == "backend_unavailable"
+
+
+async def test_a_json_503_backend_unavailable_says_when_to_retry_on_every_api(settings: Settings) -> None:
+    settings = fast(settings, ollama_url=f"http://127.0.0.1:{free_port()}", edge_model_check=False)
+    gen = await running(settings)
+    try:
+        async with Edge(settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
+            for path, body in [
+                ("/v1/chat", CHAT),
+                ("/openai/v1/chat/completions", CHAT),
+                ("/ollama/api/chat", {**CHAT, "stream": False}),
+            ]:
+                response = await http.post(path, json=body)
+                assert response.status_code == 503, (path, response.text)
+                assert int(response.headers["retry-after"]) >= 1, path
+    finally:
+        await gen.stop(grace=0)

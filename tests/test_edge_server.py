@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from services.generator.main import Generator
@@ -25,6 +26,8 @@ BODY = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "write 
 
 @pytest.fixture
 async def edge_process(settings: Settings, generator: Generator) -> AsyncIterator[str]:
+    # Short HTTP read timeouts, so the slow-client tests take moments.
+    settings = msgspec.structs.replace(settings, http_header_timeout_s=1.0, http_body_timeout_s=1.0)
     env = {**os.environ, **settings.to_env(), "LLMBUS_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "edge"], cwd=REPO, env=env)  # noqa: ASYNC220
     url = f"http://127.0.0.1:{settings.http_port}"
@@ -106,3 +109,51 @@ async def test_non_streaming_client_hang_up_cancels_upstream(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await fake_ollama.wait_disconnected(1, timeout=5)
+
+
+async def raw(url: str, data: bytes, *, wait: float = 5.0) -> tuple[bytes, float]:
+    """Sends `data` on a fresh connection and reads until the server closes it (or `wait` passes)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    writer.write(data)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(wait):
+            answer = await reader.read()  # to EOF: the server closed the connection
+    except TimeoutError:
+        answer = b"(still open)"
+    finally:
+        writer.close()
+    return answer, time.monotonic() - started
+
+
+def error_of(answer: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), msgspec.json.decode(body)["error"]
+
+
+async def test_a_body_shorter_than_its_content_length_is_408_after_the_body_timeout(
+    edge_process: str,
+) -> None:
+    partial = b'{"model": "llama3.2:1b", "messages": ['
+    head = b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer, took = await raw(edge_process, head + b"Content-Length: 400\r\n\r\n" + partial)
+    status, error = error_of(answer)
+    assert status == 408 and error["code"] == "bad_request", answer
+    assert 0.9 < took < 3.0
+
+
+async def test_headers_that_never_end_are_408_after_the_header_timeout(edge_process: str) -> None:
+    answer, took = await raw(edge_process, b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+    status, error = error_of(answer)
+    assert status == 408 and error["code"] == "bad_request", answer
+    assert 0.9 < took < 3.0
+    _, took = await raw(edge_process, b"")  # a connection that sends nothing at all
+    assert took < 3.0
+
+
+async def test_malformed_headers_get_a_json_400_with_a_code(edge_process: str) -> None:
+    answer, _ = await raw(edge_process, b"GET /health/live HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
+    status, error = error_of(answer)
+    assert status == 400 and error["code"] == "bad_request" and error["message"], answer

@@ -4,6 +4,7 @@ every generated request, valid or not, gets an answer that is not a 5xx, and non
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def fuzz(max_examples: int, timeout: float) -> dict[str, object]:
+    # Not the virtualenv's bin on PATH, as when it runs by the venv's python without activating it.
+    bare = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
     run = subprocess.run(
         [sys.executable, "scripts/fuzz_edge.py", "--max-examples", str(max_examples)],
         cwd=REPO,
+        env={**os.environ, "PATH": bare},
         capture_output=True,
         text=True,
         timeout=timeout,  # a hang fails the test

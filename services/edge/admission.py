@@ -31,7 +31,7 @@ from litestar.handlers import BaseRouteHandler
 from nats.js import JetStreamContext
 
 from contracts import Accepted, EmbedRequest, ErrorCode, GenerateRequest, LlmbusError
-from services.edge.backlog import Backlog
+from services.edge.backlog import Backlog, Slot
 from services.edge.quota import Quota, open_bucket
 from services.edge.tenants import ANONYMOUS, Keyring, Tenant, TenantsFile
 from services.runtime.events import RawEvent
@@ -166,13 +166,18 @@ class Admission:
 
     async def admit(
         self, request: GenerateRequest | EmbedRequest, subject: str
-    ) -> tuple[GenerateRequest | EmbedRequest, Ticket | None]:
-        """The request as it may be published (`num_predict` capped), and its ticket; or raises."""
+    ) -> tuple[GenerateRequest | EmbedRequest, Ticket | None, Slot]:
+        """The request as it may be published (`num_predict` capped), its ticket and its place in
+        the backlog (`slot.stored()` once published, else `slot.dropped()`); or raises."""
         self.check_model(request.model)
         if isinstance(request, GenerateRequest):
             request = self._fit(request)
-        self.backlog.check(subject)  # `llm.req.route` for a routed request: the classifier's queue
-        return request, await self.hold()
+        slot = await self.backlog.admit(subject)  # `llm.req.route` if routed: the classifier's queue
+        try:
+            return request, await self.hold(), slot
+        except BaseException:
+            slot.dropped()
+            raise
 
     def check_model(self, model: str) -> None:
         """403 `forbidden` for a model outside the caller's `models` globs."""

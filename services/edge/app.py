@@ -23,9 +23,10 @@ from services.edge.classify import classify
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import router as openai_router
 from services.edge.demo import asset, page
+from services.edge.depth import LimitedRequest
 from services.edge.dispatch import Dispatcher
 from services.edge.embed import embed
-from services.edge.errors import exception_handlers
+from services.edge.errors import exception_handlers, with_retry_after
 from services.edge.generation import chat, generate
 from services.edge.health import live, ready
 from services.edge.observability import Observability
@@ -134,9 +135,11 @@ def create_app(
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        after_request=with_retry_after,  # every 429 and 503 has a Retry-After
         guards=[connected, authenticate],  # the bus, API keys and admin scope, for every route
         cors_config=CORSConfig(allow_origins=origins) if origins else None,  # closed unless configured
         request_max_body_size=settings.max_body_bytes,
+        request_class=LimitedRequest,  # a JSON body nested too deeply is 400, not a RecursionError
         openapi_config=OpenAPIConfig(title="llmbus", version="0.1.0", path="/schema"),
         plugins=[Observability()],  # server span, request metrics and log context; GET /metrics
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine
@@ -40,6 +41,7 @@ from contracts import (
 from contracts.route import ROUTE_SUBJECT, is_routed
 from services.edge import observability
 from services.edge.admission import Admission, Ticket
+from services.edge.backlog import Slot
 from services.edge.routing import RouteFallback
 from services.runtime import bus, events, tracing
 from services.runtime.events import RawEvent, Sequencer
@@ -48,6 +50,8 @@ from services.runtime.retry import Backoff, with_backoff
 
 __all__ = ["Dispatcher", "EventFeed", "RawEvent"]
 
+log = logging.getLogger("llmbus.edge")
+
 _encode = msgspec.json.Encoder().encode
 _decode_head = msgspec.json.Decoder(EventHead).decode
 _decode_accepted = msgspec.json.Decoder(Accepted).decode
@@ -55,6 +59,9 @@ _decode_accepted = msgspec.json.Decoder(Accepted).decode
 # A gap in the numbering is waited for this long (a worker that reconnected, or saw the event
 # stream's leader change, republishes what did not make it), then filled from LLM_OUT or skipped.
 GAP_WAIT_S = 5.0
+# After its deadline a feed waits this long for the worker's own terminal event (a worker stops a
+# running request at the same deadline) before the edge ends the request itself (`_end_at_deadline`).
+TERMINAL_GRACE_S = 2.0
 # A feed that hears nothing looks at LLM_OUT after this long, then less and less often.
 IDLE_PROBE_S = 2.0
 IDLE_PROBE_MAX_S = 30.0
@@ -109,11 +116,12 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class EventFeed:
-    """The events of one request, in order, ending after its terminal event or its deadline.
+    """The events of one request, in order, ending after its terminal event (exactly one).
 
     `after` is the last `seq` the client already has (`Last-Event-ID`); `replay` reads what is
     stored first (a feed attached to a request that may have started); `cancel_on_close` makes a
     client that goes away cancel the request (not for detached or idempotent requests).
+    `deadline` is the request's: the feed waits `TERMINAL_GRACE_S` past it for the terminal event.
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class EventFeed:
         self.first_token_at: float | None = None  # perf_counter() when the first token was delivered
         self.ticket: Ticket | None = None  # its hold on the tenant's limits, given back on close
         self._sub: Any = None
+        self._replayed: list[RawEvent] | None = None  # read by `prefetch`, not yet delivered
 
     async def subscribe(self) -> None:
         first = self.first_event
@@ -154,18 +163,35 @@ class EventFeed:
         # A callback subscription: nats-py runs one task per subscription, not one per message.
         self._sub = await self._nc.subscribe(self.subject, cb=put)
 
+    async def prefetch(self) -> None:
+        """Reads what is stored now (after subscribing), so `nothing_after` can be asked at once."""
+        self._replayed = await self._backfill()
+        self.replay = False
+        if self._sequencer.ended:
+            self.finished = True
+
+    @property
+    def nothing_after(self) -> bool:
+        """The request ended at or before the client's `Last-Event-ID`: nothing will follow."""
+        return self._sequencer.ended and not self._replayed
+
     async def batches(self) -> AsyncIterator[list[RawEvent]]:
         """Yields every event already queued at once, so a burst costs one write downstream."""
         inbox = self._inbox
         sequencer = self._sequencer
         idle = IDLE_PROBE_S
         try:
-            async with asyncio.timeout_at(self.deadline):
+            async with asyncio.timeout_at(self.deadline + TERMINAL_GRACE_S):
+                out = self._replayed if self._replayed is not None else []
+                self._replayed = None
                 if self.replay:
                     out = await self._backfill()
-                    if out:
-                        yield self._seen(out)
+                if out:
+                    yield self._seen(out)
                 while not self.finished:
+                    if sequencer.ended:  # at or before `after`: the client has seen the end
+                        self.finished = True
+                        break
                     out = []
                     items = await inbox.take(GAP_WAIT_S if sequencer.gap else idle)
                     if not items:  # this wait's own bound ran out, not the deadline
@@ -188,16 +214,39 @@ class EventFeed:
                     if out:
                         yield self._seen(out)
         except TimeoutError:
-            self.finished = True
-            error = Error(
-                seq=-1,
-                attempt=0,
-                code=ErrorCode.DEADLINE_EXCEEDED,
-                message="no result within the request's deadline",
-            )
             self.cancel()
-            self.last = (EventHead(type="error", seq=-1), _encode(error))
-            yield [self.last]
+            out = await self._end_at_deadline()
+            self.finished = True
+            if out:
+                yield self._seen(out)
+
+    async def _end_at_deadline(self) -> list[RawEvent]:
+        """No terminal event by the deadline (plus the grace): the edge ends the request itself.
+
+        It stores `error deadline_exceeded` in LLM_OUT right after what is stored (once per
+        request: `Nats-Msg-Id`), then delivers LLM_OUT's events, so the live client, a resume and
+        a worker that finds the expired request later all see one ending: the first terminal event
+        in LLM_OUT, with its `id`. Only when LLM_OUT cannot be reached is the error the edge's own,
+        without an `id`.
+        """
+        message = "no result within the request's deadline"
+        out: list[RawEvent] = []
+        with contextlib.suppress(*_STORE_ERRORS, *_PUBLISH_ERRORS):
+            async with asyncio.timeout(2 * TERMINAL_GRACE_S):
+                stored = events.published(await events.read(self._nc, self.subject, wait=2.0))
+                if not stored.ended:
+                    error = Error(
+                        seq=stored.next_seq, attempt=0, code=ErrorCode.DEADLINE_EXCEEDED, message=message
+                    )
+                    hdrs = {headers.MSG_ID: f"{self.request_id}.deadline"}
+                    await self._nc.jetstream().publish(self.subject, _encode(error), headers=hdrs, timeout=2)
+                out = await self._backfill()
+                if not self._sequencer.ended:
+                    self._sequencer.skip_gap(out)
+        if self._sequencer.ended:
+            return out
+        error = Error(seq=-1, attempt=0, code=ErrorCode.DEADLINE_EXCEEDED, message=message)
+        return [*out, (EventHead(type="error", seq=-1), _encode(error))]
 
     def _seen(self, out: list[RawEvent]) -> list[RawEvent]:
         if self._sequencer.ended:
@@ -331,12 +380,14 @@ class Dispatcher:
         routed = isinstance(request, GenerateRequest) and is_routed(request.model)  # "auto", "route:x"
         subject = subject or (ROUTE_SUBJECT if routed else subjects.generate_subject(request.model))
         ticket = None
+        slot = Slot(None, subject)
         if self.admission is not None:
-            request, ticket = await self.admission.admit(request, subject)
+            request, ticket, slot = await self.admission.admit(request, subject)
         try:
             return await self._submit(
                 request,
                 ticket,
+                slot,
                 timeout_s,
                 subject=subject,
                 routed=routed,
@@ -348,11 +399,14 @@ class Dispatcher:
             if ticket is not None:
                 ticket.release(None)
             raise
+        finally:
+            slot.dropped()  # unless `_submit` stored it
 
     async def _submit(
         self,
         request: Request,
         ticket: Ticket | None,
+        slot: Slot,
         timeout_s: float | None,
         *,
         subject: str,
@@ -409,6 +463,8 @@ class Dispatcher:
                 ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
             ) from exc
         observability.accepted(feed, request.model)
+        if not ack.duplicate:
+            slot.stored(ack.seq)
         if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
             feed.replay = True
             return feed
@@ -419,12 +475,29 @@ class Dispatcher:
             fingerprint=fingerprint(request) if idempotent else "",
             tenant=self.admission.tenant_name() if self.admission is not None else "",
         )
-        # Fire and forget: it only serves resume and idempotent retries, which read it from LLM_OUT.
-        await self.nc.publish(subjects.accepted_subject(request.id), _encode(accepted))
+        # Stored before the 202 (or the first event) goes out: the client's own follow or cancel,
+        # on any edge, reads it from LLM_OUT at once.
+        await self._record(accepted, deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S))
         if routed and self.fallback is not None:
             assert isinstance(request, GenerateRequest)
             feed.guard = asyncio.create_task(self.fallback.guard(feed, request, hdrs, ack.seq))
         return feed
+
+    async def _record(self, accepted: Accepted, *, deadline: float) -> None:
+        async def publish() -> PubAck:
+            hdrs = {headers.MSG_ID: f"{accepted.request_id}.accepted"}
+            return await self.js.publish(subject, _encode(accepted), headers=hdrs, timeout=2)
+
+        subject = subjects.accepted_subject(accepted.request_id)
+        try:
+            await with_backoff(
+                publish,
+                backoff=PUBLISH_BACKOFF,
+                retryable=lambda exc: isinstance(exc, _PUBLISH_ERRORS),
+                deadline=deadline,
+            )
+        except _PUBLISH_ERRORS as exc:  # it is queued and runs; only following it by id fails
+            log.warning("request %s: could not store its `accepted` record: %r", accepted.request_id, exc)
 
     def detach(self, feed: EventFeed) -> None:
         """Lets a request run on without its client (`"stream": "deferred"`). Its feed is followed
@@ -479,15 +552,15 @@ class Dispatcher:
     ) -> EventFeed:
         loop = asyncio.get_running_loop()
         now = time.time()
-        # The request's own deadline, plus a little for its terminal event to arrive; a feed on a
-        # request that ended long ago still gets the time to replay it.
-        end = accepted.deadline_ms / 1000 + 5 if accepted is not None else now + self.max_timeout_s
-        deadline = loop.time() + max(end - now, 5.0)
+        # The request's own deadline (the feed waits a grace past it for the terminal event).
+        end = accepted.deadline_ms / 1000 if accepted is not None else now + self.max_timeout_s
+        deadline = loop.time() + max(end - now, 0.0)
         feed = EventFeed(
             self.nc, request_id, deadline, after=after, replay=True, cancel_on_close=cancel_on_close
         )
         self._track(feed)
         await feed.subscribe()
+        await feed.prefetch()  # what is stored: a resume at or past the end is answered at once
         return feed
 
     async def _accepted(self, request_id: str) -> Accepted | None:

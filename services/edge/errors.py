@@ -105,6 +105,18 @@ def handlers(
     return {Exception: handle}
 
 
+# What a 429 or 503 that carries no hint of its own tells the client to wait, in seconds.
+DEFAULT_RETRY_AFTER = "1"
+
+
+def with_retry_after(response: Response[Any]) -> Response[Any]:
+    """Litestar's after-request hook: every 429 and 503, of every API and whatever produced it
+    (a worker's terminal event, a refusal at the edge), says when to retry."""
+    if response.status_code in (429, 503) and "retry-after" not in response.headers:
+        response.headers["Retry-After"] = DEFAULT_RETRY_AFTER
+    return response
+
+
 def _native(failure: Failure, request_id: str) -> Response[bytes]:
     return error_response(failure.code, failure.message, request_id, failure.retry_after, failure.status)
 

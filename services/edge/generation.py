@@ -16,7 +16,7 @@ from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import error_response, request_id_of
 from services.edge.hangup import ClientGone, unless_client_leaves
-from services.edge.requests import deferred, last_event_id
+from services.edge.requests import deferred, last_event_id, no_more_events
 from services.edge.sse import frame
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -44,17 +44,23 @@ async def _generate(
     wire.validate()
     dispatcher: Dispatcher = request.app.state.dispatcher
     detached = body.stream == "deferred"
+    streams = not detached and (
+        body.stream is True or "text/event-stream" in request.headers.get("accept", "")
+    )
     feed = await dispatcher.submit(
         wire,
         body.timeout,
         idempotent=key is not None,
         detached=detached,
-        after=last_event_id(request) if key else -1,
+        # A retry resumes a stream after its Last-Event-ID; a JSON answer is always the whole one.
+        after=last_event_id(request) if key and streams else -1,
     )
     if detached:
         dispatcher.detach(feed)  # the client follows it at the events URL, on any edge
         return deferred(request_id)
-    if body.stream is True or "text/event-stream" in request.headers.get("accept", ""):
+    if streams:
+        if feed.nothing_after:
+            return no_more_events(feed)
         return Stream(
             _sse(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
         )

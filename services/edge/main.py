@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from services.edge.app import create_app
+from services.edge.http_protocol import edge_protocol
 from services.runtime import tracing
 from services.runtime.service import freeze_startup_heap, setup_process
 from services.runtime.settings import Settings
@@ -24,7 +25,7 @@ def main(settings: Settings) -> None:
         host=settings.http_host,
         port=settings.http_port,
         loop="uvloop",
-        http="httptools",
+        http=edge_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),  # 408s, JSON 400
         log_level="warning",
         log_config=None,  # uvicorn's own lines go through the JSON formatter too
         access_log=False,  # the edge logs one structured line per request itself

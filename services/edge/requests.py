@@ -3,7 +3,8 @@
 * `GET /v1/requests/{id}/events`: the request's events as SSE, from the start or after the SSE
   `Last-Event-ID` header (or `?after=N`), then live until its terminal event. Works on any edge,
   for a request that is queued, running or finished within `LLMBUS_EVENT_MAX_AGE_S`; hanging up
-  never cancels it.
+  never cancels it. A request that ended at or before `Last-Event-ID` answers `204 No Content` at
+  once (nothing follows; a browser's EventSource stops reconnecting on a 204).
 * `DELETE /v1/requests/{id}`: cancels it; it ends with `error` `cancelled`.
 * `POST /v1/chat|generate` with `"stream": "deferred"` answers `202` at once with the id and the
   events URL (see `deferred`).
@@ -74,6 +75,12 @@ def last_event_id(request: Request[Any, Any, Any], after: int | None = None) -> 
     return value
 
 
+def no_more_events(feed: EventFeed) -> Response[bytes]:
+    """The answer to a resume at or past the request's end: nothing follows, and it says so."""
+    feed.close()
+    return Response(b"", status_code=204, headers={"X-Request-Id": feed.request_id})
+
+
 def sse(feed: EventFeed, request_id: str) -> Stream:
     return Stream(
         _relay(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
@@ -96,11 +103,13 @@ async def request_events(
     request: Request[Any, Any, Any],
     request_id: FromPath[str],
     after: FromQuery[int | None] = None,
-) -> Stream:
+) -> Stream | Response[bytes]:
     checked_id(request_id)
     request.scope.setdefault("state", {})["request_id"] = request_id
     dispatcher: Dispatcher = request.app.state.dispatcher
     feed = await dispatcher.attach(request_id, after=last_event_id(request, after))
+    if feed.nothing_after:
+        return no_more_events(feed)
     return sse(feed, request_id)
 
 

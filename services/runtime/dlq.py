@@ -59,7 +59,7 @@ def request_id_of(data: bytes) -> str | None:
     """The `id` of a JSON request, if it has one (a poison message may not)."""
     try:
         value = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested too deeply to decode
         return None
     rid = value.get("id") if isinstance(value, dict) else None
     return rid if isinstance(rid, str) else None

@@ -9,8 +9,10 @@ so both see the same answer.
 Ordering rules of a `Sequencer`, the one place they live: events are delivered in `seq` order,
 each `seq` once (the first copy wins; a repeat, such as a retried publish or a replayed event
 already sent live, is dropped), and a gap (a `seq` not seen yet) holds later events back until it
-is filled or `skip_gap` gives up on it. A worker that takes over a request continues after the
-highest `seq` stored, gaps skipped (`published`), so two attempts never publish the same `seq`.
+is filled or `skip_gap` gives up on it. A terminal event at or before the reader's starting point
+(`after`: a client resuming at or past the end) ends the sequence with nothing delivered. A
+worker that takes over a request continues after the highest `seq` stored, gaps skipped
+(`published`), so two attempts never publish the same `seq`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ _BATCH = 256
 class Sequencer:
     """Puts events of one request in order; see the module docstring for the rules."""
 
-    __slots__ = ("_held", "ended", "next")
+    __slots__ = ("_after", "_held", "ended", "next")
 
     def __init__(self, after: int = -1) -> None:
+        self._after = after  # the reader already has every event up to this seq
         self.next = after + 1  # the seq to deliver next
         self.ended = False  # a terminal event was delivered
         self._held: dict[int, RawEvent] = {}
@@ -57,6 +60,9 @@ class Sequencer:
             out.append((head, data))
             return
         if head.seq < self.next or head.seq in self._held:
+            if head.seq <= self._after and head.type in TERMINAL_TYPES:
+                self.ended = True  # it ended at or before what the reader has: nothing comes
+                self._held.clear()
             return
         self._held[head.seq] = (head, data)
         self._release(out)

@@ -53,6 +53,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_max_age_s: float = 600.0  # how long request events stay replayable in LLM_OUT
     request_timeout_s: float = 600.0  # upper bound of any request's deadline
     max_body_bytes: int = 1_048_576
+    http_header_timeout_s: float = 10.0  # a request's headers must arrive within this (else 408)
+    http_body_timeout_s: float = 30.0  # ... and its body within this after them (else 408)
     tasks_dir: str = ""  # task definitions (`*.toml`) the edge serves; empty: infra/tasks in the source tree
     backend_connect_timeout_s: float = 5.0
     # Before the first token, a refused connection, a 5xx or no first token within this long is
@@ -183,7 +185,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "routing": ("routes_file", "route_wait_s"),
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
-        "http_host", "http_port", "max_body_bytes", "tasks_dir", "edge_model_check", "auth", "tenants_file",
+        "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s", "tasks_dir", "edge_model_check", "auth", "tenants_file",
         "cors_origins", "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s",
     ),
     "local": ("local", "local_max_tokens", "local_model", "local_chat_port", "local_embed_port"),

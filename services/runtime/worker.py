@@ -415,7 +415,7 @@ class Worker(Generic[R]):
                     ErrorCode.BAD_REQUEST,
                     f"{headers.REPLY} must be a subject under llm.out. or _INBOX. (got {reply[:80]!r})",
                 )
-        except (msgspec.DecodeError, msgspec.ValidationError, LlmbusError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, LlmbusError, RecursionError) as exc:
             await self._reject(msg, hdrs, attempt, exc)
             return
         running = self._running.get(request.id)

@@ -1,0 +1,164 @@
+"""The end of a request, seen from every path: one terminal event, and a resume at or past it
+answers at once (issue 23: a resume at the end waited for the deadline; a deadline gave two)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import msgspec
+import nats
+import pytest
+
+from contracts import subjects
+from services.generator.main import Generator
+from services.runtime.nats_server import free_port
+from services.runtime.settings import Settings
+from tests.conftest import Edge
+from tests.fakes.ollama import FakeOllama
+from tests.sse import SseEvent, collect
+
+MODEL = "llama3.2:1b"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "tell me about rivers"}]}
+QUICK = 3.0  # an answer "at once": well under any deadline (the default is 600 s)
+
+
+def terminals(events: list[SseEvent]) -> list[SseEvent]:
+    return [e for e in events if e.event in ("done", "error")]
+
+
+async def timed(call: Any) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await call
+    return response, time.monotonic() - started
+
+
+async def test_resuming_a_finished_request_at_or_past_its_end_answers_204_at_once(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v1/chat", json={**CHAT, "stream": True})
+    live = await collect(response)
+    end = int(live[-1].id or "")
+    url = f"/v1/requests/{response.headers['x-request-id']}/events"
+    cases: list[tuple[dict[str, str], dict[str, Any]]] = [
+        ({"Last-Event-ID": str(end)}, {}),  # what EventSource sends after the stream closed
+        ({}, {"after": end}),
+        ({"Last-Event-ID": str(end + 50)}, {}),
+        ({"Last-Event-ID": str(10**30)}, {}),
+        ({}, {"after": 10**30}),
+    ]
+    for hdrs, params in cases:
+        answer, took = await timed(client.get(url, headers=hdrs, params=params, timeout=QUICK))
+        assert answer.status_code == 204 and answer.content == b"", (hdrs, params, answer.text)
+        assert took < QUICK
+    # Just before the end: the terminal event, once.
+    before = await collect(await client.get(url, headers={"Last-Event-ID": str(end - 1)}, timeout=QUICK))
+    assert [(e.id, e.data) for e in before] == [(live[-1].id, live[-1].data)]
+
+
+async def test_an_idempotent_retry_at_the_end_answers_204_and_a_json_retry_the_whole_answer(
+    client: httpx.AsyncClient,
+) -> None:
+    key = f"end-{uuid.uuid4().hex[:12]}"
+    first = await collect(
+        await client.post("/v1/chat", json={**CHAT, "stream": True}, headers={"Idempotency-Key": key})
+    )
+    end = first[-1].id or ""
+    for last in (end, str(10**30)):
+        retry, took = await timed(
+            client.post(
+                "/v1/chat",
+                json={**CHAT, "stream": True},
+                headers={"Idempotency-Key": key, "Last-Event-ID": last},
+                timeout=QUICK,
+            )
+        )
+        assert retry.status_code == 204 and retry.content == b"" and took < QUICK
+    # A JSON answer is always the whole answer: Last-Event-ID does not cut it.
+    whole = await client.post(
+        "/v1/chat", json=CHAT, headers={"Idempotency-Key": key, "Last-Event-ID": end}, timeout=QUICK
+    )
+    assert whole.status_code == 200, whole.text
+    text = "".join(e.data["text"] for e in first if e.event == "token")
+    assert whole.json()["text"] == text
+
+
+async def test_following_a_running_request_past_its_end_closes_when_it_ends(
+    client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.tokens = 20
+    fake_ollama.config.token_interval = 0.02
+    request_id = (await client.post("/v1/chat", json={**CHAT, "stream": "deferred"})).json()["request_id"]
+    url = f"/v1/requests/{request_id}/events"
+    for hdrs in ({"Last-Event-ID": str(10**30)}, {"Last-Event-ID": "999"}):
+        answer, took = await timed(client.get(url, headers=hdrs, timeout=QUICK))
+        assert answer.status_code in (200, 204) and await collect(answer) == [] and took < QUICK
+
+
+async def test_a_running_request_stopped_at_its_deadline_has_one_terminal_event_with_an_id(
+    client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.tokens = 1000
+    fake_ollama.config.token_interval = 0.02
+    response = await client.post("/v1/chat", json={**CHAT, "stream": True, "timeout": 0.5})
+    live = await collect(response)
+    assert [e.data["code"] for e in terminals(live)] == ["deadline_exceeded"]
+    assert live[-1].id is not None and int(live[-1].id) == live[-1].data["seq"]
+    url = f"/v1/requests/{response.headers['x-request-id']}/events"
+    replay = await collect(await client.get(url, timeout=QUICK))
+    assert [(e.id, e.data) for e in replay] == [(e.id, e.data) for e in live]
+    resumed = await collect(await client.get(url, headers={"Last-Event-ID": live[-2].id or ""}))
+    assert [(e.id, e.data) for e in resumed] == [(live[-1].id, live[-1].data)]
+    assert (await client.get(url, headers={"Last-Event-ID": live[-1].id or ""})).status_code == 204
+
+
+async def test_a_request_no_worker_took_before_its_deadline_has_one_terminal_event_on_every_path(
+    edge: Edge, settings: Settings, fake_ollama: FakeOllama
+) -> None:
+    async with httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
+        response = await http.post("/v1/chat", json={**CHAT, "stream": True, "timeout": 0.5})
+        live = await collect(response)  # no generator runs: the edge ends it
+        request_id = response.headers["x-request-id"]
+        [error] = live
+        assert error.event == "error" and error.data["code"] == "deadline_exceeded" and error.id == "0"
+        # A generator starts later and finds the expired request: it adds no second ending.
+        gen = Generator(settings)
+        await gen.start()
+        try:
+            nc = await nats.connect(settings.nats_url)
+            try:
+                async with asyncio.timeout(10):
+                    while (await nc.jetstream().stream_info(subjects.REQUEST_STREAM)).state.messages:
+                        await asyncio.sleep(0.05)
+            finally:
+                await nc.close()
+        finally:
+            await gen.stop(grace=0)
+        replay = await collect(await http.get(f"/v1/requests/{request_id}/events"))
+        assert [(e.id, e.data) for e in replay] == [(error.id, error.data)]
+        assert [c for c in fake_ollama.calls if c.path == "/api/chat"] == []
+
+
+@pytest.mark.parametrize("then", ["follow", "cancel"])
+async def test_the_owner_can_follow_or_cancel_on_another_edge_right_after_the_202(
+    edge: Edge, settings: Settings, then: str
+) -> None:
+    # No generator: nothing but the edge's `accepted` record says the request exists.
+    other = msgspec.structs.replace(settings, http_port=free_port())
+    async with (
+        Edge(other) as second,
+        httpx.AsyncClient(base_url=edge.url, timeout=10) as first_http,
+        httpx.AsyncClient(base_url=second.url, timeout=10) as second_http,
+    ):
+        for _ in range(100):
+            accepted = await first_http.post("/v1/chat", json={**CHAT, "stream": "deferred"})
+            request_id = accepted.json()["request_id"]
+            if then == "follow":
+                async with second_http.stream("GET", f"/v1/requests/{request_id}/events") as answer:
+                    status = answer.status_code
+            else:
+                status = (await second_http.delete(f"/v1/requests/{request_id}")).status_code
+            assert status in (200, 202), status
