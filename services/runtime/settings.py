@@ -185,7 +185,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "routing": ("routes_file", "route_wait_s"),
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
-        "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s", "tasks_dir", "edge_model_check", "auth", "tenants_file",
+        "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
+        "tasks_dir", "edge_model_check", "auth", "tenants_file",
         "cors_origins", "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s",
     ),
     "local": ("local", "local_max_tokens", "local_model", "local_chat_port", "local_embed_port"),
