@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from services.runtime.nats_server import free_port
+from tests import model_cache
 
 
 class Up:
@@ -39,7 +40,7 @@ class Up:
 
 async def start(tmp_path: Path, **env: str) -> Up:
     """`llmbus up` with no LLMBUS_* from the caller's environment but `env`; by default the Ollama
-    URL is a port nothing listens on."""
+    URL is a port nothing listens on and the embedded models come from the tests' shared cache."""
     http_port, nats_port = free_port(), free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMBUS_")}
     environ |= {
@@ -47,6 +48,7 @@ async def start(tmp_path: Path, **env: str) -> Up:
         "LLMBUS_NATS_PORT": str(nats_port),
         "LLMBUS_OLLAMA_URL": f"http://127.0.0.1:{free_port()}",
         "LLMBUS_DATA_DIR": str(tmp_path / "data"),
+        **model_cache.ENV,
         **env,
     }
     proc = await asyncio.create_subprocess_exec(
