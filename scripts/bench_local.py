@@ -2,7 +2,8 @@
 
     python scripts/bench_local.py [--requests 12] [--tokens 64] [--parallel 4] [--rounds 4] [--json F]
 
-Starts `llmbus local` (llama.cpp from the `local` extra with Gemma 3 270M), NATS, the generator
+Starts `llmbus local` (llama.cpp from the `local` extra with its default model, SmolLM2-135M-Instruct
+from `.llmbus/models`, downloaded there on first use), NATS, the generator
 and the edge as separate processes, then sends the same streaming chat request alternately to
 llama.cpp's `/v1/chat/completions` and to the edge's `/v1/chat`, one at a time, then `--parallel`
 at once, round by round. Greedy sampling with a fixed token count makes every answer the same
@@ -149,6 +150,7 @@ def main() -> int:
         "LLMBUS_BACKEND_URL": chat_url,
         "LLMBUS_LOCAL_CHAT_PORT": str(chat_port),
         "LLMBUS_LOCAL_EMBED_PORT": str(embed_port),
+        "LLMBUS_LOCAL_CACHE": str(Path(".llmbus/models").resolve()),
         "LLMBUS_HTTP_PORT": str(http_port),
         "LLMBUS_LOG_LEVEL": "warning",
     }

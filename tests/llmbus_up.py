@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
+import psutil
+
 from services.runtime.nats_server import free_port
+from tests import model_cache
 
 
 class Up:
@@ -32,22 +36,30 @@ class Up:
         assert await asyncio.wait_for(self.proc.wait(), 10) == 0
 
     async def kill(self) -> None:
+        """SIGKILL to `llmbus up` and every process it started (they run in their own sessions, so
+        a failed test would otherwise leave the stack running)."""
         if self.proc.returncode is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
             self.proc.kill()
             await self.proc.wait()
 
 
-async def start(tmp_path: Path, **env: str) -> Up:
+async def start(tmp_path: Path, unset: tuple[str, ...] = (), **env: str) -> Up:
     """`llmbus up` with no LLMBUS_* from the caller's environment but `env`; by default the Ollama
-    URL is a port nothing listens on."""
+    URL is a port nothing listens on and the embedded models come from the tests' shared cache;
+    the variables named in `unset` are removed."""
     http_port, nats_port = free_port(), free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMBUS_")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LLMBUS_") and k not in unset}
     environ |= {
         "LLMBUS_HTTP_PORT": str(http_port),
         "LLMBUS_NATS_PORT": str(nats_port),
         "LLMBUS_OLLAMA_URL": f"http://127.0.0.1:{free_port()}",
         "LLMBUS_DATA_DIR": str(tmp_path / "data"),
         "LLMBUS_LOG_FORMAT": "text",  # `llmbus: ...` status lines, as on a terminal
+        **model_cache.ENV,
         **env,
     }
     proc = await asyncio.create_subprocess_exec(

@@ -6,6 +6,7 @@ Needs Debian's `chromium` (scripts/test.sh installs it); Playwright drives it th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from playwright.async_api import Browser, Page, Route, async_playwright
 from services.runtime.settings import Settings
 from tests.conftest import Edge
 from tests.fakes.ollama import FakeOllama
+from tests.test_janitor import janitor
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "demo.png"
@@ -65,14 +67,33 @@ async def test_page_and_assets_are_served_with_nothing_from_outside(client: http
     page = await client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
-    assert sorted(assets) == ["/static/app.css", "/static/app.js"]
+    assert sorted(assets) == ["/static/app.css", "/static/app.js", "/static/favicon.svg"]
     for path in assets:
         asset = await client.get(path)
         assert asset.status_code == 200
-        assert "http://" not in asset.text and "https://" not in asset.text  # no external assets
+        assert "https://" not in asset.text  # no external assets
+        assert "http://" not in asset.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    icon = await client.get("/static/favicon.svg")
+    assert icon.headers["content-type"].startswith("image/svg+xml")
     missing = await client.get("/static/../app.py")
     assert missing.status_code == 404
     assert (await client.get("/static/nope.js")).json()["error"]["code"] == "not_found"
+
+
+async def test_page_offers_chat_models_only_as_targets(
+    browser: Browser, edge: Edge, settings: Settings, tmp_path: Path
+) -> None:
+    async with janitor(settings, tmp_path), httpx.AsyncClient(base_url=edge.url) as http:
+        async with asyncio.timeout(10):  # the janitor's inventory of the fake's four models
+            while len((await http.get("/v1/models")).json()["data"]) < 4:
+                await asyncio.sleep(0.05)
+        page = await browser.new_page()
+        await page.goto(edge.url + "/")
+        await page.wait_for_selector("body[data-ready=true]")
+        offered = await page.eval_on_selector_all("#models option", "os => os.map(o => o.textContent)")
+        await page.close()
+    assert "llama3.2:1b" in offered and "qwen2.5-coder:1.5b" in offered
+    assert "nomic-embed-text:latest" not in offered  # an embedding model cannot chat
 
 
 async def states(page: Page) -> list[str]:

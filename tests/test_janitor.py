@@ -218,6 +218,17 @@ hosts = ["gpu2"]
     assert desired.load(tmp_path / "absent.toml", "gpu1").models == {}
 
 
+def test_a_model_for_ollama_only_is_not_desired_of_an_openai_compatible_server(tmp_path: Path) -> None:
+    # Such a server cannot pull: the shipped models.toml must not show "failed" under `llmbus up`'s
+    # embedded backend.
+    path = tmp_path / "models.toml"
+    path.write_text('[[models]]\nname = "llama3.2:1b"\nbackends = ["ollama"]\n[[models]]\nname = "both"\n')
+    assert set(desired.load(path, "local", "ollama").models) == {"llama3.2:1b", "both:latest"}
+    assert set(desired.load(path, "local", "openai").models) == {"both:latest"}
+    shipped = Path(__file__).parents[1] / "infra" / "models.toml"
+    assert desired.load(shipped, "local", "openai").models == {}
+
+
 @pytest.mark.parametrize(
     ("toml", "complaint"),
     [
@@ -229,6 +240,7 @@ hosts = ["gpu2"]
         ("[[models]]\nname = 'x'\nmodelfile = 'nope.Modelfile'", "cannot read Modelfile"),
         ("[[models]]\nname = 'x'\n[[models]]\nname = 'x:latest'", "listed twice"),
         ("[[models]]\nname = 'x'\nkeep = true", "unknown key 'keep'"),
+        ("[[models]]\nname = 'x'\nbackends = ['vllm']", "`backends` must be a list of ollama and openai"),
         ("models = [", "models.toml"),
     ],
 )

@@ -92,7 +92,7 @@ async def test_the_janitor_writes_the_llama_cpp_models_into_the_inventory(
         assert chat is not None
         # A single-model llama.cpp holds its model in memory; /v1/models' metadata fills the entry.
         assert (chat.state, chat.loaded) == ("loaded", True)
-        assert chat.context_length == 32768 and chat.size > 0 and chat.quantization
+        assert chat.context_length == 8192 and chat.size > 0 and chat.quantization
         async with Edge(settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
             listed = (await http.get("/v1/models")).json()["data"]
             ids = {model["id"] for model in listed}

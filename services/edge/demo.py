@@ -10,7 +10,7 @@ from litestar.params import FromPath
 from contracts import ErrorCode, LlmbusError
 
 STATIC = Path(__file__).parent / "static"
-_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
+_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 _ASSETS = {path.name for path in STATIC.iterdir() if path.suffix in _TYPES and path.name != "index.html"}
 
 

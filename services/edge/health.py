@@ -21,6 +21,8 @@ class Readiness(msgspec.Struct):
     consumer: bool
     generators: bool
     models: int | None = None  # models some host serves (the janitors' inventory); None: no janitor yet
+    # LLMBUS_READY_NEEDS_MODELS: ready also waits for `models` (a janitor's first inventory)
+    needs_models: bool = False
 
 
 @get("/health/live", summary="The edge process is up")
@@ -28,7 +30,7 @@ async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/health/ready", summary="NATS connected, request stream and consumer present, a generator alive")
+@get("/health/ready", summary="NATS, request stream and consumer, a live generator (and listed models)")
 async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
     nc = getattr(request.app.state, "nc", None)  # None: still connecting (services/edge/app.py)
     state = Readiness(
@@ -55,8 +57,10 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
             state.generators = True
         except (NoRespondersError, NatsTimeoutError):
             pass
-    state.ready = state.nats and state.stream and state.consumer and state.generators
     inventory = getattr(request.app.state, "inventory", None)
     if inventory is not None and inventory.populated:
         state.models = len(inventory.ready_models())
+    state.needs_models = request.app.state.settings.ready_needs_models
+    have_models = bool(state.models) or not state.needs_models
+    state.ready = state.nats and state.stream and state.consumer and state.generators and have_models
     return Response(state, status_code=200 if state.ready else 503)

@@ -14,6 +14,7 @@ warm = true                # loaded at start
 pinned = true              # never unloaded
 idle_ttl = "30m"
 hosts = ["gpu1"]           # only on these hosts (default: every host)
+backends = ["ollama"]      # only where the janitor's model server is of these kinds (ollama, openai)
 
 [[models]]
 name = "badges"
@@ -37,6 +38,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _NEVER = ("never", "off", "-1")
+_BACKENDS = ("ollama", "openai")
 
 
 class DesiredStateError(ValueError):
@@ -52,6 +54,7 @@ class ModelSpec:
     pinned: bool = False
     idle_ttl_s: float | None = None
     hosts: tuple[str, ...] = ()  # empty: every host
+    backends: tuple[str, ...] = ()  # empty: every kind of model server
 
     @property
     def modelfile_digest(self) -> str | None:
@@ -109,8 +112,10 @@ def _known(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise DesiredStateError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
-def load(path: Path, host: str) -> Desired:
-    """Reads the file for one host; a missing file means nothing is desired and defaults apply."""
+def load(path: Path, host: str, backend: str = "ollama") -> Desired:
+    """Reads the file for one host and its kind of model server (an OpenAI-compatible server
+    cannot pull, so a model for Ollama only is not wanted there); a missing file means nothing is
+    desired and defaults apply."""
     if not path.exists():
         return Desired()
     try:
@@ -138,7 +143,7 @@ def load(path: Path, host: str) -> Desired:
     models: dict[str, ModelSpec] = {}
     for i, entry in enumerate(entries):
         spec = _model(entry, path, f"{path} [[models]] #{i + 1}", default_ttl)
-        if spec.hosts and host not in spec.hosts:
+        if (spec.hosts and host not in spec.hosts) or (spec.backends and backend not in spec.backends):
             continue
         if spec.name in models:
             raise DesiredStateError(f"{path}: model {spec.name!r} is listed twice")
@@ -157,7 +162,7 @@ def load(path: Path, host: str) -> Desired:
 def _model(entry: Any, path: Path, where: str, default_ttl: float | None) -> ModelSpec:
     if not isinstance(entry, dict):
         raise DesiredStateError(f"{where}: must be a table")
-    _known(entry, {"name", "modelfile", "warm", "pinned", "idle_ttl", "hosts"}, where)
+    _known(entry, {"name", "modelfile", "warm", "pinned", "idle_ttl", "hosts", "backends"}, where)
     name = entry.get("name")
     if not isinstance(name, str):
         raise DesiredStateError(f"{where}: `name` is required")
@@ -171,6 +176,9 @@ def _model(entry: Any, path: Path, where: str, default_ttl: float | None) -> Mod
     hosts = entry.get("hosts", [])
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
         raise DesiredStateError(f"{where}: `hosts` must be a list of host names")
+    backends = entry.get("backends", [])
+    if not isinstance(backends, list) or not set(backends) <= set(_BACKENDS):
+        raise DesiredStateError(f"{where}: `backends` must be a list of {' and '.join(_BACKENDS)}")
     modelfile = modelfile_path = None
     if "modelfile" in entry:
         modelfile_path = (path.parent / str(entry["modelfile"])).resolve()
@@ -189,4 +197,5 @@ def _model(entry: Any, path: Path, where: str, default_ttl: float | None) -> Mod
         pinned=bool(entry.get("pinned", False)),
         idle_ttl_s=ttl,
         hosts=tuple(hosts),
+        backends=tuple(backends),
     )

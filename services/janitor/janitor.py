@@ -123,7 +123,7 @@ class Janitor:
     def reload_desired(self) -> None:
         """Re-reads models.toml; a broken edit keeps the previous state (and says why in the log)."""
         try:
-            new = desired_state.load(self.models_file, self.host)
+            new = desired_state.load(self.models_file, self.host, self.admin.kind)
         except desired_state.DesiredStateError as exc:
             if self._bad_file != str(exc):
                 log.error("ignoring %s: %s", self.models_file, exc)

@@ -23,6 +23,7 @@ from services.runtime.settings import Settings
 log = logging.getLogger("llmbus.janitor")
 
 _decode_usage = msgspec.json.Decoder(UsageEvent).decode
+_FIRST_RETRY_S = 0.2
 
 
 class JanitorService:
@@ -60,9 +61,21 @@ class JanitorService:
         self._micro = await admin.serve(self.nc, self.janitor)
         await self.nc.flush()  # the admin subscriptions are on the server before start returns
         self._tasks = [
+            asyncio.create_task(self._first_inventory()),
             asyncio.create_task(self._every(settings.janitor_interval_s, self.janitor.tick)),
             asyncio.create_task(self._reconciling()),
         ]
+
+    async def _first_inventory(self) -> None:
+        """Until the model server first answers, every 0.2 s rather than every tick: a server that
+        starts alongside (`llmbus up`'s embedded one) is listed at once, and the edge, waiting for
+        the inventory (LLMBUS_READY_NEEDS_MODELS), reports ready at once too."""
+        while self.janitor.reachable is not True:
+            with contextlib.suppress(LlmbusError):
+                await self.janitor.sync()
+                self.janitor.reconcile_now.set()  # what models.toml wants, now that it can be done
+                return
+            await asyncio.sleep(_FIRST_RETRY_S)
 
     async def _on_usage(self, msg: Msg) -> None:
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):

@@ -7,10 +7,10 @@ anyway, with a clear "NOT REACHABLE". An `openai` backend is used as configured.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import PurePath
 from typing import NamedTuple
 
 import httpx
@@ -19,10 +19,16 @@ from services.local import models
 from services.runtime.nats_server import free_port
 from services.runtime.settings import Settings
 
-DEMO_NOTE = (
-    "a base model that only demonstrates the pipeline; Ollama or any OpenAI-compatible server "
-    "gives real answers"
-)
+# The edge reports ready only once a janitor's inventory lists the models, so `GET /v1/models`
+# answers as soon as `llmbus up` says "edge ready" (its stack always has a janitor).
+READY_WITH_MODELS = {"LLMBUS_READY_NEEDS_MODELS": "true"}
+
+
+log = logging.getLogger("llmbus.up")  # `llmbus up`'s voice: its status lines, in its log format
+
+
+def _say(line: str) -> None:
+    log.info(line)
 
 
 class Plan(NamedTuple):
@@ -50,13 +56,17 @@ def _local(settings: Settings, why: str) -> Plan:
     chat_port = settings.local_chat_port or free_port()
     embed_port = settings.local_embed_port or free_port()
     chat_url, embed_url = f"http://127.0.0.1:{chat_port}", f"http://127.0.0.1:{embed_port}"
-    name = models.CHAT_MODEL
-    if settings.local_model:
-        name = PurePath(settings.local_model).name.removesuffix(".gguf")
+    # Resolved here, before anything starts: a first download shows its progress in the terminal
+    # and cannot outlast the wait for the embedded servers; `llmbus local` gets the file as set.
+    chat = models.chat_model(settings, _say)
+    about = f" ({chat.about})" if chat.about else ""
     return Plan(
-        f"{why}embedded llama.cpp at {chat_url} with model {name} ({DEMO_NOTE}); "
+        f"{why}embedded llama.cpp at {chat_url} with model {chat.name}{about}; "
         f"embeddings {models.EMBED_MODEL} at {embed_url}",
         {
+            **READY_WITH_MODELS,
+            "LLMBUS_LOCAL_MODEL": str(chat.path),
+            "LLMBUS_LOCAL_MODEL_NAME": chat.name,
             "LLMBUS_BACKEND": "openai",
             "LLMBUS_BACKEND_URL": chat_url,
             "LLMBUS_EMBED_BACKEND_URL": embed_url,
@@ -72,7 +82,7 @@ def plan(settings: Settings) -> Plan:
     if settings.backend == "openai":
         server = _openai_server(url)
         if server is not None:
-            return Plan(f"{server} (OpenAI-compatible API) at {url}", {})
+            return Plan(f"{server} (OpenAI-compatible API) at {url}", READY_WITH_MODELS)
         return Plan(
             f"NOT REACHABLE at {url} — start the OpenAI-compatible server or set LLMBUS_BACKEND_URL; "
             "until then requests fail with backend_unavailable",
@@ -84,7 +94,7 @@ def plan(settings: Settings) -> Plan:
         return _local(settings, "")
     version = _ollama_version(url)
     if version is not None:
-        return Plan(f"Ollama {version} at {url}", {})
+        return Plan(f"Ollama {version} at {url}", READY_WITH_MODELS)
     if settings.local == "auto" and models.installed():
         return _local(settings, f"Ollama not reachable at {url}, so the ")
     hint = "" if settings.local == "off" else " (or pip install 'llmbus[local]' for an embedded model)"

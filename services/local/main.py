@@ -27,6 +27,7 @@ log = logging.getLogger("llmbus.local")
 
 SLOTS = 4  # parallel sequences: about 1.6x the tokens/s of one alone on 2 cores (docs/benchmarks.md)
 CTX_PER_SLOT = 2048
+REPEAT_PENALTY = 1.1
 
 
 def chat_server(port: int, gguf: str, name: str, max_tokens: int) -> Any:
@@ -40,6 +41,10 @@ def chat_server(port: int, gguf: str, name: str, max_tokens: int) -> Any:
     params.n_parallel = SLOTS
     params.n_ctx = SLOTS * CTX_PER_SLOT
     params.n_predict = max_tokens  # the default for requests that set no limit
+    # Ollama's default (llama.cpp's is 1.0): without it a 135M model repeats one sentence until the
+    # token limit, and a JSON answer (the badge task) never closes.
+    params.sampling.penalty_repeat = REPEAT_PENALTY
+    params.use_jinja = True  # the GGUF's own chat template (SmolLM2's ChatML), as the model was tuned
     params.endpoint_metrics = True  # /metrics and /slots show what each slot does
     params.endpoint_slots = True
     # A 270M model gains nothing from dozens of threads; a few cores are plenty.
@@ -82,7 +87,9 @@ class LocalModels:
         self._server: Any = None
 
     async def start(self) -> None:
-        gguf, name = await asyncio.to_thread(models.chat_model, self.settings.local_model)
+        # Under `llmbus up` the model was resolved already (LLMBUS_LOCAL_MODEL is set); run alone,
+        # this downloads it on first start, or falls back to Gemma 3 270M.
+        gguf, name, _ = await asyncio.to_thread(models.chat_model, self.settings, log.info)
         self._server = await asyncio.to_thread(
             chat_server, self.chat_port, str(gguf), name, self.settings.local_max_tokens
         )

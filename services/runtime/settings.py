@@ -39,8 +39,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     embed_backend_url: str = ""  # where embeddings go, same kind; empty: the backend URL
     generate_models: str = ""  # comma-separated models this generator serves; empty: every model
     local: Literal["auto", "on", "off"] = "auto"  # `llmbus up`: embedded llama.cpp when Ollama is down
-    local_max_tokens: int = 256  # the embedded base model never stops on its own
-    local_model: str = ""  # a GGUF file for the embedded llama.cpp; empty: the packaged Gemma 3 270M
+    local_max_tokens: int = 256  # the embedded server's answer limit for requests that set none
+    local_model: str = ""  # a GGUF file for the embedded llama.cpp; empty: SmolLM2-135M-Instruct
+    local_model_name: str = ""  # the name it is served under; empty: the file name without `.gguf`
+    local_cache: str = ""  # where the embedded models are kept; empty: `<data_dir>/models`
     local_chat_port: int = 0  # `llmbus local` ports; 0: a free port (`llmbus up` picks and passes them)
     local_embed_port: int = 0
     http_host: str = "127.0.0.1"
@@ -81,6 +83,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     embed_cache_ttl_s: float = 86_400.0  # how long a cached vector lives; 0 turns the cache off
     embed_cache_max_bytes: int = 256 * 1024 * 1024  # the cache bucket's size; oldest entries go first
     # The janitor (docs/operations.md "Models"): one per Ollama host; the desired state it keeps.
+    # The edge is ready only once a janitor's inventory lists a model it can serve, so `GET
+    # /v1/models` is never empty after readiness (`llmbus up` sets it: its stack has a janitor).
+    ready_needs_models: bool = False
     janitor_host: str = "local"  # this janitor's host name: inventory key and admin subject
     models_file: str = "infra/models.toml"  # models.toml, re-read when it changes
     janitor_interval_s: float = 5.0  # how often it reads /api/ps and applies the unload policy
@@ -186,10 +191,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
-        "tasks_dir", "edge_model_check", "auth", "tenants_file",
-        "cors_origins", "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s",
+        "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
+        "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s",
     ),
-    "local": ("local", "local_max_tokens", "local_model", "local_chat_port", "local_embed_port"),
+    "local": (
+        "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
+        "local_embed_port",
+    ),
     "up": ("nats_port",),
 }  # fmt: skip
 _WORKER = ("bus", "process", "worker", "backend")

@@ -7,6 +7,13 @@ const params = new URLSearchParams(location.search);
 // Jaeger's UI: `?jaeger=URL`, else port 16686 on this host (compose.yml's Jaeger).
 const JAEGER = (params.get("jaeger") || `${location.protocol}//${location.hostname}:16686`).replace(/\/$/, "");
 const FALLBACK_MODELS = ["llama3.2:1b"];
+// Embedding models cannot chat: by name (nomic-embed-text, multilingual-e5-small, bge-m3,
+// all-minilm) or by the family the inventory reports (nomic-bert, bert).
+const EMBEDDING = /embed|minilm|bge|gte-|(^|[-_.])e5([-_.:]|$)|bert/i;
+function canChat(model) {
+  const names = typeof model === "string" ? [model] : [model.id, ...(model.hosts || []).map((h) => h.family)];
+  return !names.some((name) => name && EMBEDDING.test(name));
+}
 
 const state = { tasks: new Map(), runs: new Set() };
 
@@ -23,12 +30,15 @@ async function getJSON(url) {
   return response.json();
 }
 
-// Model names from whatever inventory the edge offers; the task defaults otherwise.
+// Chat models from whatever inventory the edge offers; the task defaults otherwise.
 async function discoverModels() {
   try {
     const body = await getJSON("/v1/models");
     const list = body.data || body.models || [];
-    const names = list.map((m) => (typeof m === "string" ? m : m.id || m.model || m.name)).filter(Boolean);
+    const names = list
+      .filter(canChat)
+      .map((m) => (typeof m === "string" ? m : m.id || m.model || m.name))
+      .filter(Boolean);
     if (names.length) return [...new Set(names)];
   } catch (_) { /* no inventory route: fall back */ }
   const defaults = [...state.tasks.values()].map((t) => t.model);
