@@ -8,6 +8,16 @@ up:
 test *ARGS:
     ./scripts/test.sh {{ARGS}}
 
+# The same suite on the newest versions pyproject.toml allows (not the lock), in a fresh virtualenv:
+# finds the release that breaks llmbus before a user does.
+test-newest *ARGS:
+    rm -rf .venv-newest && python3 -m venv .venv-newest
+    . .venv-newest/bin/activate && ./scripts/test.sh --newest {{ARGS}}
+
+# Refresh the dependency lock (infra/requirements/*.txt); `just lock --upgrade` moves to the newest.
+lock *ARGS:
+    ./scripts/lock.sh {{ARGS}}
+
 lint:
     ruff check .
     ruff format --check .

