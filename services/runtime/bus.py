@@ -85,9 +85,13 @@ def display_url(url: str) -> str:
     return ",".join(parts)
 
 
+def _is_authorization(failure: BaseException | None) -> bool:
+    return isinstance(failure, AuthorizationError) or "authorization violation" in str(failure).lower()
+
+
 def _reason(failure: BaseException | None, timeout: float) -> str:
     """What went wrong, in the words an operator searches for."""
-    if isinstance(failure, AuthorizationError) or "authorization violation" in str(failure).lower():
+    if _is_authorization(failure):
         return (
             "authorization violation (wrong NATS user or password: see LLMBUS_NATS_USER, "
             "LLMBUS_NATS_PASSWORD and LLMBUS_NATS_CREDENTIALS)"
@@ -144,7 +148,7 @@ async def connect(
         auth["tls"] = tls
     first_attempt: dict[str, Any] = {
         "allow_reconnect": False,
-        "max_reconnect_attempts": 1,  # each server twice at most, then NoServersError
+        "max_reconnect_attempts": 2,  # each server three times at most, then NoServersError
         "reconnect_time_wait": 0.1,
         "connect_timeout": within,
         "disconnected_cb": on_disconnect,
@@ -158,7 +162,10 @@ async def connect(
     except (TimeoutError, OSError, NatsError) as exc:
         with contextlib.suppress(Exception):
             await client.close()
-        cause: BaseException | None = failures[-1] if failures else exc
+        # The server's word beats the socket's: a refused password often shows up as a reset too.
+        cause: BaseException | None = next(
+            (failure for failure in failures if _is_authorization(failure)), failures[-1] if failures else exc
+        )
         if isinstance(cause, (NoServersError, TimeoutError)):
             cause = None  # they say nothing more than "no answer"
         raise NatsUnreachable(display_url(settings.nats_url), _reason(cause, within)) from None
