@@ -84,7 +84,7 @@ def dialect(path: str) -> str:
     """The API family a path belongs to, as the ledger records it."""
     if path.startswith("/openai/"):
         return "openai"
-    if path.startswith("/api/"):
+    if path.startswith("/ollama/"):
         return "ollama"
     if path.startswith("/v1/tasks"):
         return "tasks"

@@ -119,6 +119,7 @@ def _ledger() -> Role:
         publish=[
             f"{API}.INFO",
             f"{API}.STREAM.INFO.{usage}",
+            f"{API}.STREAM.INFO.KV_{subjects.SPEND_BUCKET}",
             f"{API}.STREAM.CREATE.{usage}",
             f"{API}.STREAM.UPDATE.{usage}",
             f"{API}.CONSUMER.CREATE.{usage}.{durable}",
