@@ -17,6 +17,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     REQUEST_TOO_LARGE = "request_too_large"
     RATE_LIMITED = "rate_limited"
+    BUDGET_EXCEEDED = "budget_exceeded"  # the tenant spent its tokens (or money) for the day or month
     CANCELLED = "cancelled"
     INTERNAL = "internal"
     BACKEND_ERROR = "backend_error"
@@ -25,6 +26,7 @@ class ErrorCode(enum.StrEnum):
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BUS_UNAVAILABLE = "bus_unavailable"  # the edge is not (yet, or no longer) connected to NATS
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"  # usage, stats and history need the ledger service
 
     @property
     def http_status(self) -> int:
@@ -45,6 +47,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.REQUEST_TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.BUDGET_EXCEEDED: 429,
     ErrorCode.CANCELLED: 499,
     ErrorCode.INTERNAL: 500,
     ErrorCode.BACKEND_ERROR: 502,
@@ -53,6 +56,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.BUS_UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.LEDGER_UNAVAILABLE: 503,
 }
 
 _RETRYABLE = frozenset({ErrorCode.BACKEND_UNAVAILABLE})

@@ -17,6 +17,18 @@ import msgspec
 
 from contracts import headers, subjects
 from contracts.embed import Embeddings, EmbedRequest, EmbedResponse, Vectors
+from contracts.ledger import (
+    Erased,
+    HistoryPage,
+    HistoryQuery,
+    RecordRef,
+    RequestRecord,
+    Spend,
+    StatsQuery,
+    StatsReport,
+    UsageQuery,
+    UsageReport,
+)
 from contracts.messages import (
     Accepted,
     Completion,
@@ -77,12 +89,20 @@ MESSAGES: dict[str, Any] = {
     "OpAccepted": OpAccepted,
     "ModelList": ModelList,
     "ModelDetails": ModelDetails,
+    "UsageReport": UsageReport,
+    "StatsReport": StatsReport,
+    "HistoryPage": HistoryPage,
+    "RequestRecord": RequestRecord,
+    "Spend": Spend,
 }
 # The janitor's messages (contracts/models.py): usage, lifecycle events, the admin API's bodies.
 _MODEL_TYPES = [ModelEvent, UsageEvent, ModelInfo, ModelRef, PullRequest, CreateRequest, CopyRequest]
 _MODEL_TYPES += [LoadRequest, OpAccepted, ModelList, ModelDetails]
 _MODEL_MESSAGES = ["UsageEvent", "ModelEvent", "ModelRef", "PullRequest", "CreateRequest", "CopyRequest"]
-_MODEL_MESSAGES += ["LoadRequest"]
+_MODEL_MESSAGES += ["LoadRequest", "UsageQuery", "StatsQuery", "HistoryQuery", "RecordRef"]
+# The ledger's read API (contracts/ledger.py).
+_MODEL_TYPES += [UsageQuery, UsageReport, StatsQuery, StatsReport, HistoryQuery, HistoryPage, RecordRef]
+_MODEL_TYPES += [RequestRecord, Erased, Spend]
 
 
 def _ref(name: str) -> str:
@@ -147,6 +167,10 @@ def asyncapi() -> str:
                 "description": "seq of the first event to publish (set by the classifier: 2)",
             },
             headers.TRACEPARENT: {"type": "string", "description": "W3C trace context"},
+            headers.ORIGIN: {
+                "type": "string",
+                "description": "who asked, as the edge saw it: an Origin as JSON (the ledger records it)",
+            },
         },
     }
     doc: dict[str, Any] = {
@@ -208,7 +232,9 @@ def asyncapi() -> str:
             },
             "usageEvents": {
                 "address": subjects.USAGE_PREFIX + "{model}",
-                "description": "Core NATS, after every request's terminal event (the janitor's last use).",
+                "description": "After every request's terminal event: core NATS (the janitor's last use), "
+                f"kept in {subjects.USAGE_STREAM} for the ledger once it created the stream "
+                "(`Nats-Msg-Id: <requestId>.usage`).",
                 "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
                 "messages": {"usageEvent": {"$ref": "#/components/messages/UsageEvent"}},
             },
@@ -218,6 +244,18 @@ def asyncapi() -> str:
                 "unload reason, error); also sent to an admin request's `progress` subject.",
                 "parameters": {"host": {}, "model": {"description": "percent-encoded, as above"}},
                 "messages": {"modelEvent": {"$ref": "#/components/messages/ModelEvent"}},
+            },
+            "ledger": {
+                "address": subjects.LEDGER_PREFIX + "{verb}",
+                "description": "The ledger's read API (micro service `llmbus-ledger`), request/reply: usage "
+                "(UsageQuery -> UsageReport), stats (StatsQuery -> StatsReport), history (HistoryQuery -> "
+                "HistoryPage), record (RecordRef -> RequestRecord), erase (RecordRef -> Erased); a failure "
+                "is an ErrorBody with the `Nats-Service-Error-Code` header. contracts/ledger.py.",
+                "parameters": {"verb": {}},
+                "messages": {
+                    name[0].lower() + name[1:]: {"$ref": f"#/components/messages/{name}"}
+                    for name in ("UsageQuery", "StatsQuery", "HistoryQuery", "RecordRef")
+                },
             },
             "modelAdmin": {
                 "address": subjects.ADMIN_PREFIX + "{host}.{verb}",
@@ -247,6 +285,7 @@ def asyncapi() -> str:
             "followUsage": {"action": "receive", "channel": {"$ref": "#/channels/usageEvents"}},
             "followModelEvents": {"action": "receive", "channel": {"$ref": "#/channels/modelEvents"}},
             "administerModels": {"action": "send", "channel": {"$ref": "#/channels/modelAdmin"}},
+            "queryLedger": {"action": "send", "channel": {"$ref": "#/channels/ledger"}},
         },
         "components": {
             "schemas": components,

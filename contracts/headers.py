@@ -11,6 +11,9 @@ DEADLINE = "Llmbus-Deadline"
 # The `seq` of the first event a worker publishes, when an earlier hop (the classifier) already
 # published `start` and `routed`; that worker then continues the numbering and skips `start`.
 SEQ = "Llmbus-Seq"
+# Who asked, as the edge saw it (`contracts.usage.Origin`, JSON): tenant, key id, API dialect,
+# requested model, acceptance time. Carried through routing; workers copy it into `UsageEvent`.
+ORIGIN = "Llmbus-Origin"
 # W3C trace context, so direct publishers join the same trace.
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"

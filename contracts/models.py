@@ -69,16 +69,33 @@ class ModelInfo(msgspec.Struct, kw_only=True):
 
 
 class UsageEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """Published on `llm.evt.usage.<model>` (core NATS) after every request's terminal event."""
+    """Published on `llm.evt.usage.<model>` after every request's terminal event.
 
-    model: str
+    Core NATS (the janitor's last use), and kept in the `LLM_USAGE` stream once the ledger created
+    it (one per request id: `Nats-Msg-Id: <id>.usage`), which the ledger records (docs/ledger.md).
+    """
+
+    model: str  # the model that answered
     kind: str  # the request family: `generate`, `embed`, ...
     request_id: str
     at: float  # Unix seconds, when the request ended
     outcome: str  # `done`, or the error code
-    duration_ms: float
+    duration_ms: float  # from when this attempt started to its terminal event
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Who asked (the edge's `Llmbus-Origin`; empty for a direct publisher that sent none).
+    tenant: str = ""
+    key_id: str = ""
+    api: str = ""
+    requested_model: str = ""
+    route: str = ""
+    host: str = ""  # the model server that answered (host[:port] of its URL)
+    attempt: int = 1  # deliveries it took (2+: a worker took over after a crash)
+    queued_ms: float | None = None  # from acceptance (or storage in LLM_REQ) to this attempt's start
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
+    trace_id: str = ""
+    accepted_at: float | None = None  # Unix seconds, when the edge accepted it
 
 
 class _ModelEvent(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):

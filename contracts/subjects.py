@@ -13,6 +13,7 @@ from urllib.parse import unquote
 REQUEST_STREAM = "LLM_REQ"
 EVENT_STREAM = "LLM_OUT"
 DEAD_LETTER_STREAM = "LLM_DLQ"
+USAGE_STREAM = "LLM_USAGE"  # usage events kept for the ledger (created by the ledger, days of them)
 
 REQUEST_SUBJECTS = "llm.req.>"
 EVENT_SUBJECTS = "llm.out.>"
@@ -38,6 +39,9 @@ MODEL_EVENT_PREFIX = "llm.evt.model."
 ADMIN_PREFIX = "llm.admin."
 MODELS_BUCKET = "llm_models"  # KV: the model inventory, key `<host>.<model>`
 ADMISSION_BUCKET = "llm_admission"  # KV: per-tenant request counters and in-flight leases (edges)
+SPEND_BUCKET = "llm_spend"  # KV: each tenant's tokens (and cost) this day and month (the ledger's)
+# The ledger's read API (micro service `llmbus-ledger`), request/reply: `llm.ledger.<verb>`.
+LEDGER_PREFIX = "llm.ledger."
 
 # Names Ollama (and OpenAI-compatible servers) accept: `namespace/name:tag`, at most 200 chars.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:+]{0,199}$")

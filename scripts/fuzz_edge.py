@@ -28,6 +28,7 @@ from services.edge.tenants import hash_key  # noqa: E402
 from services.embedder.main import Embedder  # noqa: E402
 from services.generator.main import Generator  # noqa: E402
 from services.janitor.main import JanitorService  # noqa: E402
+from services.ledger.main import LedgerService  # noqa: E402
 from services.runtime.nats_server import NatsServer, free_port  # noqa: E402
 from services.runtime.settings import Settings  # noqa: E402
 from tests.conftest import Edge  # noqa: E402
@@ -56,6 +57,7 @@ async def fuzz(max_examples: int, seed: int, workers: int, *, auth: bool = True)
                 max_body_bytes=64 * 1024,
                 request_timeout_s=15.0,
                 models_file=str(Path(tmp) / "models.toml"),
+                database_url=f"sqlite:///{Path(tmp) / 'ledger.db'}",
                 log_level="error",
                 auth="on" if auth else "off",
                 tenants_file=str(tenants),
@@ -65,6 +67,7 @@ async def fuzz(max_examples: int, seed: int, workers: int, *, auth: bool = True)
                 Embedder(settings),
                 Classifier(settings),
                 JanitorService(settings),
+                LedgerService(settings),  # /v1/usage, /v1/stats, /v1/history
             ]
             for service in services:
                 await service.start()

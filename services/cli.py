@@ -10,6 +10,7 @@ import sys
 from services import dlq
 from services.edge import tenants
 from services.janitor import cli as models_cli
+from services.ledger import cli as ledger_cli
 from services.runtime.bus import NatsUnreachable
 from services.runtime.settings import PREFIX, Settings, unknown_variables, variables_help
 from services.up import ON_DEMAND, SERVICES, up
@@ -33,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     export = sub.add_parser("contracts", help="write JSON Schema and AsyncAPI documents of the wire contract")
     export.add_argument("--check", action="store_true", help="fail if the checked-in export is stale")
     dlq.add_parser(sub)
+    ledger_cli.add_parser(sub)  # `llmbus usage`, `llmbus stats`
     tenants.add_parser(sub)  # `llmbus keys new|hash`
     sub.add_parser("config", help="print every effective setting and where it comes from")
     for name, command in sub.choices.items():
@@ -78,6 +80,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return export_main(check=args.check)
     if args.command == "dlq":
         return dlq.main(args, settings)
+    if args.command in ("usage", "stats"):
+        return ledger_cli.main(args, settings)
     if args.command == "keys":
         return tenants.main(args)
     return show_config(settings)

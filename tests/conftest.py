@@ -35,6 +35,7 @@ from services.runtime import tracing
 from services.runtime.nats_server import NatsServer, free_port
 from services.runtime.settings import Settings
 from tests.fakes.ollama import FakeConfig, FakeOllama
+from tests.postgres import Postgres, ensure_installed, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_CHILD_SUBREAPER = 36
@@ -175,3 +176,16 @@ def spans() -> Iterator[InMemorySpanExporter]:
     yield exporter
     tracing.reset()
     provider.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """A throw-away PostgreSQL cluster for the session (skips with the reason when none can run)."""
+    bin_dir = ensure_installed()
+    if bin_dir is None:
+        pytest.skip(unavailable() or "PostgreSQL unavailable")
+    server = Postgres(bin_dir).init()
+    try:
+        yield server
+    finally:
+        server.destroy()

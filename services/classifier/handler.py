@@ -56,5 +56,13 @@ class RouteRequest:
             )
         deadline = (job.msg.headers or {}).get(headers.DEADLINE)
         routed = msgspec.structs.replace(request, model=decision.model)
-        await republish(self.js, routed, reply=job.reply, seq=job.seq, deadline_ms=deadline)
+        await republish(
+            self.js,
+            routed,
+            reply=job.reply,
+            seq=job.seq,
+            deadline_ms=deadline,
+            origin=(job.msg.headers or {}).get(headers.ORIGIN),
+            route=decision.route.name,
+        )
         job.hand_off()

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from contextvars import ContextVar
 from typing import Any
@@ -31,17 +32,23 @@ from litestar.handlers import BaseRouteHandler
 from nats.js import JetStreamContext
 
 from contracts import Accepted, EmbedRequest, ErrorCode, GenerateRequest, LlmbusError
+from contracts.usage import Origin
 from services.edge.backlog import Backlog, Slot
 from services.edge.quota import Quota, open_bucket
-from services.edge.tenants import ANONYMOUS, Keyring, Tenant, TenantsFile
+from services.edge.tenants import ANONYMOUS, Keyring, Tenant, TenantsFile, hash_key
 from services.runtime.events import RawEvent
 from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
+from services.runtime.spend import SpendView
 
 log = logging.getLogger(__name__)
 
 # The tenant of the request being handled (set by `authenticate`; ANONYMOUS with auth off).
 caller: ContextVar[Tenant] = ContextVar("llmbus_tenant", default=ANONYMOUS)
+# ... the id of the key it presented (never the key) and the API dialect, for the ledger's row.
+caller_key: ContextVar[str] = ContextVar("llmbus_key_id", default="")
+caller_api: ContextVar[str] = ContextVar("llmbus_api", default="")
+KEY_ID_CHARS = 12  # hex digits of the key's SHA-256 kept as its id
 
 # Routes anyone may call with auth on: probes, metrics, the OpenAPI document, the demo page.
 PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version"})
@@ -52,11 +59,12 @@ CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    path = connection.scope["path"]
+    caller_api.set(dialect(path))
     admission: Admission | None = getattr(connection.app.state, "admission", None)
     keyring = admission.keyring if admission is not None else None
     if keyring is None:
         return
-    path = connection.scope["path"]
     if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
         return
     scheme, _, key = connection.headers.get("authorization", "").partition(" ")
@@ -68,7 +76,30 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: 
     if handler.opt.get(ADMIN) and not tenant.admin:
         raise LlmbusError(ErrorCode.FORBIDDEN, "this route needs an admin key")
     caller.set(tenant)
+    caller_key.set(hash_key(key.strip())[7 : 7 + KEY_ID_CHARS])
     connection.scope.setdefault("state", {})["tenant"] = tenant.name  # for logs, never the key
+
+
+def dialect(path: str) -> str:
+    """The API family a path belongs to, as the ledger records it."""
+    if path.startswith("/openai/"):
+        return "openai"
+    if path.startswith("/ollama/"):
+        return "ollama"
+    if path.startswith("/v1/tasks"):
+        return "tasks"
+    return "native"
+
+
+def origin(model: str) -> Origin:
+    """Who is asking for `model`, for the request's `Llmbus-Origin` header."""
+    return Origin(
+        tenant=caller.get().name,
+        key_id=caller_key.get(),
+        api=caller_api.get(),
+        model=model,
+        accepted_ms=int(time.time() * 1000),
+    )
 
 
 def request_id_for_key(key: str) -> str:
@@ -140,6 +171,7 @@ class Admission:
         self.tenants = TenantsFile(settings.tenants_file) if settings.auth == "on" else None
         self.backlog = Backlog(js, settings.max_queue, settings.queue_check_s)
         self.quota: Quota | None = None
+        self.spend: SpendView | None = None  # the ledger's totals, once a tenant has a budget
         self._background: set[asyncio.Task[None]] = set()
         self._opening = asyncio.Lock()
 
@@ -152,6 +184,8 @@ class Admission:
         keyring = self.keyring
         if keyring is not None and any(t.limited for t in keyring.tenants.values()):
             await self._open_quota()
+        if keyring is not None and any(t.budget.any for t in keyring.tenants.values()):
+            await self._open_spend()
         if self.backlog.bound > 0:
             await self.backlog.prime()
         return self
@@ -163,6 +197,8 @@ class Admission:
         await self.backlog.stop()
         if self.quota is not None:
             await self.quota.stop()
+        if self.spend is not None:
+            await self.spend.stop()
 
     async def admit(
         self, request: GenerateRequest | EmbedRequest, subject: str
@@ -170,6 +206,7 @@ class Admission:
         """The request as it may be published (`num_predict` capped), its ticket and its place in
         the backlog (`slot.stored()` once published, else `slot.dropped()`); or raises."""
         self.check_model(request.model)
+        await self.check_budget()
         if isinstance(request, GenerateRequest):
             request = self._fit(request)
         slot = await self.backlog.admit(subject)  # `llm.req.route` if routed: the classifier's queue
@@ -183,6 +220,21 @@ class Admission:
         """403 `forbidden` for a model outside the caller's `models` globs."""
         if not caller.get().allows(model):
             raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {model[:64]!r}")
+
+    async def check_budget(self) -> None:
+        """429 `budget_exceeded` when the caller's tenant spent its day's or month's budget."""
+        tenant = caller.get()
+        budget = tenant.budget
+        if not budget.any:
+            return
+        spend = self.spend or await self._open_spend()  # a reload gave a tenant its first budget
+        spend.check(tenant.name, budget)
+
+    async def _open_spend(self) -> SpendView:
+        async with self._opening:
+            if self.spend is None:
+                self.spend = await SpendView().start(self.js)
+            return self.spend
 
     async def hold(self) -> Ticket | None:
         """Takes one request of the caller's limits (429 `rate_limited`); None when it has none.

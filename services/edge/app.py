@@ -29,6 +29,7 @@ from services.edge.embed import embed
 from services.edge.errors import exception_handlers, with_retry_after
 from services.edge.generation import chat, generate
 from services.edge.health import live, ready
+from services.edge.ledger_routes import ROUTES as LEDGER_ROUTES
 from services.edge.observability import Observability
 from services.edge.requests import cancel_request, request_events
 from services.edge.routing import RouteFallback
@@ -125,6 +126,7 @@ def create_app(
             live,
             ready,
             *models.ROUTES,
+            *LEDGER_ROUTES,
             openai_router,
             ollama_router,
             list_tasks,

@@ -31,6 +31,7 @@ async def classify(request: Request[Any, Any, Any], data: JSONBody[ClassifyReque
     admission: Admission = request.app.state.admission
     if data.model is not None:  # else the routes file's default, which every key may use
         admission.check_model(data.model)
+    await admission.check_budget()
     ticket = await admission.hold()  # the tenant's rate and in-flight limits, as for any request
     answer = None
     try:

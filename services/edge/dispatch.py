@@ -40,10 +40,10 @@ from contracts import (
 )
 from contracts.route import ROUTE_SUBJECT, is_routed
 from services.edge import observability
-from services.edge.admission import Admission, Ticket
+from services.edge.admission import Admission, Ticket, origin
 from services.edge.backlog import Slot
 from services.edge.routing import RouteFallback
-from services.runtime import bus, events, tracing
+from services.runtime import bus, events, tracing, usage
 from services.runtime.events import RawEvent, Sequencer
 from services.runtime.inventory import InventoryView
 from services.runtime.retry import Backoff, with_backoff
@@ -442,6 +442,7 @@ class Dispatcher:
             headers.MSG_ID: request.id,
             headers.REPLY: subjects.event_subject(request.id),
             headers.DEADLINE: str(deadline_ms),
+            headers.ORIGIN: usage.encode_origin(origin(request.model)),  # who asked: the ledger's row
         }
 
         async def publish() -> PubAck:

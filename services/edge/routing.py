@@ -83,6 +83,8 @@ class RouteFallback:
                 reply=reply,
                 seq=2,
                 deadline_ms=hdrs.get(headers.DEADLINE),
+                origin=hdrs.get(headers.ORIGIN),
+                route=route.name,
             )
         except Exception as exc:
             await self._fail(reply, 2, f"the request queue is unavailable: {exc!r}")

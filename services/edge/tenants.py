@@ -8,6 +8,10 @@ requests_per_minute = 120       # 0 = no limit
 tokens_per_minute = 100000      # prompt + completion tokens (from each answer's usage); 0 = no limit
 models = ["llama3.2:*", "nomic-embed-text*"]   # globs of the model names it may ask for
 admin = false                   # may pull, create, copy, load, unload and delete models
+tokens_per_day = 2000000        # budgets per UTC day and month, from the ledger's totals: 429
+tokens_per_month = 40000000     # `budget_exceeded` until the next period; 0 = no budget
+cost_per_day = 5.0              # ... in the currency of `[costs]` in infra/models.toml
+cost_per_month = 100.0
 ```
 
 The edge re-reads the file when it changes (it looks at its mtime at most once a second, on the
@@ -35,6 +39,8 @@ from pathlib import Path
 
 import msgspec
 
+from services.runtime.spend import Budget
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "llmbus_"
@@ -50,6 +56,19 @@ class Tenant(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     tokens_per_minute: int = 0
     models: tuple[str, ...] = ("*",)
     admin: bool = False
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+    cost_per_day: float = 0.0
+    cost_per_month: float = 0.0
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(
+            tokens_per_day=self.tokens_per_day,
+            tokens_per_month=self.tokens_per_month,
+            cost_per_day=self.cost_per_day,
+            cost_per_month=self.cost_per_month,
+        )
 
     @property
     def limited(self) -> bool:

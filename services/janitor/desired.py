@@ -123,7 +123,7 @@ def load(path: Path, host: str, backend: str = "ollama") -> Desired:
         doc = tomllib.loads(raw.decode())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise DesiredStateError(f"{path}: {exc}") from exc
-    _known(doc, {"defaults", "memory", "models"}, str(path))
+    _known(doc, {"defaults", "memory", "models", "costs"}, str(path))  # [costs]: the ledger's
     fingerprint = hashlib.sha256(raw)
 
     defaults = _table(doc, "defaults", str(path))

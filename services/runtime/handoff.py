@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from contracts import GenerateRequest, headers, subjects
 from contracts.route import CLAIMS_BUCKET
-from services.runtime import bus, tracing
+from services.runtime import bus, tracing, usage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,13 @@ async def republish(
     reply: str,
     seq: int,
     deadline_ms: str | None,
+    origin: str | None = None,
+    route: str = "",
 ) -> None:
-    """Publishes `request` (its model already chosen) to the generators, continuing at `seq`."""
+    """Publishes `request` (its model already chosen) to the generators, continuing at `seq`.
+
+    `origin` is the routed request's `Llmbus-Origin`, passed on with the `route` it took.
+    """
     subject = subjects.generate_subject(request.model)
     hdrs = {
         # Not the bare id: JetStream already saw that on `llm.req.route` and would drop this one.
@@ -71,5 +76,8 @@ async def republish(
     }
     if deadline_ms is not None:
         hdrs[headers.DEADLINE] = deadline_ms
+    if origin is not None:
+        asked = usage.origin({headers.ORIGIN: origin})
+        hdrs[headers.ORIGIN] = usage.encode_origin(msgspec.structs.replace(asked, route=route))
     with tracing.publish_span(subject, request.id, hdrs):
         await js.publish(subject, _encode(request), headers=hdrs, timeout=5)

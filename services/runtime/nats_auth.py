@@ -106,6 +106,33 @@ def _worker(service: str, durable: str, filters: list[str]) -> Role:
     )
 
 
+def _ledger_reader() -> list[str]:
+    """The ledger's read API (`llm.ledger.*`) and its running totals for budgets (KV `llm_spend`)."""
+    return [subjects.LEDGER_PREFIX + ">", *_kv(subjects.SPEND_BUCKET, write=False)]
+
+
+def _ledger() -> Role:
+    """`llmbus ledger`: its stream of usage events and one durable consumer of it, the totals
+    bucket, and its read API (a micro service); nothing of the request or event streams."""
+    usage, durable = subjects.USAGE_STREAM, "ledger"
+    return Role(
+        publish=[
+            f"{API}.INFO",
+            f"{API}.STREAM.INFO.{usage}",
+            f"{API}.STREAM.INFO.KV_{subjects.SPEND_BUCKET}",
+            f"{API}.STREAM.CREATE.{usage}",
+            f"{API}.STREAM.UPDATE.{usage}",
+            f"{API}.CONSUMER.CREATE.{usage}.{durable}",
+            f"{API}.CONSUMER.DURABLE.CREATE.{usage}.{durable}",
+            f"{API}.CONSUMER.INFO.{usage}.{durable}",
+            f"{API}.CONSUMER.MSG.NEXT.{usage}.{durable}",
+            f"$JS.ACK.{usage}.{durable}.>",
+            *_kv(subjects.SPEND_BUCKET, write=True),
+        ],
+        subscribe=[subjects.LEDGER_PREFIX + ">", "$SRV.>"],
+    )
+
+
 def _join(*roles: Role) -> Role:
     return Role(
         publish=[s for r in roles for s in r.publish],
@@ -174,6 +201,7 @@ def roles() -> dict[str, Role]:
                 *_kv(route.CLAIMS_BUCKET, write=True),
                 *_kv(subjects.ADMISSION_BUCKET, write=True),
                 *_kv(subjects.MODELS_BUCKET, write=False),
+                *_ledger_reader(),  # /v1/usage, /v1/stats, /v1/history; budgets
             ],
             subscribe=[subjects.EVENT_SUBJECTS],
             deny_publish=_NO_CONSUMING,
@@ -205,6 +233,7 @@ def roles() -> dict[str, Role]:
             ],
             subscribe=[subjects.ADMIN_PREFIX + ">", subjects.USAGE_SUBJECTS, "$SRV.>"],
         ),
+        "ledger": _ledger(),
         # `llmbus dlq list|replay`: reads and removes dead letters, publishes requests again.
         "dlq": Role(
             publish=[

@@ -110,6 +110,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
     # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.
     metrics_port: int = 0
+    # The ledger (docs/ledger.md): its database (empty: SQLite at <data_dir>/ledger.db; or
+    # postgresql://user:password@host/db), rows per transaction, and how long LLM_USAGE keeps events.
+    database_url: str = ""
+    ledger_batch: int = 512
+    usage_max_age_s: float = 7 * 86400.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -198,6 +203,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
         "local_embed_port",
     ),
+    "ledger": ("database_url", "ledger_batch", "usage_max_age_s"),
     "up": ("nats_port",),
 }  # fmt: skip
 _WORKER = ("bus", "process", "worker", "backend")
@@ -208,6 +214,9 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "embedder": (*_WORKER, "embedder"),
     "classifier": (*_WORKER, "routing"),
     "janitor": (*_WORKER, "janitor"),
+    "ledger": ("bus", "process", "ledger"),
+    "usage": ("bus",),
+    "stats": ("bus",),
     "local": ("process", "local"),
     "models": ("bus",),
     "dlq": ("bus",),

@@ -92,6 +92,7 @@ class Job(Generic[R]):
         "cancel_reason",
         "continued",
         "deadline",
+        "host",
         "msg",
         "prior_text",
         "prior_tokens",
@@ -122,6 +123,7 @@ class Job(Generic[R]):
         self.started = time.perf_counter()
         self.cancel_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.host = ""  # the model server this worker calls (recorded in the usage event)
 
     @property
     def id(self) -> str:
@@ -135,7 +137,7 @@ class Job(Generic[R]):
             await self._store(_encode(event))
             self.terminal = True
             metrics.worker_request_ended(self, event)
-            await usage.publish(self._nc, self, event)  # llm.evt.usage.<model>: the janitor's last use
+            await usage.publish(self._nc, self, event, self.host)  # the janitor's last use, the ledger's row
         else:
             data = _encode(event)
             self._sent.append(data)
@@ -256,6 +258,8 @@ class Worker(Generic[R]):
         self._resends: set[asyncio.Task[None]] = set()
         self._idle: set[asyncio.Task[None]] = set()
         self._fetchers = asyncio.Semaphore(FETCHERS)
+        url = settings.embed_url if service == "embedder" else settings.generate_url
+        self.host = usage.host_of(url)
         self._stopping = False
         self._micro: nats.micro.service.Service | None = None
 
@@ -433,6 +437,7 @@ class Worker(Generic[R]):
                 deadline = min(deadline, loop.time() + int(hdrs[headers.DEADLINE]) / 1000 - time.time())
         seq = int(hdrs[headers.SEQ]) if hdrs.get(headers.SEQ, "").isdigit() else 0
         job = Job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
+        job.host = self.host
         if attempt > 1 and not await self._take_over(job):
             return
 

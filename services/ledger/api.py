@@ -1,0 +1,81 @@
+"""The ledger's read API: a NATS micro service (`llmbus-ledger`) on `llm.ledger.<verb>`.
+
+Replies are JSON structs from `contracts.ledger`; a failure is a micro-service error
+(`Nats-Service-Error-Code` = the HTTP status) with an `ErrorBody`, as the janitor's admin API does.
+Scoping a query to a tenant is the caller's job (the edge does it from the API key).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats.micro
+from nats.aio.client import Client
+from nats.micro.request import Request
+from nats.micro.service import Service
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from contracts import ErrorBody, ErrorCode, ErrorDetail, LlmbusError, subjects
+from contracts.ledger import LEDGER_VERBS, HistoryQuery, RecordRef, StatsQuery, UsageQuery
+from services.ledger import queries
+
+log = logging.getLogger("llmbus.ledger")
+
+_encode = msgspec.json.Encoder().encode
+_QUERIES: dict[str, tuple[type[Any], Callable[[AsyncEngine, Any], Awaitable[msgspec.Struct]]]] = {
+    "usage": (UsageQuery, queries.usage),
+    "stats": (StatsQuery, queries.stats),
+    "history": (HistoryQuery, queries.history),
+    "record": (RecordRef, queries.record),
+    "erase": (RecordRef, queries.erase),
+}
+
+
+def _endpoint(engine: AsyncEngine, verb: str) -> Callable[[Request], Awaitable[None]]:
+    kind, run = _QUERIES[verb]
+
+    async def handle(request: Request) -> None:
+        try:
+            try:
+                query = msgspec.json.decode(request.data or b"{}", type=kind)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise LlmbusError(ErrorCode.BAD_REQUEST, f"malformed {verb} query: {exc}") from None
+            result = await run(engine, query)
+        except LlmbusError as exc:
+            await _respond_error(request, exc.code, exc.message)
+            return
+        except Exception as exc:  # the database is down, most likely: say so, no stack trace
+            log.error("ledger %s failed: %s", verb, exc)
+            await _respond_error(
+                request, ErrorCode.LEDGER_UNAVAILABLE, f"the ledger's database failed: {verb}"
+            )
+            return
+        await request.respond(_encode(result))
+
+    return handle
+
+
+async def _respond_error(request: Request, code: ErrorCode, message: str) -> None:
+    body = ErrorBody(ErrorDetail(code=code, message=message))
+    await request.respond_error(str(code.http_status), message, data=_encode(body))
+
+
+async def serve(nc: Client, engine: AsyncEngine, database: str) -> Service:
+    service = await nats.micro.add_service(
+        nc,
+        name="llmbus-ledger",
+        version="0.1.0",
+        description="llmbus ledger: usage, statistics and history of every request",
+        metadata={"database": database},
+    )
+    for verb in LEDGER_VERBS:
+        await service.add_endpoint(
+            name=verb,
+            subject=subjects.LEDGER_PREFIX + verb,
+            handler=_endpoint(engine, verb),
+            queue_group="ledger",
+        )
+    return service

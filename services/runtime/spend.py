@@ -1,0 +1,125 @@
+"""Tenants' running totals (KV `llm_spend`, written by the ledger) and the budget check on them.
+
+Every edge replica watches the bucket, so a check is a dict lookup on the request path. A spend is
+seen within the ledger's batch time (one fetch, one transaction) plus a KV update's propagation,
+measured in docs/benchmarks.md "Ledger"; requests admitted meanwhile overshoot the budget by what
+they use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import logging
+import time
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from contracts import ErrorCode, LlmbusError, subjects
+from contracts.ledger import Spend
+from services.runtime import bus
+
+log = logging.getLogger(__name__)
+
+_decode = msgspec.json.Decoder(Spend).decode
+
+
+async def open_bucket(js: JetStreamContext) -> KeyValue:
+    return await bus.key_value(
+        js,
+        KeyValueConfig(
+            bucket=subjects.SPEND_BUCKET,
+            description="llmbus spend: <tenant> -> Spend, this day and month (written by the ledger)",
+            history=1,
+            storage=StorageType.FILE,
+        ),
+    )
+
+
+def next_day(now: float) -> float:
+    """Unix seconds of the next UTC midnight."""
+    return (int(now) // 86400 + 1) * 86400
+
+
+def next_month(now: float) -> float:
+    t = time.gmtime(now)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant's limits per UTC day and month; 0 = none. Cost is in `[costs]`'s currency."""
+
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+    cost_per_day: float = 0.0
+    cost_per_month: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.tokens_per_day or self.tokens_per_month or self.cost_per_day or self.cost_per_month)
+
+
+class SpendView:
+    """Every tenant's totals, kept current by a KV watch."""
+
+    def __init__(self) -> None:
+        self.spend: dict[str, Spend] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, js: JetStreamContext) -> SpendView:
+        kv = await open_bucket(js)
+        self._watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._follow())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _follow(self) -> None:
+        async for entry in self._watcher:
+            if entry is None:
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                self.spend.pop(entry.key, None)
+                continue
+            try:
+                self.spend[entry.key] = _decode(entry.value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("ignoring a malformed spend entry %s", entry.key)
+
+    def check(self, tenant: str, budget: Budget, now: float | None = None) -> None:
+        """Raises 429 `budget_exceeded` (Retry-After: the next period) once a budget is spent."""
+        spent = self.spend.get(tenant)
+        if spent is None or not budget.any:
+            return
+        now = time.time() if now is None else now
+        t = time.gmtime(now)
+        day, month = time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t)
+        over = []
+        if spent.month == month:
+            if budget.tokens_per_month and spent.month_tokens >= budget.tokens_per_month:
+                over.append((next_month(now), f"{budget.tokens_per_month} tokens this month"))
+            if budget.cost_per_month and spent.month_cost >= budget.cost_per_month:
+                over.append((next_month(now), f"{budget.cost_per_month:g} this month"))
+        if spent.day == day:
+            if budget.tokens_per_day and spent.day_tokens >= budget.tokens_per_day:
+                over.append((next_day(now), f"{budget.tokens_per_day} tokens today"))
+            if budget.cost_per_day and spent.day_cost >= budget.cost_per_day:
+                over.append((next_day(now), f"{budget.cost_per_day:g} today"))
+        if over:
+            until, what = max(over)
+            raise LlmbusError(
+                ErrorCode.BUDGET_EXCEEDED,
+                f"this key's tenant spent its budget of {what} (UTC); it renews then",
+                retry_after=max(1.0, round(until - now)),
+            )
