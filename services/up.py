@@ -155,6 +155,10 @@ def up(settings: Settings) -> int:
     env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
     passwords = nats.credentials
     children: dict[str, Child] = {}
+    if backend.ollama is not None:
+        children["ollama"] = Child("ollama", backend.ollama, os.environ | launch.ollama_env(settings))
+        if not launch.wait_ollama(settings.generate_url, children["ollama"].proc, stopping.is_set):
+            log.warning("`ollama serve` did not answer within 30 s; see its log above")
     for name in ("local", *SERVICES) if backend.local else SERVICES:
         # Each service gets its own NATS user and password, nobody else's.
         own = {"LLMBUS_NATS_USER": name, "LLMBUS_NATS_PASSWORD": passwords[name]} if name in passwords else {}

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import httpx
 import psutil
 
 from services import up as supervisor
@@ -113,5 +116,30 @@ async def test_a_killed_service_is_restarted(tmp_path: Path) -> None:
             ):
                 await asyncio.sleep(0.1)
         await up.stop()
+    finally:
+        await up.kill()
+
+
+async def test_an_installed_ollama_that_is_not_running_is_served_by_the_stack(tmp_path: Path) -> None:
+    # `ollama` on PATH: the faithful fake of its HTTP API, on OLLAMA_HOST as `ollama serve` listens.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ollama = bin_dir / "ollama"
+    serve = f'exec {sys.executable} -m tests.fakes.ollama --port "${{OLLAMA_HOST##*:}}"'
+    ollama.write_text(f'#!/bin/sh\n[ "$1" = serve ] || exit 2\n{serve}\n')
+    ollama.chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    up = await llmbus_up.start(tmp_path, PATH=path, LLMBUS_LOCAL="off")
+    try:
+        output = await up.read_until("edge ready", 60)
+        assert f"Ollama installed ({ollama}) but not running" in output
+        body = {"model": "llama3.2:1b", "prompt": "hi"}
+        async with httpx.AsyncClient(timeout=10) as http:
+            answer = await http.post(f"{up.url}/v1/generate", json=body)
+        assert answer.status_code == 200 and answer.json()["finish_reason"] == "stop"
+        served = [p for p in psutil.Process(up.proc.pid).children() if "tests.fakes.ollama" in p.cmdline()]
+        assert len(served) == 1
+        await up.stop()
+        assert not served[0].is_running() or served[0].status() == psutil.STATUS_ZOMBIE
     finally:
         await up.kill()

