@@ -20,7 +20,7 @@ class ToolFunction(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     parameters: JsonObject | None = None  # a JSON Schema of the arguments object
 
 
-class Tool(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
     """A function the model may call (OpenAI's and Ollama's `tools[]` item)."""
 
     function: ToolFunction
@@ -42,7 +42,7 @@ class ToolCallFunction(msgspec.Struct, forbid_unknown_fields=True):
     arguments: JsonObject  # parsed: a call whose arguments are not a JSON object never reaches the bus
 
 
-class ToolCall(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True):
     """One complete call: in an assistant `Message` (history) and in a `tool_call` event."""
 
     id: str  # answered by a `tool` message's `tool_call_id`
