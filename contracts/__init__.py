@@ -20,8 +20,10 @@ from contracts.messages import (
     Options,
     Restart,
     Start,
+    Thinking,
     Timings,
     Token,
+    ToolCallEvent,
     validate_model,
 )
 from contracts.models import (
@@ -31,6 +33,18 @@ from contracts.models import (
     canonical_model,
 )
 from contracts.route import ClassifyReply, ClassifyRequest, LabelScore, Routed
+from contracts.tools import (
+    JsonObject,
+    Logprob,
+    NamedTool,
+    Think,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallFunction,
+    ToolChoice,
+    ToolFunction,
+)
 from contracts.usage import Usage
 
 __all__ = [
@@ -54,17 +68,29 @@ __all__ = [
     "EventHead",
     "Format",
     "GenerateRequest",
+    "JsonObject",
     "LabelScore",
     "LlmbusError",
+    "Logprob",
     "Message",
     "ModelEvent",
     "ModelInfo",
+    "NamedTool",
     "Options",
     "Restart",
     "Routed",
     "Start",
+    "Think",
+    "Thinking",
     "Timings",
     "Token",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallEvent",
+    "ToolCallFunction",
+    "ToolChoice",
+    "ToolFunction",
     "Usage",
     "UsageEvent",
     "Vectors",

@@ -27,6 +27,9 @@ class ErrorCode(enum.StrEnum):
     BUS_UNAVAILABLE = "bus_unavailable"  # the edge is not (yet, or no longer) connected to NATS
     DEADLINE_EXCEEDED = "deadline_exceeded"
     LEDGER_UNAVAILABLE = "ledger_unavailable"  # usage, stats and history need the ledger service
+    # A field the backend or model cannot honour (an image for a text-only model, tools for a model
+    # without tool support): refused, never silently dropped. The message names the field.
+    UNSUPPORTED = "unsupported"
 
     @property
     def http_status(self) -> int:
@@ -57,6 +60,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BUS_UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.LEDGER_UNAVAILABLE: 503,
+    ErrorCode.UNSUPPORTED: 400,
 }
 
 _RETRYABLE = frozenset({ErrorCode.BACKEND_UNAVAILABLE})

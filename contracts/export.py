@@ -39,7 +39,9 @@ from contracts.messages import (
     GenerateRequest,
     Restart,
     Start,
+    Thinking,
     Token,
+    ToolCallEvent,
 )
 from contracts.models import (
     CopyRequest,
@@ -66,6 +68,8 @@ MESSAGES: dict[str, Any] = {
     "Start": Start,
     "Routed": Routed,
     "Token": Token,
+    "Thinking": Thinking,
+    "ToolCallEvent": ToolCallEvent,
     "Restart": Restart,
     "Done": Done,
     "Error": Error,

@@ -16,6 +16,7 @@ from contracts.embed import Embeddings, Vectors
 from contracts.errors import ErrorCode, LlmbusError
 from contracts.route import Routed
 from contracts.subjects import MODEL_NAME, REQUEST_ID
+from contracts.tools import MAX_TOP_LOGPROBS, Logprob, NamedTool, Think, Tool, ToolCall, ToolChoice
 from contracts.usage import Usage
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -23,8 +24,12 @@ Role = Literal["system", "user", "assistant", "tool"]
 
 class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     role: Role
-    content: str
-    images: list[str] | None = None  # base64, for vision models
+    content: str = ""
+    images: list[str] | None = None  # base64 (no `data:` prefix), for vision models
+    thinking: str | None = None  # an assistant's earlier reasoning, sent back as context
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers (OpenAI's link) ...
+    tool_name: str | None = None  # ... and/or the tool's name (Ollama's link)
 
 
 class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -57,6 +62,17 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     system: str | None = None
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
+    # Prompt requests only (Ollama's generate): images for the prompt, fill-in-the-middle, no template.
+    images: list[str] | None = None
+    suffix: str | None = None
+    raw: bool | None = None
+    # Chat requests only: tools the model may call.
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    think: Think | None = None  # reasoning on/off or its effort; the text comes as `thinking` events
+    logprobs: bool | None = None  # log probabilities on `token` events ...
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # ... with rivals
 
     @property
     def is_chat(self) -> bool:
@@ -74,9 +90,45 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
                 raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` must not be empty")
             if all(m.role == "system" for m in self.messages):
                 raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` needs at least one non-system message")
+            for index, message in enumerate(self.messages):
+                _validate_message(index, message)
+            for name in ("images", "suffix", "raw"):
+                if getattr(self, name) is not None:
+                    raise LlmbusError(
+                        ErrorCode.BAD_REQUEST, f"`{name}` is for `prompt` requests (chat: per message)"
+                    )
+        else:
+            for name in ("tools", "tool_choice", "parallel_tool_calls"):
+                if getattr(self, name) is not None:
+                    raise LlmbusError(ErrorCode.BAD_REQUEST, f"`{name}` needs `messages`, not `prompt`")
+        self._validate_tools()
+        if self.top_logprobs and not self.logprobs:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`top_logprobs` needs `logprobs: true`")
         num_predict = self.options.num_predict
         if num_predict is not None and (num_predict == 0 or num_predict < -1):
             raise LlmbusError(ErrorCode.BAD_REQUEST, "`options.num_predict` must be positive or -1")
+
+    def _validate_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`tools` has two functions with the same name")
+        choice = self.tool_choice
+        if isinstance(choice, NamedTool) and choice.name not in names:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, f"`tool_choice` names {choice.name!r}, not in `tools`")
+        if choice == "required" and not names:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`tool_choice: required` needs `tools`")
+
+
+def _validate_message(index: int, message: Message) -> None:
+    where = f"`messages[{index}]`"
+    if message.tool_calls and message.role != "assistant":
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: only an assistant message has `tool_calls`")
+    if (message.tool_call_id is not None or message.tool_name is not None) and message.role != "tool":
+        raise LlmbusError(
+            ErrorCode.BAD_REQUEST, f"{where}: `tool_call_id` and `tool_name` belong to a `tool` message"
+        )
+    if message.images is not None and any(not image for image in message.images):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: an image is empty")
 
 
 def validate_model(model: str) -> None:
@@ -102,13 +154,28 @@ class Start(_Event, tag="start"):
 
 class Token(_Event, tag="token"):
     text: str
+    logprobs: list[Logprob] | None = None  # the tokens of `text`, when the request asked for `logprobs`
+
+
+class Thinking(_Event, tag="thinking"):
+    """Reasoning text (a `think` request, or a model that reasons): never part of the answer's text."""
+
+    text: str
+
+
+class ToolCallEvent(_Event, tag="tool_call"):
+    """One complete tool call, sent once: `index` counts the answer's calls from 0 (OpenAI's
+    `delta.tool_calls[].index`). An answer with calls ends with `finish_reason: "tool_calls"`."""
+
+    index: int
+    call: ToolCall
 
 
 _OUTPUT = "A task's answer, parsed and validated against its output schema (POST /v1/tasks/{name} only)."
 
 
 class Done(_Event, tag="done"):
-    finish_reason: str  # "stop", "length", ...
+    finish_reason: str  # "stop", "length", "tool_calls"
     usage: Usage
     timings: Timings
     output: Annotated[Any, msgspec.Meta(description=_OUTPUT)] = None
@@ -121,7 +188,8 @@ class Error(_Event, tag="error"):
 
 
 class Restart(_Event, tag="restart"):
-    """The text streamed so far is void: a new attempt could not continue it and starts over.
+    """The text (and thinking) streamed so far is void: a new attempt could not continue it and
+    starts over.
 
     Sent only when a worker crashed mid-stream and the backend cannot continue from a prefix (a
     `prompt` request); a client discards the text it has and keeps reading.
@@ -132,7 +200,7 @@ class Restart(_Event, tag="restart"):
 
 # `routed` (contracts/route.py) comes between `start` and the first token of a routed request.
 # An embed request's events (contracts/embed.py): `vectors`..., then `embeddings` or `error`.
-Event = Start | Routed | Token | Restart | Vectors | Embeddings | Done | Error
+Event = Start | Routed | Token | Thinking | ToolCallEvent | Restart | Vectors | Embeddings | Done | Error
 TERMINAL_EVENTS = (Done, Error, Embeddings)
 TERMINAL_TYPES = frozenset({"done", "error", "embeddings"})
 
@@ -182,3 +250,6 @@ class Completion(msgspec.Struct, omit_defaults=True):
     usage: Usage
     timings: Timings
     routed: Routed | None = None  # how an `auto` or `route:NAME` request was routed
+    thinking: str | None = None  # the `thinking` events' text
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[Logprob] | None = None  # every `token` event's, in order

@@ -9,6 +9,7 @@ structure, schema validity, similarity and cancellation, never what the text say
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import os
@@ -23,9 +24,10 @@ import jsonschema
 import msgspec
 import pytest
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError, Options
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Options, Tool, ToolFunction
 from services.embedder.main import Embedder
 from services.local import models
+from services.runtime.backends import Final, Scored
 from services.runtime.backends.openai import OpenAIBackend, error_for_status, sse_data
 from services.runtime.nats_server import free_port
 from services.runtime.settings import Settings
@@ -237,9 +239,111 @@ async def test_non_streaming_mode_yields_the_whole_answer_then_final(local: Loca
         await backend.aclose()
     text, final = pieces
     assert isinstance(text, str) and text
-    assert not isinstance(final, str)
+    assert isinstance(final, Final)
     assert (final.finish_reason, final.completion_tokens) == ("length", 8)
     assert final.prompt_tokens > 0
+
+
+async def _pieces(backend: OpenAIBackend, request: GenerateRequest) -> list[object]:
+    try:
+        return [piece async for piece in backend.generate(request)]
+    finally:
+        await backend.aclose()
+
+
+async def test_structured_output_on_generate_is_constrained(local: LocalServers) -> None:
+    # llama.cpp's /v1/completions ignores `response_format`: only a top-level `json_schema` binds it.
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer"}},
+        "required": ["colour", "count"],
+        "additionalProperties": False,
+    }
+    request = GenerateRequest(
+        id="schema-generate-1",
+        model=CHAT,
+        prompt="A list of fruits:",
+        format=schema,
+        options=Options(num_predict=40, temperature=0),
+    )
+    pieces = await _pieces(OpenAIBackend(local.chat_url), request)
+    text = "".join(p for p in pieces if isinstance(p, str))
+    jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize(
+    ("message", "tools", "field"),
+    [
+        (
+            Message(role="user", content="what is this?", images=[base64.b64encode(b"GIF89a").decode()]),
+            None,
+            "images",
+        ),
+        (
+            Message(role="user", content="weather in Paris?"),
+            [Tool(function=ToolFunction(name="get_weather", parameters={"type": "object"}))],
+            "tools",
+        ),
+    ],
+)
+async def test_what_the_text_only_model_cannot_do_is_unsupported(
+    local: LocalServers, message: Message, tools: list[Tool] | None, field: str
+) -> None:
+    request = GenerateRequest(id="unsupported-1", model=CHAT, messages=[message], tools=tools)
+    with pytest.raises(LlmbusError) as caught:
+        await _pieces(OpenAIBackend(local.chat_url), request)
+    assert caught.value.code is ErrorCode.UNSUPPORTED
+    assert f"`{field}`" in caught.value.message
+
+
+async def test_an_image_the_server_refuses_is_unsupported_too(local: LocalServers) -> None:
+    # Without `/props` to ask first, llama.cpp's own 500 "image input is not supported" is mapped.
+    async with httpx.AsyncClient() as http:
+        body = {
+            "model": CHAT,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0lGODlh"}}
+                    ],
+                }
+            ],
+        }
+        answer = await http.post(f"{local.chat_url}/v1/chat/completions", json=body, timeout=SLOW)
+    error = error_for_status(answer.status_code, answer.content, CHAT)
+    assert error.code is ErrorCode.UNSUPPORTED and "`images`" in error.message
+
+
+@pytest.mark.parametrize("chat_mode", [True, False])
+async def test_logprobs_come_back_with_the_text(local: LocalServers, chat_mode: bool) -> None:
+    request = GenerateRequest(
+        id="logprobs-1",
+        model=CHAT,
+        messages=[Message(role="user", content="Say hi")] if chat_mode else None,
+        prompt=None if chat_mode else "Once upon a",
+        logprobs=True,
+        top_logprobs=2,
+        options=Options(num_predict=4),
+    )
+    pieces = await _pieces(OpenAIBackend(local.chat_url), request)
+    scored = [p for p in pieces if isinstance(p, Scored)]
+    assert scored and not [p for p in pieces if isinstance(p, str)]
+    logprobs = [lp for p in scored for lp in p.logprobs]
+    assert "".join(lp.token for lp in logprobs) == "".join(p.text for p in scored)
+    assert all(
+        lp.logprob <= 0 and lp.top_logprobs is not None and len(lp.top_logprobs) == 2 for lp in logprobs
+    )
+
+
+@pytest.mark.usefixtures("embedder")
+async def test_embedding_dimensions_the_server_ignores_are_unsupported(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/embed", json={"model": EMBED, "input": "hi", "dimensions": 64}, timeout=SLOW
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported" and "`dimensions`" in error["message"]
 
 
 async def test_an_unreachable_server_is_backend_unavailable() -> None:

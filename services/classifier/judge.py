@@ -44,7 +44,7 @@ async def ask_json(
                 if isinstance(piece, Final):
                     spent = piece.prompt_tokens + piece.completion_tokens
                     usage = Usage(piece.prompt_tokens, piece.completion_tokens, spent)
-                else:
+                elif isinstance(piece, str):  # the answer; a reasoning model's thinking is not
                     parts.append(piece)
     except TimeoutError:
         raise LlmbusError(

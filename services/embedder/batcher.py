@@ -28,6 +28,7 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 from contracts import ErrorCode, LlmbusError
 from services.runtime import tracing
 from services.runtime.backends import Backend
+from services.runtime.backends.base import unsupported
 
 # Codes a single input can cause; others (unavailable, model not found) fail everyone alike.
 _MAYBE_ONE_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.BACKEND_ERROR})
@@ -203,6 +204,14 @@ class Batcher:
             _fail(pieces, exc)
             return
         backend_ms = (time.perf_counter() - started) * 1000
+        if key.dimensions is not None and any(len(v) != key.dimensions for v in result.vectors):
+            # A server without the parameter (llama.cpp) answers its full size: never pass that on.
+            size = next(len(v) for v in result.vectors if len(v) != key.dimensions)
+            _fail(
+                pieces,
+                unsupported("dimensions", f"model {key.model!r} answers {size}-dimensional vectors here"),
+            )
+            return
         vectors = [array("f", vector) for vector in result.vectors]
         total_chars = sum(piece.chars for piece in pieces) or 1
         offset = chars = tokens = 0

@@ -7,6 +7,13 @@ yet); after it, a failure ends the request with `backend_error`.
 A job that takes over after a crash (`job.prior_text`) continues the answer: a chat gets the text
 so far as a trailing assistant message, which the model continues. A `prompt` request cannot be
 continued without the model's own prompt template, so it starts over after a `restart` event.
+What the earlier attempt delivered besides text is never sent twice: the new attempt's tool calls
+that repeat the delivered ones (same name and arguments, in order) and its thinking while it
+repeats the delivered thinking are held back (`_Calls`, `_Repeat`).
+
+Besides text the backend streams thinking (`thinking` events), logprobs (on `token` events) and
+complete tool calls (`tool_call` events, each once and whole); an answer with calls ends with
+`finish_reason: "tool_calls"` (Ollama itself says `stop`).
 """
 
 from __future__ import annotations
@@ -17,13 +24,24 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Timings, Usage
-from services.runtime.backends import Backend, Final
+from contracts import (
+    ErrorCode,
+    GenerateRequest,
+    LlmbusError,
+    Message,
+    Thinking,
+    Timings,
+    Token,
+    ToolCall,
+    ToolCallEvent,
+    Usage,
+)
+from services.runtime.backends import Backend, Final, Piece, Scored, Thought
 from services.runtime.retry import Backoff, with_backoff
 from services.runtime.settings import Settings
 from services.runtime.worker import Job
 
-Stream = AsyncIterator[str | Final]
+Stream = AsyncIterator[Piece]
 
 _RETRYABLE = frozenset({ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.BACKEND_ERROR})
 
@@ -77,11 +95,23 @@ class Generate:
             deadline=job.deadline,
         )
         first_token_at: float | None = None
+        calls = _Calls(request.id, job.prior_calls)
+        thinking = _Repeat(job.prior_thinking)
         try:
             while not isinstance(piece, Final):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                await job.token(piece)
+                if type(piece) is str:  # the hot path
+                    await job.token(piece)
+                elif isinstance(piece, Scored):
+                    await job.emit(
+                        Token(seq=job.seq, attempt=job.attempt, text=piece.text, logprobs=piece.logprobs)
+                    )
+                elif isinstance(piece, Thought):
+                    if text := thinking.new(piece.text):
+                        await job.emit(Thinking(seq=job.seq, attempt=job.attempt, text=text))
+                elif isinstance(piece, ToolCall) and (event := calls.new(piece, job.seq, job.attempt)):
+                    await job.emit(event)
                 piece = await anext(stream)
         except LlmbusError as exc:
             if exc.code is ErrorCode.BACKEND_UNAVAILABLE:  # after the first token it is a broken stream
@@ -93,7 +123,7 @@ class Generate:
         now = time.perf_counter()
         completion = final.completion_tokens + job.prior_tokens
         await job.done(
-            final.finish_reason,
+            "tool_calls" if calls.count and final.finish_reason == "stop" else final.finish_reason,
             Usage(
                 prompt_tokens=final.prompt_tokens,
                 completion_tokens=completion,
@@ -106,7 +136,7 @@ class Generate:
             ),
         )
 
-    async def _open(self, request: GenerateRequest) -> tuple[Stream, str | Final]:
+    async def _open(self, request: GenerateRequest) -> tuple[Stream, Piece]:
         """Starts a generation and waits for its first piece (a bounded wait)."""
         stream = self.backend.generate(request)
         try:
@@ -121,6 +151,55 @@ class Generate:
         except BaseException:
             await _close(stream)
             raise
+
+
+class _Calls:
+    """Numbers an answer's tool calls and names the unnamed; after a crash, holds back the calls
+    an earlier attempt delivered. If the new attempt calls differently, none of its calls are sent:
+    the client already has a complete set of calls to run, which the answer ends with."""
+
+    def __init__(self, request_id: str, delivered: list[ToolCall]) -> None:
+        self._request_id = request_id
+        self._delivered = delivered
+        self._matched = 0
+        self._diverged = False
+        self.count = len(delivered)
+
+    def new(self, call: ToolCall, seq: int, attempt: int) -> ToolCallEvent | None:
+        if self._diverged:
+            return None
+        if self._matched < len(self._delivered):
+            if call.function != self._delivered[self._matched].function:
+                self._diverged = True
+                return None
+            self._matched += 1
+            return None
+        index = self.count
+        self.count += 1
+        if not call.id:
+            call = msgspec.structs.replace(call, id=f"call_{self._request_id}_{index}")
+        return ToolCallEvent(seq=seq, attempt=attempt, index=index, call=call)
+
+
+class _Repeat:
+    """A new attempt's text held back while it repeats `sent`, which the client already has; the
+    rest once it goes past it; nothing more once it differs."""
+
+    def __init__(self, sent: str) -> None:
+        self._sent = sent
+        self._at = 0
+        self._diverged = False
+
+    def new(self, text: str) -> str:
+        if self._at >= len(self._sent):
+            return "" if self._diverged else text
+        n = min(len(text), len(self._sent) - self._at)
+        if text[:n] != self._sent[self._at : self._at + n]:
+            self._diverged = True
+            self._at = len(self._sent)
+            return ""
+        self._at += n
+        return text[n:]
 
 
 async def _close(stream: Stream) -> None:

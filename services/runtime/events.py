@@ -25,10 +25,12 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from contracts import TERMINAL_TYPES, EventHead, Token, subjects
+from contracts import TERMINAL_TYPES, EventHead, Thinking, Token, ToolCall, ToolCallEvent, subjects
 
 _decode_head = msgspec.json.Decoder(EventHead).decode
 _decode_token = msgspec.json.Decoder(Token).decode
+_decode_thinking = msgspec.json.Decoder(Thinking).decode
+_decode_tool_call = msgspec.json.Decoder(ToolCallEvent).decode
 
 RawEvent = tuple[EventHead, bytes]
 
@@ -97,6 +99,8 @@ class Published:
     started: bool = False  # its `start` event is out
     text: str = ""  # the answer's text so far (after the last `restart`)
     tokens: int = 0  # how many token events that text came in
+    thinking: str = ""  # its reasoning text so far (after the last `restart`)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # complete calls, in `index` order
 
     @property
     def empty(self) -> bool:
@@ -112,11 +116,18 @@ def published(events: list[RawEvent]) -> Published:
     while sequencer.gap and not sequencer.ended:
         sequencer.skip_gap(ordered)
     parts: list[str] = []
+    thinking: list[str] = []
+    calls: list[ToolCall] = []
     for head, data in ordered:
         if head.type == "token":
             parts.append(_decode_token(data).text)
+        elif head.type == "thinking":
+            thinking.append(_decode_thinking(data).text)
+        elif head.type == "tool_call":
+            calls.append(_decode_tool_call(data).call)
         elif head.type == "restart":
             parts.clear()
+            thinking.clear()
     return Published(
         events=ordered,
         ended=sequencer.ended or any(h.type in TERMINAL_TYPES for h, _ in events),
@@ -124,6 +135,8 @@ def published(events: list[RawEvent]) -> Published:
         started=any(h.type == "start" for h, _ in ordered),
         text="".join(parts),
         tokens=len(parts),
+        thinking="".join(thinking),
+        tool_calls=calls,
     )
 
 

@@ -50,6 +50,7 @@ from contracts import (
     Start,
     Timings,
     Token,
+    ToolCall,
     Usage,
     headers,
     subjects,
@@ -94,7 +95,9 @@ class Job(Generic[R]):
         "deadline",
         "host",
         "msg",
+        "prior_calls",
         "prior_text",
+        "prior_thinking",
         "prior_tokens",
         "reply",
         "request",
@@ -118,6 +121,8 @@ class Job(Generic[R]):
         # The answer's text an earlier attempt already streamed (a generator continues after it).
         self.prior_text = ""
         self.prior_tokens = 0  # ... in this many token events
+        self.prior_thinking = ""  # ... its reasoning text
+        self.prior_calls: list[ToolCall] = []  # ... and the tool calls it delivered (never sent twice)
         self._sent: deque[bytes] = deque(maxlen=RESEND_WINDOW)  # the newest events, ending at seq - 1
         self.terminal = False
         self.started = time.perf_counter()
@@ -152,6 +157,7 @@ class Job(Generic[R]):
         await self.emit(Restart(seq=self.seq, attempt=self.attempt, reason=reason))
         self.prior_text = ""
         self.prior_tokens = 0
+        self.prior_thinking = ""
 
     async def start(self, model: str) -> None:
         if self.continued:
@@ -472,6 +478,8 @@ class Worker(Generic[R]):
             job.continued = job.continued or prior.started
             job.prior_text = prior.text
             job.prior_tokens = prior.tokens
+            job.prior_thinking = prior.thinking
+            job.prior_calls = prior.tool_calls
         return True
 
     async def _run(self, job: Job[R]) -> None:

@@ -53,11 +53,34 @@ Faults
     A client hang-up is seen immediately, even during ``first_token_delay``, and stops the
     generation.
 
+Capabilities (``/api/show`` ``capabilities``, checked as Ollama's ``CheckCapabilities`` does)
+    ``completion`` for every model that is not an embedding model; ``tools`` unless the name
+    starts with gemma, llava, moondream or phi; ``vision`` for llava, moondream, gemma3 and
+    ``*vision*``/``*-vl*`` names; ``thinking`` for qwen3, deepseek-r1 and gpt-oss; ``insert``
+    (``suffix``) for ``*coder*``/codellama/starcoder.  A request needing one the model lacks
+    (``tools``, an image, ``think: true`` or a level, ``suffix``) gets 400
+    ``"<model>" does not support <capability>``.
+
+Tools, thinking, images, logprobs (``api/types.go`` shapes)
+    With ``tools`` and a conversation whose last message is the user's, the answer is
+    ``config.tool_calls`` calls (to the tools in order, cycling) and no text: each call
+    ``{"id": "call_<hash>", "function": {"index": i, "name", "arguments": <a minimal instance
+    of its parameters schema>}}`` in its own streamed chunk's ``message.tool_calls`` (all in
+    ``message.tool_calls`` when not streamed), then ``done_reason: "stop"``.  After a ``tool``
+    message it answers text as usual.  A message's ``tool_calls[].function.arguments`` must be
+    an object.  ``think`` (true or a level) on a thinking model streams
+    ``config.thinking_tokens`` words first, in ``message.thinking`` (chat) or ``thinking``
+    (generate), never in ``content``; a continued answer (trailing assistant message) does not
+    think again.  ``images`` (chat messages and generate) must be base64 (else Go's
+    ``illegal base64 data at input byte N``).  ``logprobs: true`` adds ``logprobs: [{token,
+    logprob, bytes, top_logprobs?}]`` to each text chunk (``top_logprobs`` entries when asked:
+    the token first, then other words, each less likely).  Every call's body is recorded.
+
 Deliberate differences
     Unknown models get ``model "x" not found, try pulling it first`` on every inference
     endpoint (recent Ollama says ``model 'x' not found`` on chat/generate); ``create`` does
-    not auto-pull a missing base but fails as that pull would; no tool calls, thinking,
-    images, ``options.stop``, ``/v1/*``, push or blobs.
+    not auto-pull a missing base but fails as that pull would; no ``options.stop``,
+    ``/v1/*``, push or blobs; tool calls are always made when tools are offered.
 
 Embeddings
     ``/api/embed`` hashes lowercase words into ``dimensions`` (or ``config.embed_dim``)
@@ -72,6 +95,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import copy
 import dataclasses
 import gc
@@ -111,6 +136,8 @@ class FakeConfig:
     disconnect_times: int | None = None  # drop only the next N generations; None = all
     error_after: int | None = None  # stream {"error": ...} after N chunks, as a crashed runner does
     invalid_format_times: int = 0  # the next N JSON-schema `format` answers are `{}` (decremented)
+    tool_calls: int = 1  # calls in an answer to a request with `tools` (the last message the user's)
+    thinking_tokens: int = 4  # words of thinking before the answer of a `think` request
     embed_call_cost: float = 0.0  # seconds per /api/embed call ...
     embed_item_cost: float = 0.0  # ... plus seconds per input item (Ollama on CPU)
     embed_dim: int = 64
@@ -353,6 +380,64 @@ def _details(name: str) -> dict[str, Any]:
     }
 
 
+def _capabilities(name: str) -> list[str]:
+    if _is_embedding(name):
+        return ["embedding"]
+    base = name.split(":", 1)[0].rsplit("/", 1)[-1]
+    found = ["completion"]
+    if not base.startswith(("gemma", "llava", "moondream", "phi")):
+        found.append("tools")
+    if (
+        base.startswith(("llava", "moondream", "gemma3"))
+        or "vision" in base
+        or "-vl" in base
+        or "vl:" in name
+    ):
+        found.append("vision")
+    if base.startswith(("qwen3", "deepseek-r1", "gpt-oss")):
+        found.append("thinking")
+    if "coder" in base or base.startswith(("codellama", "starcoder")):
+        found.append("insert")
+    return found
+
+
+def _check_images(images: Any, where: str) -> bool:
+    """Go decodes ``[]ImageData`` from base64 strings; True when there is at least one."""
+    if images is None:
+        return False
+    if not isinstance(images, list):
+        raise _HTTPError(400, f"json: cannot unmarshal {_json_kind(images)} into Go struct field {where}")
+    for image in images:
+        if not isinstance(image, str):
+            raise _HTTPError(400, f"json: cannot unmarshal {_json_kind(image)} into Go struct field {where}")
+        try:
+            base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise _HTTPError(400, "illegal base64 data at input byte 0") from None
+    return bool(images)
+
+
+def _check_tool_calls(message: dict[str, Any]) -> None:
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if not isinstance(arguments, dict):
+            where = "Go struct field .messages.tool_calls.function.arguments of type map[string]interface {}"
+            raise _HTTPError(400, f"json: cannot unmarshal {_json_kind(arguments)} into {where}")
+
+
+def _logprob(seed: int, index: int, piece: str, top: int) -> dict[str, Any]:
+    logprob = -((seed >> (index % 48)) % 997) / 331  # deterministic, in (-3, 0]
+    entry: dict[str, Any] = {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+    if top > 0:
+        rivals = [_word(seed ^ 0x5A5A, index * 31 + k) for k in range(top - 1)]
+        entry["top_logprobs"] = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}] + [
+            {"token": w, "logprob": logprob - 1.0 - k, "bytes": list(w.encode())}
+            for k, w in enumerate(rivals)
+        ]
+    return entry
+
+
 def _embed_tokens(text: str) -> int:
     return len(_WORD.findall(text.lower())) + 2
 
@@ -504,11 +589,20 @@ class _ModelMeta:
 
 
 @dataclass
+class _Thought:
+    text: str
+
+
+# A streamed chunk's payload: answer text, thinking, or one complete tool call (Ollama's JSON).
+_PlanPiece = str | _Thought | dict[str, Any]
+
+
+@dataclass
 class _Plan:
     chat: bool
     model: str  # as the client spelled it; Ollama echoes req.Model
     name: str
-    pieces: list[str]
+    pieces: list[_PlanPiece]
     done_reason: str
     prompt_tokens: int
     stream: bool
@@ -517,6 +611,40 @@ class _Plan:
     context: list[int] | None = None
     abort_at: int | None = None
     error_at: int | None = None
+    seed: int = 0
+    logprobs: int | None = None  # None: not asked; else how many top_logprobs
+
+
+def _text(plan: _Plan) -> str:
+    return "".join(p for p in plan.pieces if isinstance(p, str))
+
+
+def _decorate(
+    plan: _Plan, req: dict[str, Any], key: str, config: FakeConfig, *, thinks: bool, tools: list[Any] | None
+) -> None:
+    """Thinking before the answer, tool calls instead of its text, logprobs on its text."""
+    plan.seed = _seed(key)
+    if req.get("logprobs") is True:
+        plan.logprobs = int(req.get("top_logprobs") or 0)
+    if tools:
+        calls: list[_PlanPiece] = []
+        for i in range(max(config.tool_calls, 0)):
+            tool = tools[i % len(tools)]
+            function = tool.get("function") if isinstance(tool, dict) else None
+            function = function if isinstance(function, dict) else {}
+            arguments = schema_instance(function.get("parameters") or {"type": "object"})
+            name = str(function.get("name") or "")
+            calls.append(
+                {
+                    "id": f"call_{_seed(f'{key}{i}') & 0xFFFFFFFF:08x}",
+                    "function": {"index": i, "name": name, "arguments": arguments or {}},
+                }
+            )
+        plan.pieces = calls
+        plan.done_reason = "stop"
+    if thinks and req.get("think") not in (None, False):
+        thought = [_Thought(_word(plan.seed ^ 0x7417, i) + " ") for i in range(config.thinking_tokens)]
+        plan.pieces = [*thought, *plan.pieces]
 
 
 class _Exchange:
@@ -935,10 +1063,16 @@ class FakeOllama:
         if not model:
             raise _HTTPError(400, "model is required")
         messages = _field(req, "messages", list, [], "ChatRequest", "[]api.Message")
+        images = False
         for message in messages:
             if not isinstance(message, dict):
                 where = "Go struct field ChatRequest.messages of type api.Message"
                 raise _HTTPError(400, f"json: cannot unmarshal {_json_kind(message)} into {where}")
+            images |= _check_images(
+                message.get("images"), "ChatRequest.messages.images of type []api.ImageData"
+            )
+            _check_tool_calls(message)
+        tools = _field(req, "tools", list, [], "ChatRequest", "api.Tools")
         name = self._resolve(model)
         keep_alive = _parse_keep_alive(req.get("keep_alive"))
         stream = _field(req, "stream", bool, True, "ChatRequest", "bool")
@@ -946,7 +1080,7 @@ class FakeOllama:
         if not messages and keep_alive == 0:  # Ollama unloads before checking capabilities
             await self._load_or_unload(ex, model, name, keep_alive, chat=True)
             return
-        self._check_generation(req, model, name, "chat")
+        self._check_generation(req, model, name, "chat", tools=bool(tools), images=images)
         if not messages:
             await self._load_or_unload(ex, model, name, keep_alive, chat=True)
             return
@@ -956,6 +1090,8 @@ class FakeOllama:
         key = "\x1f".join([name, *(f"{m.get('role', '')}\x1e{m.get('content') or ''}" for m in convo)])
         prompt_tokens = sum(len(str(m.get("content") or "").split()) + 4 for m in messages) + 1
         plan = self._plan(req, model, name, key, len(prefix.split()), prompt_tokens, stream, keep_alive, True)
+        calls = tools and convo and convo[-1].get("role") == "user"
+        _decorate(plan, req, key, self.config, thinks=not prefix, tools=tools if calls else None)
         await self._run_watched(ex, self._produce(ex, plan))
 
     async def _generate(self, ex: _Exchange, body: Any) -> None:
@@ -967,6 +1103,7 @@ class FakeOllama:
         system = _field(req, "system", str, "", "GenerateRequest", "string")
         suffix = _field(req, "suffix", str, "", "GenerateRequest", "string")
         raw = _field(req, "raw", bool, False, "GenerateRequest", "bool")
+        images = _check_images(req.get("images"), "GenerateRequest.images of type []api.ImageData")
         name = self._resolve(model)
         keep_alive = _parse_keep_alive(req.get("keep_alive"))
         stream = _field(req, "stream", bool, True, "GenerateRequest", "bool")
@@ -974,7 +1111,7 @@ class FakeOllama:
         if not prompt and keep_alive == 0:
             await self._load_or_unload(ex, model, name, keep_alive, chat=False)
             return
-        self._check_generation(req, model, name, "generate")
+        self._check_generation(req, model, name, "generate", images=images, suffix=bool(suffix))
         if not prompt:
             await self._load_or_unload(ex, model, name, keep_alive, chat=False)
             return
@@ -982,17 +1119,41 @@ class FakeOllama:
         prompt_words = prompt.split()
         prompt_tokens = len(prompt_words) + len(system.split()) + (0 if raw else 8)
         plan = self._plan(req, model, name, key, 0, prompt_tokens, stream, keep_alive, False)
+        _decorate(plan, req, key, self.config, thinks=True, tools=None)
         if not raw:  # Ollama returns no context in raw mode
-            words = prompt_words + "".join(plan.pieces).split()
+            words = prompt_words + _text(plan).split()
             plan.context = [zlib.crc32(w.encode()) % 128256 for w in words]
         await self._run_watched(ex, self._produce(ex, plan))
 
-    def _check_generation(self, req: dict[str, Any], model: str, name: str, verb: str) -> None:
+    def _check_generation(
+        self,
+        req: dict[str, Any],
+        model: str,
+        name: str,
+        verb: str,
+        *,
+        tools: bool = False,
+        images: bool = False,
+        suffix: bool = False,
+    ) -> None:
         if _is_embedding(name):
             raise _HTTPError(400, f'"{model}" does not support {verb}')
-        thinking = any(t in name for t in ("qwen3", "deepseek-r1", "gpt-oss"))
-        if req.get("think") is True and not thinking:
-            raise _HTTPError(400, f'"{model}" does not support thinking')
+        think = req.get("think")
+        if think not in (None, True, False, "low", "medium", "high"):
+            raise _HTTPError(400, f"invalid think value: {_ENCODE(think).decode()}")
+        needed = [
+            ("tools", tools),
+            ("insert", suffix),
+            ("vision", images),
+            ("thinking", think not in (None, False)),
+        ]
+        have = _capabilities(self._meta_for(name).root)
+        for capability, wanted in needed:
+            if wanted and capability not in have:
+                raise _HTTPError(400, f'"{model}" does not support {capability}')
+        top = req.get("top_logprobs")
+        if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
+            raise _HTTPError(400, "top_logprobs must be between 0 and 20")
 
     def _plan(
         self,
@@ -1016,7 +1177,7 @@ class FakeOllama:
             total = max(self.config.tokens, 0)
             start = min(skip, total)
             stop = total if limit is None else min(total, start + limit)
-            pieces = [_word(seed, i) + " " for i in range(start, stop)]
+            pieces: list[_PlanPiece] = [_word(seed, i) + " " for i in range(start, stop)]
         else:
             text = _format_text(fmt, seed, self.config.tokens)
             if isinstance(fmt, dict) and self.config.invalid_format_times > 0:
@@ -1041,16 +1202,22 @@ class FakeOllama:
             error_at=self.config.error_after,
         )
 
-    def _chunk(self, plan: _Plan, piece: str) -> bytes:
+    def _chunk(self, plan: _Plan, index: int, piece: _PlanPiece) -> bytes:
+        text = piece if isinstance(piece, str) else ""
         if plan.chat:
-            obj: dict[str, Any] = {
-                "model": plan.model,
-                "created_at": _now_iso(),
-                "message": {"role": "assistant", "content": piece},
-                "done": False,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            obj: dict[str, Any] = {"model": plan.model, "created_at": _now_iso(), "message": message}
+            if isinstance(piece, _Thought):
+                message["thinking"] = piece.text
+            elif isinstance(piece, dict):
+                message["tool_calls"] = [piece]
         else:
-            obj = {"model": plan.model, "created_at": _now_iso(), "response": piece, "done": False}
+            obj = {"model": plan.model, "created_at": _now_iso(), "response": text}
+            if isinstance(piece, _Thought):
+                obj["thinking"] = piece.text
+        obj["done"] = False
+        if plan.logprobs is not None and isinstance(piece, str):
+            obj["logprobs"] = [_logprob(plan.seed, index, piece, plan.logprobs)]
         return _ENCODE(obj) + b"\n"
 
     def _final(self, plan: _Plan, text: str, t_loaded: int, t_slot: int, t_first: int, t_end: int) -> bytes:
@@ -1064,12 +1231,21 @@ class FakeOllama:
             metrics["eval_count"] = len(plan.pieces)
             metrics["eval_duration"] = _ns(t_end - t_first)
         obj: dict[str, Any] = {"model": plan.model, "created_at": _now_iso()}
+        whole = text != "" or not plan.stream  # the non-streamed answer carries everything at once
+        thinking = "".join(p.text for p in plan.pieces if isinstance(p, _Thought)) if whole else ""
         if plan.chat:
             obj["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                obj["message"]["thinking"] = thinking
+            calls = [p for p in plan.pieces if isinstance(p, dict)] if whole else []
+            if calls:
+                obj["message"]["tool_calls"] = calls
             obj["done_reason"] = plan.done_reason
             obj["done"] = True
         else:
             obj["response"] = text
+            if thinking:
+                obj["thinking"] = thinking
             obj["done"] = True
             obj["done_reason"] = plan.done_reason
             if plan.context is not None:
@@ -1097,7 +1273,7 @@ class FakeOllama:
                     if plan.stream:
                         if not ex.started:
                             await ex.start(200, _NDJSON_CT)
-                        await ex.write(self._chunk(plan, piece))
+                        await ex.write(self._chunk(plan, index, piece))
                     call.tokens_sent += 1
                     self._notify()
                 if await self._before_token(ex, plan, len(plan.pieces)):
@@ -1108,8 +1284,12 @@ class FakeOllama:
                         await ex.start(200, _NDJSON_CT)
                     await ex.finish(self._final(plan, "", t_loaded, t_slot, t_first, t_end) + b"\n")
                 else:
-                    text = "".join(plan.pieces)
-                    await ex.respond(200, _JSON_CT, self._final(plan, text, t_loaded, t_slot, t_first, t_end))
+                    final = self._final(plan, _text(plan), t_loaded, t_slot, t_first, t_end)
+                    if plan.logprobs is not None:
+                        every = [p for p in plan.pieces if isinstance(p, str)]
+                        logprobs = [_logprob(plan.seed, i, p, plan.logprobs) for i, p in enumerate(every)]
+                        final = final[:-1] + b',"logprobs":' + _ENCODE(logprobs) + b"}"
+                    await ex.respond(200, _JSON_CT, final)
             finally:
                 self._release_slot()
         finally:
@@ -1122,7 +1302,7 @@ class FakeOllama:
         if index == plan.abort_at:
             ex.call.aborted = True
             if not plan.stream:  # promise a full body, deliver half of it
-                body = self._final(plan, "".join(plan.pieces), plan.t0, plan.t0, plan.t0, plan.t0)
+                body = self._final(plan, _text(plan), plan.t0, plan.t0, plan.t0, plan.t0)
                 await ex.start(200, _JSON_CT, len(body))
                 await ex.write(body[: len(body) // 2])
             elif not ex.started:
@@ -1419,7 +1599,7 @@ class FakeOllama:
                     ),
                     f"{family}.embedding_length": self.config.embed_dim if _is_embedding(meta.root) else 2048,
                 },
-                "capabilities": ["embedding"] if _is_embedding(meta.root) else ["completion", "tools"],
+                "capabilities": _capabilities(meta.root),
                 "modified_at": _local_iso(meta.modified_at),
             }
         )

@@ -1,11 +1,21 @@
 """LLM backend clients: one small protocol, one implementation per server API."""
 
-from services.runtime.backends.base import Backend, EmbedResult, Final
+from services.runtime.backends.base import Backend, EmbedResult, Final, Piece, Scored, Thought
 from services.runtime.backends.ollama import OllamaBackend
 from services.runtime.backends.openai import OpenAIBackend
 from services.runtime.settings import Settings
 
-__all__ = ["Backend", "EmbedResult", "Final", "OllamaBackend", "OpenAIBackend", "create_backend"]
+__all__ = [
+    "Backend",
+    "EmbedResult",
+    "Final",
+    "OllamaBackend",
+    "OpenAIBackend",
+    "Piece",
+    "Scored",
+    "Thought",
+    "create_backend",
+]
 
 
 def create_backend(settings: Settings, url: str | None = None) -> Backend:

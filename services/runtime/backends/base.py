@@ -9,7 +9,7 @@ from typing import Protocol
 import httpx
 import msgspec
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Logprob, ToolCall
 
 
 class Final(msgspec.Struct):
@@ -19,6 +19,29 @@ class Final(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     tokens_per_s: float | None = None
+
+
+class Scored(msgspec.Struct):
+    """Answer text with its tokens' log probabilities (only when the request asked for them)."""
+
+    text: str
+    logprobs: list[Logprob]
+
+
+class Thought(msgspec.Struct):
+    """Reasoning text: streamed apart from the answer, never mixed into it."""
+
+    text: str
+
+
+# What a generation streams: answer text (plain, or `Scored`), `Thought`s, complete `ToolCall`s
+# (the id may be empty: the generator names it), then one `Final`.
+Piece = str | Scored | Thought | ToolCall | Final
+
+
+def unsupported(field: str, why: str) -> LlmbusError:
+    """A request field this backend or model cannot honour: refused, never dropped."""
+    return LlmbusError(ErrorCode.UNSUPPORTED, f"`{field}` is not supported here: {why}")
 
 
 class EmbedResult(msgspec.Struct):
@@ -31,8 +54,8 @@ class EmbedResult(msgspec.Struct):
 class Backend(Protocol):
     url: str
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
-        """Streams text pieces, then exactly one `Final`.
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Piece]:
+        """Streams pieces (see `Piece`), then exactly one `Final`.
 
         Raises `LlmbusError` with a stable code. Closing the iterator (or cancelling the task that
         drives it) closes the upstream HTTP response, so the server stops generating.

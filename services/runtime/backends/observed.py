@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from contracts import GenerateRequest, LlmbusError
 from services.runtime import metrics, tracing
-from services.runtime.backends.base import EmbedResult, Final
+from services.runtime.backends.base import EmbedResult, Final, Piece
 
 
 class _HasUrl(Protocol):
@@ -29,7 +29,7 @@ class _HasUrl(Protocol):
 
 
 B = TypeVar("B", bound=_HasUrl)
-GenerateFn = Callable[[B, GenerateRequest], AsyncIterator[str | Final]]
+GenerateFn = Callable[[B, GenerateRequest], AsyncIterator[Piece]]
 EmbedFn = TypeVar("EmbedFn", bound=Callable[..., Awaitable[EmbedResult]])
 
 FIRST_TOKEN = "first_token"  # the span event's name
@@ -121,19 +121,18 @@ def generation(provider: str) -> Callable[[GenerateFn[B]], GenerateFn[B]]:
 
     def decorate(fn: GenerateFn[B]) -> GenerateFn[B]:
         @functools.wraps(fn)
-        async def generate(self: B, request: GenerateRequest) -> AsyncIterator[str | Final]:
+        async def generate(self: B, request: GenerateRequest) -> AsyncIterator[Piece]:
             operation = "chat" if request.is_chat else "text_completion"
             call = ModelCall(provider, operation, request.model, self.url, request)
             pieces = fn(self, request)
             first = True
             try:
                 async for piece in pieces:
-                    if isinstance(piece, str):
-                        if first:
-                            first = False
-                            call.first_token()
-                    else:  # the Final: the call is complete, whatever the consumer does next
+                    if isinstance(piece, Final):  # the call is complete, whatever the consumer does next
                         call.succeeded(piece.prompt_tokens, piece.completion_tokens, piece.finish_reason)
+                    elif first:  # text, thinking or a tool call: the model's first output
+                        first = False
+                        call.first_token()
                     yield piece
             except BaseException as exc:
                 call.failed(exc)

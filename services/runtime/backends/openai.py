@@ -3,7 +3,8 @@
 Generation streams `/v1/chat/completions` (chat) or `/v1/completions` (prompt) as Server-Sent
 Events with `stream_options.include_usage`, parsed incrementally over bytes; `stream=False` asks
 for one JSON answer instead (for servers that cannot stream) and yields it as a single piece.
-Ollama's `format` becomes `response_format` (`json_object`, or `json_schema` with the schema).
+The body and the answer's pieces (tools, reasoning, logprobs, images) are `openai_wire`'s. What
+llama.cpp's `/props` says the model cannot do (images, tools) is refused as `unsupported` first.
 
 A single-model llama.cpp server answers any `model` name with the one model it has, so a name the
 server does not list in `/v1/models` is refused here as `model_not_found` rather than silently
@@ -20,54 +21,23 @@ from typing import Any
 import httpx
 import msgspec
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError, Message
-from services.runtime.backends.base import EmbedResult, Final, http_failures
+from contracts import ErrorCode, GenerateRequest, LlmbusError
+from services.runtime.backends.base import EmbedResult, Final, Piece, http_failures, unsupported
 from services.runtime.backends.observed import embedding, generation
+from services.runtime.backends.openai_wire import (
+    Assembler,
+    Capabilities,
+    Chunk,
+    ErrorDetail,
+    Usage,
+    request_body,
+)
 
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _Timings(msgspec.Struct):
-    """llama.cpp's per-request timings (other servers omit them)."""
-
-    predicted_per_second: float | None = None
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-
-
-class _ChoiceMessage(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta | None = None  # chat, streaming
-    message: _ChoiceMessage | None = None  # chat, not streaming
-    text: str | None = None  # completions
-    finish_reason: str | None = None
-
-
-class _ErrorDetail(msgspec.Struct):
-    message: str = ""
-    type: str | None = None
-    code: int | str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    """One SSE `data:` payload, or a whole non-streaming answer (unused fields are skipped)."""
-
-    choices: list[_Choice] = []
-    usage: _Usage | None = None
-    timings: _Timings | None = None
-    error: _ErrorDetail | str | None = None
+__all__ = ["OpenAIBackend", "error_for_status", "request_body", "sse_data"]
 
 
 class _ErrorBody(msgspec.Struct):
-    error: _ErrorDetail | str | None = None
+    error: ErrorDetail | str | None = None
     detail: str | None = None  # some servers (FastAPI-based) answer {"detail": ...}
 
 
@@ -87,10 +57,26 @@ class _Embedding(msgspec.Struct):
 
 class _Embeddings(msgspec.Struct):
     data: list[_Embedding]
-    usage: _Usage | None = None
+    usage: Usage | None = None
 
 
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+class _Modalities(msgspec.Struct):
+    vision: bool | None = None
+
+
+class _TemplateCaps(msgspec.Struct):
+    supports_tools: bool | None = None
+
+
+class _Props(msgspec.Struct):
+    """llama.cpp's `/props` (the parts that say what the served model can do)."""
+
+    modalities: _Modalities | None = None
+    chat_template_caps: _TemplateCaps | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(Chunk).decode
+_decode_props = msgspec.json.Decoder(_Props).decode
 _decode_error = msgspec.json.Decoder(_ErrorBody).decode
 _decode_models = msgspec.json.Decoder(_Models).decode
 _decode_embeddings = msgspec.json.Decoder(_Embeddings).decode
@@ -100,67 +86,13 @@ _DONE = b"[DONE]"
 _MODELS_REFRESH_S = 1.0  # an unknown name re-reads /v1/models at most this often
 
 
-def _image_url(data: str) -> str:
-    # Ollama carries bare base64; OpenAI wants a data URL. The first bytes name the format.
-    mime = next((m for prefix, m in _IMAGE_PREFIXES if data.startswith(prefix)), "image/jpeg")
-    return f"data:{mime};base64,{data}"
-
-
-_IMAGE_PREFIXES = (("iVBOR", "image/png"), ("R0lGOD", "image/gif"), ("UklGR", "image/webp"))
-
-
-def _message(message: Message) -> dict[str, Any]:
-    if not message.images:
-        return {"role": message.role, "content": message.content}
-    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
-    parts += [{"type": "image_url", "image_url": {"url": _image_url(image)}} for image in message.images]
-    return {"role": message.role, "content": parts}
-
-
-def request_body(request: GenerateRequest, *, stream: bool = True) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": request.model, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    if request.messages is not None:
-        body["messages"] = [_message(m) for m in request.messages]
-    else:
-        # /v1/completions has no system role: the system text leads the prompt.
-        prompt = request.prompt or ""
-        body["prompt"] = f"{request.system}\n\n{prompt}" if request.system else prompt
-    o = request.options
-    if o.num_predict is not None and o.num_predict > 0:
-        body["max_tokens"] = o.num_predict
-    # Standard fields, then the llama.cpp/vLLM extensions (`num_ctx` is a server setting there).
-    for name, value in (
-        ("temperature", o.temperature),
-        ("top_p", o.top_p),
-        ("seed", o.seed),
-        ("stop", o.stop),
-        ("presence_penalty", o.presence_penalty),
-        ("frequency_penalty", o.frequency_penalty),
-        ("top_k", o.top_k),
-        ("min_p", o.min_p),
-        ("repeat_penalty", o.repeat_penalty),
-    ):
-        if value is not None:
-            body[name] = value
-    if request.format == "json":
-        body["response_format"] = {"type": "json_object"}
-    elif request.format is not None:
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": request.format, "strict": True},
-        }
-    return body
-
-
-def _detail(error: _ErrorDetail | str | None) -> tuple[str, str | None]:
-    if isinstance(error, _ErrorDetail):
+def _detail(error: ErrorDetail | str | None) -> tuple[str, str | None]:
+    if isinstance(error, ErrorDetail):
         return error.message, error.type
     return error or "", None
 
 
-def _in_band(error: _ErrorDetail | str) -> LlmbusError:
+def _in_band(error: ErrorDetail | str) -> LlmbusError:
     """An error the server sent inside a 200 answer (mid-stream, say)."""
     return LlmbusError(ErrorCode.BACKEND_ERROR, f"backend error: {_detail(error)[0]}")
 
@@ -174,6 +106,8 @@ def error_for_status(status: int, body: bytes, model: str) -> LlmbusError:
         message, kind = body.decode(errors="replace")[:500], None
     if status == 404:
         return LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found on the backend: {message}")
+    if "image input is not supported" in message:  # llama.cpp without a vision projector: a 500
+        return unsupported("images", f"model {model!r} on this server takes no images")
     if kind == "exceed_context_size_error":
         return LlmbusError(ErrorCode.PROMPT_TOO_LARGE, f"backend rejected the request: {message}")
     if status in (400, 422):
@@ -205,6 +139,7 @@ class OpenAIBackend:
         )
         self._served: set[str] | None = None  # None: the server does not list models; do not check
         self._served_at = float("-inf")
+        self._caps: Capabilities | None = None
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -276,23 +211,37 @@ class OpenAIBackend:
             ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found on the backend (it serves: {served})"
         )
 
+    async def _capabilities(self, request: GenerateRequest) -> Capabilities:
+        """llama.cpp's `/props`, read once and only for a request it matters to."""
+        if self._caps is not None or not _needs_caps(request):
+            return self._caps or Capabilities()
+        try:
+            response = await self._client.get("/props", timeout=10.0)
+            props = _decode_props(response.content) if response.status_code == 200 else None
+        except (httpx.HTTPError, msgspec.DecodeError):
+            return Capabilities()  # unknown: let the server judge (and maybe refuse) the request
+        vision = props.modalities.vision if props and props.modalities else None
+        tools = props.chat_template_caps.supports_tools if props and props.chat_template_caps else None
+        self._caps = Capabilities(vision=vision, tools=tools)
+        return self._caps
+
     @generation("openai")
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[str | Final]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Piece]:
         path = "/v1/chat/completions" if request.is_chat else "/v1/completions"
         started = time.perf_counter()
+        assembler = Assembler(request)
         with http_failures(self.url, "backend stream"):
             request = msgspec.structs.replace(request, model=await self._served_name(request.model))
-            async with self._client.stream(
-                "POST", path, content=_encode(request_body(request, stream=self.stream)), headers=_JSON
-            ) as response:
+            body = request_body(request, await self._capabilities(request), stream=self.stream)
+            async with self._client.stream("POST", path, content=_encode(body), headers=_JSON) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, await response.aread(), request.model)
                 if not self.stream:
-                    for item in _whole_answer(_decode_chunk(await response.aread()), started):
+                    for item in _whole_answer(_decode_chunk(await response.aread()), started, assembler):
                         yield item
                     return
                 finish_reason: str | None = None
-                usage: _Usage | None = None
+                usage: Usage | None = None
                 speed: float | None = None
                 pieces = 0
                 first_at = last_at = 0.0
@@ -303,15 +252,16 @@ class OpenAIBackend:
                     if chunk.error is not None:
                         raise _in_band(chunk.error)
                     for choice in chunk.choices:
-                        text = choice.delta.content if choice.delta is not None else choice.text
-                        if text:
+                        for piece in assembler.pieces(choice):
                             last_at = time.perf_counter()
                             if not pieces:
                                 first_at = last_at
                             pieces += 1
-                            yield text
+                            yield piece
                         if choice.finish_reason is not None:
                             finish_reason = choice.finish_reason
+                            for piece in assembler.finish():
+                                yield piece
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.timings is not None:
@@ -354,14 +304,18 @@ class OpenAIBackend:
         )
 
 
-def _whole_answer(answer: _Chunk, started: float) -> list[str | Final]:
+def _needs_caps(request: GenerateRequest) -> bool:
+    return bool(request.tools) or any(m.images for m in request.messages or ())
+
+
+def _whole_answer(answer: Chunk, started: float, assembler: Assembler) -> list[Piece]:
     if answer.error is not None:
         raise _in_band(answer.error)
     if not answer.choices:
         raise LlmbusError(ErrorCode.BACKEND_ERROR, "backend answered without a choice")
     choice = answer.choices[0]
-    text = (choice.message.content if choice.message is not None else choice.text) or ""
-    usage = answer.usage or _Usage()
+    pieces = [*assembler.pieces(choice), *assembler.finish()]
+    usage = answer.usage or Usage()
     speed = answer.timings.predicted_per_second if answer.timings is not None else None
     if speed is None and usage.completion_tokens:
         speed = usage.completion_tokens / (time.perf_counter() - started)
@@ -371,7 +325,7 @@ def _whole_answer(answer: _Chunk, started: float) -> list[str | Final]:
         completion_tokens=usage.completion_tokens,
         tokens_per_s=speed,
     )
-    return [text, final] if text else [final]
+    return [*pieces, final]
 
 
 async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
