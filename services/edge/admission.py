@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 caller: ContextVar[Tenant] = ContextVar("llmbus_tenant", default=ANONYMOUS)
 
 # Routes anyone may call with auth on: probes, metrics, the OpenAPI document, the demo page.
-PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version"})
-PUBLIC_PREFIXES = ("/schema", "/static/")
+PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version", "/contract"})
+PUBLIC_PREFIXES = ("/schema", "/static/", "/contract/")
 ADMIN = "admin"  # a route handler with `opt={"admin": True}` needs an admin tenant
 
 CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers
