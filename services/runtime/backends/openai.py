@@ -64,6 +64,7 @@ class _Chunk(msgspec.Struct):
     usage: _Usage | None = None
     timings: _Timings | None = None
     error: _ErrorDetail | str | None = None
+    model: str | None = None
 
 
 class _ErrorBody(msgspec.Struct):
@@ -294,6 +295,7 @@ class OpenAIBackend:
                 finish_reason: str | None = None
                 usage: _Usage | None = None
                 speed: float | None = None
+                answered_by: str | None = None
                 pieces = 0
                 first_at = last_at = 0.0
                 async for data in sse_data(response.aiter_bytes()):
@@ -312,6 +314,7 @@ class OpenAIBackend:
                             yield text
                         if choice.finish_reason is not None:
                             finish_reason = choice.finish_reason
+                    answered_by = chunk.model or answered_by
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.timings is not None:
@@ -326,6 +329,7 @@ class OpenAIBackend:
                     prompt_tokens=usage.prompt_tokens if usage is not None else 0,
                     completion_tokens=completion,
                     tokens_per_s=speed,
+                    model=answered_by,
                 )
 
     @embedding("openai")
@@ -370,6 +374,7 @@ def _whole_answer(answer: _Chunk, started: float) -> list[str | Final]:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         tokens_per_s=speed,
+        model=answer.model,
     )
     return [text, final] if text else [final]
 
