@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import msgspec
 
 from services.local import launch
-from services.runtime import logs
+from services.runtime import logs, scrape_targets
 from services.runtime.children import die_with_parent
 from services.runtime.nats_server import NatsServer
 from services.runtime.retry import Backoff
@@ -145,6 +146,8 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
+    if not settings.metrics_port and "LLMBUS_METRICS_PORT" not in os.environ:  # on, at known ports
+        settings = msgspec.structs.replace(settings, metrics_port=scrape_targets.DEFAULT_BASE_PORT)
     backend = launch.plan(settings)  # Ollama, a configured server, or the embedded llama.cpp
     data = Path(settings.data_dir).resolve()
     # Permissions on: one NATS user per service (services/runtime/nats_auth.py), passwords
@@ -164,6 +167,11 @@ def up(settings: Settings) -> int:
         children[name] = Child(name, command, env | own)
 
     edge_url = f"http://{settings.http_host}:{settings.http_port}"
+    found = scrape_targets.targets(settings, list(children))
+    file_sd = data / "prometheus" / "targets.json"
+    scrape_targets.write_file_sd(file_sd, found)
+    listed = ", ".join(f"{role} {address}" for role, address in found.items())
+    log.info(f"metrics (/metrics): {listed}; Prometheus file-SD: {file_sd}")
     log.info(f"model backend: {backend.message}")
     if backend.local and not launch.wait_local(backend, children["local"].proc, stopping.is_set):
         log.warning("the embedded model servers did not start; see the `local` log above")
