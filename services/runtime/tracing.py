@@ -261,3 +261,28 @@ def linked(contexts: Iterable[SpanContext]) -> Iterator[None]:
 
 def links() -> list[Link]:
     return [Link(context) for context in _links.get()]
+
+
+def describe() -> str:
+    """What `just traces` prints: where this environment's `OTEL_*` variables send spans."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return "tracing is off (OTEL_SDK_DISABLED=true)"
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    names = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
+    if endpoint and "otlp" in names:
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+        )
+        return f"traces: OTLP {protocol} to {endpoint} (OTEL_TRACES_EXPORTER={names})"
+    if names not in ("otlp", "none"):
+        return f"traces: OTEL_TRACES_EXPORTER={names}"
+    return (
+        "tracing is off: set OTEL_EXPORTER_OTLP_ENDPOINT (under compose.yml the services send to "
+        "Jaeger, whose UI is http://127.0.0.1:16686)"
+    )
+
+
+if __name__ == "__main__":
+    print(describe())
