@@ -75,6 +75,6 @@ compose-down:
 logs *SERVICES:
     docker compose logs -f {{SERVICES}}
 
-# Where to look at traces (Jaeger from compose.yml).
+# Where traces go, as this shell's OTEL_* variables configure them (compose.yml: Jaeger).
 traces:
-    @echo "Jaeger UI: http://localhost:16686"
+    @python -m services.runtime.tracing

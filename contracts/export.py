@@ -109,6 +109,12 @@ _MODEL_TYPES += [UsageQuery, UsageReport, StatsQuery, StatsReport, HistoryQuery,
 _MODEL_TYPES += [RequestRecord, Erased, Spend]
 
 
+_DEAD_LETTER_PAYLOAD = (
+    "The request's payload exactly as it was published (a GenerateRequest or an EmbedRequest, or bytes "
+    "that did not decode: the reason it is here), its other headers kept."
+)
+
+
 def _ref(name: str) -> str:
     return f"#/components/schemas/{name}"
 
@@ -129,25 +135,46 @@ def _normalised(node: Any) -> Any:
     return node
 
 
-def _schema(tp: Any) -> dict[str, Any]:
-    return dict(_normalised(msgspec.json.schema(tp)))
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_ID = "urn:llmbus:contracts:schemas:{name}.json"  # a stable name, not a download address
+
+
+def _schema(name: str, tp: Any) -> dict[str, Any]:
+    """One message type's JSON Schema file, self-describing: its dialect and its own id."""
+    schema = dict(_normalised(msgspec.json.schema(tp)))
+    return {"$schema": JSON_SCHEMA_DIALECT, "$id": SCHEMA_ID.format(name=name), **schema}
+
+
+def _asyncapi_form(node: Any) -> Any:
+    """msgspec writes OpenAPI's `discriminator: {propertyName, mapping}`; an AsyncAPI Schema Object's
+    discriminator is the property name alone (the official parser refuses the object form)."""
+    if isinstance(node, dict):
+        return {
+            key: value["propertyName"]
+            if key == "discriminator" and isinstance(value, dict)
+            else _asyncapi_form(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_asyncapi_form(item) for item in node]
+    return node
 
 
 def _schema_components(types: list[Any]) -> tuple[list[Any], dict[str, Any]]:
     schemas, components = msgspec.json.schema_components(types, ref_template=_ref("{name}"))
-    return list(_normalised(list(schemas))), dict(_normalised(components))
+    return list(_asyncapi_form(_normalised(list(schemas)))), dict(_asyncapi_form(_normalised(components)))
 
 
 def json_schemas() -> dict[str, str]:
     return {
-        f"{name}.json": json.dumps(_schema(tp), indent=2, sort_keys=True) + "\n"
+        f"{name}.json": json.dumps(_schema(name, tp), indent=2, sort_keys=True) + "\n"
         for name, tp in MESSAGES.items()
     }
 
 
 def asyncapi() -> str:
     (event, *_), components = _schema_components(
-        [Event, GenerateRequest, EmbedRequest, ClassifyRequest, ClassifyReply, ErrorBody]
+        [Event, GenerateRequest, EmbedRequest, ClassifyRequest, ClassifyReply, ErrorBody, Accepted]
     )
     components["Event"] = event  # the tagged union: anyOf the event types, discriminated by `type`
     (model_event, *_), model_components = _schema_components(_MODEL_TYPES)
@@ -177,8 +204,17 @@ def asyncapi() -> str:
             },
         },
     }
+    dead_letter_headers = {
+        "type": "object",
+        "properties": {
+            headers.DLQ_REASON: {"type": "string", "description": "why the worker gave up"},
+            headers.DLQ_SUBJECT: {"type": "string", "description": "where the request was published"},
+            headers.DLQ_DELIVERIES: {"type": "string", "description": "how often it was delivered"},
+        },
+        "required": [headers.DLQ_REASON, headers.DLQ_SUBJECT, headers.DLQ_DELIVERIES],
+    }
     doc: dict[str, Any] = {
-        "asyncapi": "3.0.0",
+        "asyncapi": "3.1.0",
         "info": {
             "title": "llmbus",
             "version": "0.1.0",
@@ -228,6 +264,14 @@ def asyncapi() -> str:
                 "parameters": {"requestId": {}},
                 "messages": {"event": {"$ref": "#/components/messages/Event"}},
             },
+            "acceptedRequests": {
+                "address": subjects.accepted_subject("{requestId}"),
+                "description": "The edge records each request it accepted (kept in "
+                f"{subjects.EVENT_STREAM}), so another edge can resume it; not matched by requestEvents' "
+                "subscribers.",
+                "parameters": {"requestId": {}},
+                "messages": {"accepted": {"$ref": "#/components/messages/Accepted"}},
+            },
             "cancel": {
                 "address": subjects.CANCEL_PREFIX + "{requestId}",
                 "description": "An empty message cancels the request (core NATS).",
@@ -261,6 +305,16 @@ def asyncapi() -> str:
                     for name in ("UsageQuery", "StatsQuery", "HistoryQuery", "RecordRef")
                 },
             },
+            "deadLetters": {
+                "address": subjects.dead_letter_subject("{service}"),
+                "description": f"Stored in {subjects.DEAD_LETTER_STREAM}: a copy of a request a worker gave "
+                "up on (it did not decode or validate, or exhausted its deliveries), with the reason in "
+                "headers. `llmbus dlq list|replay` reads and replays them.",
+                "parameters": {
+                    "service": {"description": "the worker that gave up: generator, embedder, ..."}
+                },
+                "messages": {"deadLetter": {"$ref": "#/components/messages/DeadLetter"}},
+            },
             "modelAdmin": {
                 "address": subjects.ADMIN_PREFIX + "{host}.{verb}",
                 "description": "The janitor's admin API (micro service `llmbus-janitor`), request/reply: "
@@ -269,6 +323,15 @@ def asyncapi() -> str:
                 "janitor. Replies: ModelList, ModelDetails, OpAccepted or ModelInfo; a failure is an "
                 "ErrorBody with the `Nats-Service-Error-Code` header set to the HTTP status.",
                 "parameters": {"host": {}, "verb": {}},
+                "messages": {
+                    name[0].lower() + name[1:]: {"$ref": f"#/components/messages/{name}"}
+                    for name in ("ModelRef", "PullRequest", "CreateRequest", "CopyRequest", "LoadRequest")
+                },
+            },
+            "modelAdminAny": {
+                "address": subjects.admin_subject("{verb}"),
+                "description": "The same admin API, answered by any one janitor.",
+                "parameters": {"verb": {}},
                 "messages": {
                     name[0].lower() + name[1:]: {"$ref": f"#/components/messages/{name}"}
                     for name in ("ModelRef", "PullRequest", "CreateRequest", "CopyRequest", "LoadRequest")
@@ -285,11 +348,14 @@ def asyncapi() -> str:
             },
             "submitEmbed": {"action": "send", "channel": {"$ref": "#/channels/embedRequests"}},
             "followEvents": {"action": "receive", "channel": {"$ref": "#/channels/requestEvents"}},
+            "recordAccepted": {"action": "send", "channel": {"$ref": "#/channels/acceptedRequests"}},
             "cancelRequest": {"action": "send", "channel": {"$ref": "#/channels/cancel"}},
+            "deadLetter": {"action": "send", "channel": {"$ref": "#/channels/deadLetters"}},
             "followUsage": {"action": "receive", "channel": {"$ref": "#/channels/usageEvents"}},
             "followModelEvents": {"action": "receive", "channel": {"$ref": "#/channels/modelEvents"}},
             "administerModels": {"action": "send", "channel": {"$ref": "#/channels/modelAdmin"}},
             "queryLedger": {"action": "send", "channel": {"$ref": "#/channels/ledger"}},
+            "administerAnyJanitor": {"action": "send", "channel": {"$ref": "#/channels/modelAdminAny"}},
         },
         "components": {
             "schemas": components,
@@ -298,6 +364,11 @@ def asyncapi() -> str:
                 "EmbedRequest": {"headers": header_schema, "payload": {"$ref": _ref("EmbedRequest")}},
                 "Event": {"payload": {"$ref": _ref("Event")}},
                 "Cancel": {"payload": {"type": "null"}},
+                "Accepted": {"payload": {"$ref": _ref("Accepted")}},
+                "DeadLetter": {
+                    "headers": dead_letter_headers,
+                    "payload": {"description": _DEAD_LETTER_PAYLOAD},
+                },
                 "ClassifyRequest": {"payload": {"$ref": _ref("ClassifyRequest")}},
                 "ClassifyReply": {"payload": {"$ref": _ref("ClassifyReply")}},
                 "ErrorBody": {"payload": {"$ref": _ref("ErrorBody")}},

@@ -20,6 +20,12 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
     echo "could not install chromium: tests/test_demo_page.py will be skipped" >&2
 fi
+# The official AsyncAPI parser checks contracts/asyncapi.yaml (tests/test_asyncapi.py): installed from
+# tests/node's lock into tests/node/node_modules (gitignored) when Node is here and it is missing.
+if command -v npm >/dev/null 2>&1 && [[ ! -d tests/node/node_modules/@asyncapi/parser ]]; then
+  (cd tests/node && npm ci --silent --no-audit --no-fund) ||
+    echo "could not install @asyncapi/parser: tests/test_asyncapi.py's parser test will be skipped" >&2
+fi
 python -m ruff check .
 python -m ruff format --check .
 python -m mypy

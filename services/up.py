@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import msgspec
 
 from services.local import launch
-from services.runtime import logs
+from services.runtime import logs, scrape_targets
 from services.runtime.children import die_with_parent
 from services.runtime.nats_server import NatsServer
 from services.runtime.retry import Backoff
@@ -145,6 +146,8 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
+    if not settings.metrics_port and "LLMBUS_METRICS_PORT" not in os.environ:  # on, at known ports
+        settings = msgspec.structs.replace(settings, metrics_port=scrape_targets.DEFAULT_BASE_PORT)
     backend = launch.plan(settings)  # Ollama, a configured server, or the embedded llama.cpp
     data = Path(settings.data_dir).resolve()
     # Permissions on: one NATS user per service (services/runtime/nats_auth.py), passwords
@@ -152,22 +155,14 @@ def up(settings: Settings) -> int:
     nats = NatsServer(data / "nats", port=settings.nats_port, auth=True, die_with_parent=True).start()
     log.info(f"NATS with JetStream at {nats.url} (data in {data / 'nats'}, users in {nats.credentials_file})")
     instance = uuid.uuid4().hex
-    env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
-    passwords = nats.credentials
-    children: dict[str, Child] = {}
-    if backend.ollama is not None:
-        children["ollama"] = Child("ollama", backend.ollama, os.environ | launch.ollama_env(settings))
-        if not launch.wait_ollama(settings.generate_url, children["ollama"].proc, stopping.is_set):
-            log.warning("`ollama serve` did not answer within 30 s; see its log above")
-    for name in ("local", *SERVICES) if backend.local else SERVICES:
-        # Each service gets its own NATS user and password, nobody else's.
-        own = {"LLMBUS_NATS_USER": name, "LLMBUS_NATS_PASSWORD": passwords[name]} if name in passwords else {}
-        if name == "edge":
-            own["LLMBUS_INSTANCE_ID"] = instance
-        command = [sys.executable, "-m", "services.cli", name]
-        children[name] = Child(name, command, env | own)
+    children = _start_children(settings, backend, nats, instance, stopping)
 
     edge_url = f"http://{settings.http_host}:{settings.http_port}"
+    found = scrape_targets.targets(settings, list(children))
+    file_sd = data / "prometheus" / "targets.json"
+    scrape_targets.write_file_sd(file_sd, found)
+    listed = ", ".join(f"{role} {address}" for role, address in found.items())
+    log.info(f"metrics (/metrics): {listed}; Prometheus file-SD: {file_sd}")
     log.info(f"model backend: {backend.message}")
     if backend.local and not launch.wait_local(backend, children["local"].proc, stopping.is_set):
         log.warning("the embedded model servers did not start; see the `local` log above")
@@ -188,6 +183,26 @@ def up(settings: Settings) -> int:
         nats.stop()
         log.info("stopped")
     return status
+
+
+def _start_children(
+    settings: Settings, backend: launch.Plan, nats: NatsServer, instance: str, stopping: threading.Event
+) -> dict[str, Child]:
+    """`ollama serve` when it is installed but not running, the embedded model servers when they
+    are the backend, then every service, each as its own NATS user with only its own password."""
+    env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
+    passwords = nats.credentials
+    children: dict[str, Child] = {}
+    if backend.ollama is not None:
+        children["ollama"] = Child("ollama", backend.ollama, os.environ | launch.ollama_env(settings))
+        if not launch.wait_ollama(settings.generate_url, children["ollama"].proc, stopping.is_set):
+            log.warning("`ollama serve` did not answer within 30 s; see its log above")
+    for name in ("local", *SERVICES) if backend.local else SERVICES:
+        own = {"LLMBUS_NATS_USER": name, "LLMBUS_NATS_PASSWORD": passwords[name]} if name in passwords else {}
+        if name == "edge":
+            own["LLMBUS_INSTANCE_ID"] = instance  # how `wait_ready` knows its own edge
+        children[name] = Child(name, [sys.executable, "-m", "services.cli", name], env | own)
+    return children
 
 
 def _supervise(children: dict[str, Child], nats: NatsServer) -> int:

@@ -1,7 +1,8 @@
 """Prometheus metrics, scraped and parsed as Prometheus would: the edge's `/metrics` and a worker's.
 
-Edge, generator and fake Ollama run in one test process and so share one registry: every
-assertion compares a scrape after the action with one before it.
+Edge, generator and fake Ollama run in one test process; each role still has its own registry, so
+each endpoint shows its own families only. Every assertion compares a scrape after the action with
+one before it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -26,6 +28,7 @@ from services.runtime.settings import Settings
 from tests.conftest import Edge
 from tests.fakes.ollama import FakeOllama
 from tests.sse import sse_events
+from tests.test_janitor import janitor, use
 
 MODEL = "llama3.2:1b"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
@@ -41,6 +44,15 @@ async def scrape(url: str) -> Samples:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def worker_samples() -> Samples:
+    """The worker registry of this process, as its endpoint would serve it."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(metrics.render(None, metrics.WORKER)[0].decode())
         for sample in family.samples
     }
 
@@ -76,9 +88,6 @@ async def test_edge_counts_a_streamed_request_by_endpoint_model_and_code(
     ):
         assert value(after, name, **labels) == value(before, name, **labels) + 1, name
     assert value(after, "llmbus_streams_in_flight", endpoint="/v1/chat") == 0
-    # The worker's side of the same request, in the same registry here.
-    worker_ok = {"subject": "llm.req.generate", "model": MODEL, "code": "ok"}
-    assert value(after, "llmbus_worker_requests_total", **worker_ok) >= 1
 
 
 async def test_error_outcomes_are_counted_by_their_stable_code(
@@ -118,13 +127,13 @@ async def test_in_flight_gauges_follow_a_running_stream(
                 break
         during = await scrape(url)
         assert value(during, "llmbus_streams_in_flight", endpoint="/v1/chat") == 1
-        assert value(during, "llmbus_worker_requests_in_flight", service="generator") == 1
+        assert value(worker_samples(), "llmbus_worker_requests_in_flight", service="generator") == 1
         assert [e.event async for e in events][-1] == "done"
     await scrape_until(
         url,
         lambda s: (
             value(s, "llmbus_streams_in_flight", endpoint="/v1/chat") == 0
-            and value(s, "llmbus_worker_requests_in_flight", service="generator") == 0
+            and value(worker_samples(), "llmbus_worker_requests_in_flight", service="generator") == 0
         ),
     )
 
@@ -248,16 +257,17 @@ async def test_upstream_errors_are_counted_even_when_a_retry_succeeds(
     )
 
 
-async def test_a_taken_metrics_port_moves_the_worker_to_a_free_one_next_to_it(settings: Settings) -> None:
-    with socket.socket() as taken:  # another worker process on this host has the configured port
+async def test_a_taken_metrics_port_moves_the_worker_to_the_spill_range(settings: Settings) -> None:
+    with socket.socket() as taken:  # another generator process on this host has the role's port
         taken.bind((settings.http_host, 0))
         taken.listen()
         port = taken.getsockname()[1]
+        assert metrics.port_for("generator", port) == port
         generator = Generator(msgspec.structs.replace(settings, metrics_port=port))
         await generator.start()
         try:
             served = metrics.served_port()
-            assert port < served < port + metrics.PORT_RANGE
+            assert port + metrics.SPILL <= served < port + metrics.PORT_RANGE
             samples = await scrape(f"http://{settings.http_host}:{served}/metrics")
             assert value(samples, "llmbus_worker_requests_in_flight", service="generator") == 0
         finally:
@@ -286,3 +296,89 @@ async def test_a_malformed_bus_request_is_counted_as_bad_request(
             == value(before, "llmbus_worker_requests_total", **labels) + 1
         ),
     )
+
+
+# Families any Python process exports (prometheus_client's process, platform and GC collectors).
+_COMMON = ("process_", "python_")
+
+
+def families(text: str) -> set[str]:
+    return {f.name for f in text_string_to_metric_families(text) if not f.name.startswith(_COMMON)}
+
+
+async def test_each_role_exposes_its_own_families_only(edge: Edge, worker_metrics: str) -> None:
+    async with httpx.AsyncClient() as http:
+        edge_text = (await http.get(f"{edge.url}/metrics")).text
+        worker_text = (await http.get(worker_metrics)).text
+    janitor_text = metrics.render(None, metrics.JANITOR)[0].decode()
+    edge_families, worker_families = families(edge_text), families(worker_text)
+    assert {"llmbus_requests", "llmbus_time_to_first_token_seconds"} <= edge_families
+    assert {"llmbus_worker_requests", "gen_ai_client_token_usage"} <= worker_families
+    assert not {f for f in edge_families if f.startswith(("llmbus_worker", "gen_ai", "llmbus_janitor"))}
+    assert not {
+        f for f in worker_families if f.startswith(("llmbus_request", "llmbus_queue", "llmbus_janitor"))
+    }
+    assert families(janitor_text) <= {f for f in families(janitor_text) if f.startswith("llmbus_janitor")}
+    assert edge_families.isdisjoint(worker_families)
+
+
+async def test_edge_negotiates_the_exposition_format_as_prometheus_client_does(edge: Edge) -> None:
+    async with httpx.AsyncClient() as http:
+        plain = await http.get(f"{edge.url}/metrics")
+        open_metrics = await http.get(
+            f"{edge.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert plain.headers["content-type"].count("charset") == 1
+    assert plain.headers["content-type"].startswith("text/plain; version=")
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.headers["content-type"].count("charset") == 1
+    assert open_metrics.text.rstrip().endswith("# EOF")
+
+
+def test_time_to_first_token_buckets_reach_past_a_cold_model_load() -> None:
+    for histogram in (metrics.HTTP_TTFT, metrics.MODEL_TTFT):
+        assert max(b for b in histogram._upper_bounds if b != float("inf")) >= 300
+
+
+def test_role_ports_are_the_base_plus_a_fixed_offset() -> None:
+    ports = {role: metrics.port_for(role, 9464) for role in metrics.ROLE_OFFSETS}
+    assert ports == {"generator": 9464, "embedder": 9465, "classifier": 9466, "janitor": 9467}
+    assert metrics.port_for("generator", 0) == 0
+
+
+async def test_the_janitor_serves_its_own_metrics(
+    settings: Settings, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    base = free_port()
+    port = metrics.port_for("janitor", base)
+    toml = '[defaults]\nidle_ttl = "0.5s"\n'
+    async with janitor(settings, tmp_path, toml, metrics_port=base):
+        url = f"http://{settings.http_host}:{port}/metrics"
+        before = await scrape(url)
+        await use(fake_ollama, "qwen2.5:0.5b")  # a request loads it; the janitor sees it in /api/ps
+        loaded = await scrape_until(
+            url, lambda s: value(s, "llmbus_janitor_models_loaded", host="local") == 1
+        )
+        assert value(loaded, "llmbus_janitor_loaded_bytes", host="local", memory="total") > 0
+        assert value(loaded, "llmbus_janitor_host_memory_bytes", state="total") > 0
+        assert value(loaded, "llmbus_janitor_reconcile_duration_seconds_count") >= 1
+        # Counted when the unload is sent; the loaded gauge follows the janitor's next /api/ps.
+        await scrape_until(
+            url,
+            lambda s: (
+                value(s, "llmbus_janitor_unloads_total", reason="idle") == 1
+                and value(s, "llmbus_janitor_models_loaded", host="local") == 0
+            ),
+        )
+        assert value(before, "llmbus_janitor_unloads_total", reason="idle") == 0
+        async with httpx.AsyncClient() as http:
+            assert families((await http.get(url)).text) <= {
+                "llmbus_janitor_models_loaded",
+                "llmbus_janitor_loaded_bytes",
+                "llmbus_janitor_host_memory_bytes",
+                "llmbus_janitor_unloads",
+                "llmbus_janitor_operations",
+                "llmbus_janitor_reconcile_duration_seconds",
+            }
+    with pytest.raises(httpx.ConnectError):
+        await scrape(url)

@@ -22,9 +22,10 @@ import nats
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from contracts import subjects
+from services.classifier.main import Classifier
 from services.embedder.main import Embedder
 from services.generator.main import Generator
 from services.runtime import tracing
@@ -102,6 +103,11 @@ async def test_streaming_request_is_one_trace_from_http_span_to_model_call(
         assert hop.attributes["messaging.system"] == "nats"
         assert hop.attributes["messaging.destination.name"] == subjects.generate_subject(MODEL)
         assert hop.attributes["messaging.message.id"] == request_id
+        assert hop.attributes["messaging.destination.template"] == "llm.req.generate.{model}"
+    assert producer.attributes is not None and consumer.attributes is not None
+    assert producer.attributes["messaging.operation.name"] == "publish"
+    assert consumer.attributes["messaging.operation.name"] == "process"
+    assert consumer.attributes["llmbus.outcome"] == "ok" and consumer.status.is_unset
 
     done = events[-1].data
     assert model.attributes is not None
@@ -111,6 +117,8 @@ async def test_streaming_request_is_one_trace_from_http_span_to_model_call(
     assert model.attributes["gen_ai.usage.input_tokens"] == done["usage"]["prompt_tokens"]
     assert model.attributes["gen_ai.usage.output_tokens"] == done["usage"]["completion_tokens"] == len(tokens)
     assert model.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert model.attributes["gen_ai.response.model"] == MODEL  # as Ollama's answer names it
+    assert "gen_ai.system" not in model.attributes  # deprecated since semantic conventions 1.37
     assert [e.name for e in model.events] == [FIRST_TOKEN]  # once per request, not per token
     # The server span covers the whole stream, the model call included.
     assert server.start_time is not None and server.end_time is not None
@@ -176,6 +184,56 @@ async def test_failed_model_call_is_marked_on_its_span(
     assert model.attributes["error.type"] == "model_not_found"
     assert not model.status.is_ok
     assert model.events == ()  # no token ever came
+
+
+async def test_a_failed_request_ends_its_consumer_span_in_error(
+    spans: InMemorySpanExporter, client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.fail_status = 500
+    response = await client.post("/v1/generate", json={"model": MODEL, "prompt": "Hi"})
+    code = response.json()["error"]["code"]
+    assert code != "ok"
+    [server] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert server.context is not None
+    consumer = only(await trace_of(spans, server.context.trace_id, 4), SpanKind.CONSUMER)
+    assert consumer.attributes is not None
+    assert consumer.attributes["llmbus.outcome"] == code  # the terminal event's code, not "ok"
+    assert consumer.attributes["error.type"] == code
+    assert consumer.status.status_code is StatusCode.ERROR
+
+
+async def test_the_classifier_starts_without_stray_root_traces(
+    spans: InMemorySpanExporter, settings: Settings
+) -> None:
+    # Its start embeds every route's examples: model calls that belong to no request.
+    service = Classifier(msgspec.structs.replace(settings, routes_file="infra/routes.toml"))
+    await service.start()
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        await service.stop(grace=0)
+    assert [s.name for s in spans.get_finished_spans()] == []
+
+
+def test_service_names_stay_per_role_under_otel_service_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "acme-gateway")
+    assert tracing.resource_attributes("llmbus-edge") == {
+        "service.name": "llmbus-edge",
+        "service.namespace": "acme-gateway",
+    }
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.namespace=prod")  # the SDK applies it
+    assert tracing.resource_attributes("llmbus-edge") == {"service.name": "llmbus-edge"}
+
+
+def test_exporters_come_from_otel_traces_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    provider = tracing.build_provider("llmbus-test")
+    assert isinstance(provider, TracerProvider)
+    provider.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert tracing.build_provider("llmbus-test") is None
 
 
 async def test_one_batched_embedding_call_links_every_request_it_carries(

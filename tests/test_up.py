@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
 import httpx
 
+from services.runtime import metrics
 from services.runtime.nats_server import free_port
 from tests import llmbus_up
 from tests.sse import collect
@@ -21,11 +23,26 @@ async def test_up_runs_the_stack_and_ctrl_c_stops_every_process(tmp_path: Path) 
     assert fake.stdout is not None
     # Listening before `llmbus up` looks: with no Ollama it would start the embedded model instead.
     await llmbus_up.read_until(fake.stdout, "listening", 10)
-    up = await llmbus_up.start(tmp_path, LLMBUS_OLLAMA_URL=f"http://127.0.0.1:{ollama_port}")
+    base = free_port()
+    up = await llmbus_up.start(
+        tmp_path, LLMBUS_OLLAMA_URL=f"http://127.0.0.1:{ollama_port}", LLMBUS_METRICS_PORT=str(base)
+    )
     try:
         banner = await up.read_until("edge ready", 60)
         assert up.url in banner
         assert f"http://127.0.0.1:{ollama_port}" in banner  # says where model calls go
+        # Every role's metrics port, said and written for Prometheus' file-based discovery.
+        ports = {role: metrics.port_for(role, base) for role in metrics.ROLE_OFFSETS}
+        for role, port in ports.items():
+            assert f"{role} 127.0.0.1:{port}" in banner
+        groups = json.loads((tmp_path / "data" / "prometheus" / "targets.json").read_text())
+        listed = {g["labels"]["service"]: g["targets"] for g in groups}
+        assert listed["llmbus-janitor"] == [f"127.0.0.1:{ports['janitor']}"]
+        assert listed["llmbus-edge"] == [f"127.0.0.1:{up.http_port}"]
+        async with httpx.AsyncClient(timeout=10) as http:
+            for role, family in (("generator", "llmbus_worker_requests"), ("janitor", "llmbus_janitor")):
+                scraped = await http.get(f"http://127.0.0.1:{ports[role]}/metrics")
+                assert family in scraped.text, role
 
         body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
         async with (

@@ -51,8 +51,8 @@ caller_api: ContextVar[str] = ContextVar("llmbus_api", default="")
 KEY_ID_CHARS = 12  # hex digits of the key's SHA-256 kept as its id
 
 # Routes anyone may call with auth on: probes, metrics, the OpenAPI document, the demo page.
-PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version"})
-PUBLIC_PREFIXES = ("/schema", "/static/")
+PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version", "/contract"})
+PUBLIC_PREFIXES = ("/schema", "/static/", "/contract/")
 ADMIN = "admin"  # a route handler with `opt={"admin": True}` needs an admin tenant
 
 CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers

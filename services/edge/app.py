@@ -22,6 +22,7 @@ from services.edge.admission import PUBLIC_PATHS, PUBLIC_PREFIXES, Admission, au
 from services.edge.classify import classify
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import router as openai_router
+from services.edge.contract import ROUTES as CONTRACT_ROUTES
 from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
 from services.edge.dispatch import Dispatcher
@@ -134,6 +135,7 @@ def create_app(
             run_task,
             page,
             asset,
+            *CONTRACT_ROUTES,
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]

@@ -219,7 +219,8 @@ async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     nc = getattr(request.app.state, "nc", None)
     if nc is not None:
         await metrics.poll_queues(nc.jetstream())  # queue depth is read per scrape, not per request
-    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+    body, content_type = metrics.render(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})
 
 
 class Observability(InitPlugin):

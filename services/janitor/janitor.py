@@ -39,7 +39,7 @@ from contracts.models import (
     canonical_model,
 )
 from services.janitor import desired as desired_state
-from services.janitor import modelfile, policy
+from services.janitor import metrics, modelfile, policy
 from services.runtime.backends.model_admin import CreateSpec, ModelAdmin, Running, Status, Tag, cannot
 from services.runtime.inventory import decode_info, encode_info
 
@@ -309,6 +309,7 @@ class Janitor:
             log.warning("unloading %s failed: %s", name, exc.message)
             return
         log.info("unloaded %s (%s)", name, reason.replace("_", " "))
+        metrics.UNLOADS.labels(reason).inc()
         self.running.pop(name, None)
         await self._event(OpDone(host=self.host, model=name, op="unload", reason=reason))
 
@@ -422,6 +423,7 @@ class Janitor:
                 del self.ops[name]
                 await self.publish_inventory()
             log.info("%s %s done", op, name)
+            metrics.OPERATIONS.labels(op, "ok").inc()
             await self._event(OpDone(host=self.host, model=name, op=op, info=self.entry(name)), operation)
         except Exception as exc:
             error = exc if isinstance(exc, LlmbusError) else LlmbusError(ErrorCode.INTERNAL, repr(exc))
@@ -431,6 +433,7 @@ class Janitor:
                 log.warning("%s %s failed: %s", op, name, error.message)
             self.ops.pop(name, None)
             self.failed[name] = (error.message, self.clock())
+            metrics.OPERATIONS.labels(op, "error").inc()
             with contextlib.suppress(Exception):
                 async with self._lock:
                     await self.publish_inventory()

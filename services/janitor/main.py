@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from contracts import LlmbusError, subjects
 from contracts.models import UsageEvent, validate_host
-from services.janitor import admin
+from services.janitor import admin, metrics
 from services.janitor.janitor import Janitor
 from services.runtime import bus, service
 from services.runtime.backends.model_admin import create_model_admin
@@ -59,6 +59,7 @@ class JanitorService:
         )
         self._usage = await self.nc.subscribe(subjects.USAGE_SUBJECTS, cb=self._on_usage)
         self._micro = await admin.serve(self.nc, self.janitor)
+        metrics.serve(self.janitor, settings.http_host, settings.metrics_port)
         await self.nc.flush()  # the admin subscriptions are on the server before start returns
         self._tasks = [
             asyncio.create_task(self._first_inventory()),
@@ -93,7 +94,8 @@ class JanitorService:
         """At start, whenever models.toml changes, and every `janitor_reconcile_s`."""
         while True:
             try:
-                await self.janitor.reconcile()
+                with metrics.RECONCILE.time():
+                    await self.janitor.reconcile()
             except Exception:
                 log.exception("reconcile failed")
             with contextlib.suppress(TimeoutError):
@@ -112,6 +114,7 @@ class JanitorService:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self._micro.stop()
+        metrics.stop()
         with contextlib.suppress(Exception):
             await self._usage.unsubscribe()
         with contextlib.suppress(Exception):

@@ -317,6 +317,24 @@ def credentials(directory: Path) -> dict[str, str]:
     return known
 
 
+def write_secrets(folder: Path) -> None:
+    """The files compose.yml mounts as Docker secrets: `nats-passwords.env` for the NATS container
+    (every password), and `nats-<role>.json` for each service (its own only: `LLMBUS_NATS_CREDENTIALS`
+    reads it). Existing files are kept, so running it again changes nothing."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    every = folder / "nats-passwords.env"
+    if not every.exists():
+        every.write_text("".join(f"{env_name(name)}={secrets.token_urlsafe(24)}\n" for name in ROLES))
+    known = dict(line.split("=", 1) for line in every.read_text().splitlines() if "=" in line)
+    for name in ROLES:
+        own = folder / f"nats-{name}.json"
+        if not own.exists():
+            own.write_text(json.dumps({name: known[env_name(name)]}) + "\n")
+    for path in folder.iterdir():
+        path.chmod(0o644)  # read by the containers' own users; the folder itself is 0700 (gitignored)
+    print(f"wrote the NATS passwords under {folder}/")
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     if command == "conf":
@@ -324,8 +342,10 @@ def main(argv: list[str]) -> int:
     elif command == "env":
         for name in ROLES:
             print(f"{env_name(name)}={secrets.token_urlsafe(24)}")
+    elif command == "secrets":
+        write_secrets(Path(argv[1] if len(argv) > 1 else "secrets"))
     else:
-        print("usage: python -m services.runtime.nats_auth conf|env", file=sys.stderr)
+        print("usage: python -m services.runtime.nats_auth conf|env|secrets [DIR]", file=sys.stderr)
         return 2
     return 0
 

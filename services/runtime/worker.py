@@ -93,6 +93,7 @@ class Job(Generic[R]):
         "cancel_reason",
         "continued",
         "deadline",
+        "ended_with",
         "host",
         "msg",
         "prior_calls",
@@ -127,6 +128,7 @@ class Job(Generic[R]):
         self.terminal = False
         self.started = time.perf_counter()
         self.cancel_reason: str | None = None
+        self.ended_with: Event | None = None  # the terminal event (its span's outcome)
         self.task: asyncio.Task[None] | None = None
         self.host = ""  # the model server this worker calls (recorded in the usage event)
 
@@ -141,6 +143,7 @@ class Job(Generic[R]):
             # Stored before the request is acked: a worker that takes over sees that it ended.
             await self._store(_encode(event))
             self.terminal = True
+            self.ended_with = event
             metrics.worker_request_ended(self, event)
             await usage.publish(self._nc, self, event, self.host)  # the janitor's last use, the ledger's row
         else:
@@ -458,7 +461,7 @@ class Worker(Generic[R]):
             else:
                 await self._run(job)
             if job.terminal:
-                span.set_attribute("llmbus.outcome", "ok" if job.cancel_reason is None else job.cancel_reason)
+                tracing.request_ended(span, job.ended_with, job.cancel_reason)
                 await job.msg.ack()  # the newest delivery of it (see above)
             else:
                 await job.msg.nak()  # shutdown: another replica continues it

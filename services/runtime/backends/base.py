@@ -19,6 +19,7 @@ class Final(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     tokens_per_s: float | None = None
+    model: str | None = None  # the model that answered, as the server names it (gen_ai.response.model)
 
 
 class Scored(msgspec.Struct):

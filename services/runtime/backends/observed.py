@@ -2,7 +2,7 @@
 
 A backend method decorated with `@generation("ollama")` or `@embedding("ollama")` gets one CLIENT
 span per call, named `{gen_ai.operation.name} {gen_ai.request.model}` and carrying the GenAI
-semantic-convention attributes (`gen_ai.provider.name`, `gen_ai.request.model`,
+semantic-convention attributes (`gen_ai.provider.name`, `gen_ai.request.model`, `gen_ai.response.model`,
 `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`, `gen_ai.response.finish_reasons`,
 `error.type`), one `first_token` span event, and the model-call metrics of
 `services.runtime.metrics`. Per token it adds one type check and one flag test, nothing else.
@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode
 
 from contracts import GenerateRequest, LlmbusError
 from services.runtime import metrics, tracing
@@ -59,7 +60,6 @@ class ModelCall:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": provider,
-            "gen_ai.system": provider,  # the name before semantic conventions 1.37, for older tools
             "gen_ai.request.model": model,
             "server.address": address,
             "server.port": port,
@@ -76,17 +76,31 @@ class ModelCall:
                 if value is not None:
                     attributes[key] = value
         # Not made current: nothing runs beneath it, and an async generator may be closed from
-        # another context than the one it started in.
-        self.span = tracing.tracer.start_span(
-            f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes, links=tracing.links()
+        # another context than the one it started in. A call outside any request (a start-up
+        # warm-up, the classifier embedding its routes) would be a stray root trace: not traced.
+        links = tracing.links()
+        self.span = (
+            tracing.tracer.start_span(
+                f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes, links=links
+            )
+            if links or trace.get_current_span().get_span_context().is_valid
+            else INVALID_SPAN
         )
 
     def first_token(self) -> None:
         self.ttft = time.perf_counter() - self.started
         self.span.add_event(FIRST_TOKEN)
 
-    def succeeded(self, input_tokens: int, output_tokens: int | None, finish_reason: str | None) -> None:
+    def succeeded(
+        self,
+        input_tokens: int,
+        output_tokens: int | None,
+        finish_reason: str | None,
+        response_model: str | None = None,
+    ) -> None:
         self.tokens = (input_tokens, output_tokens or 0)
+        if response_model:
+            self.span.set_attribute("gen_ai.response.model", response_model)
         self.span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
         if output_tokens is not None:
             self.span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
@@ -129,7 +143,9 @@ def generation(provider: str) -> Callable[[GenerateFn[B]], GenerateFn[B]]:
             try:
                 async for piece in pieces:
                     if isinstance(piece, Final):  # the call is complete, whatever the consumer does next
-                        call.succeeded(piece.prompt_tokens, piece.completion_tokens, piece.finish_reason)
+                        call.succeeded(
+                            piece.prompt_tokens, piece.completion_tokens, piece.finish_reason, piece.model
+                        )
                     elif first:  # text, thinking or a tool call: the model's first output
                         first = False
                         call.first_token()

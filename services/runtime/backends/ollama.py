@@ -68,6 +68,7 @@ class _Chunk(msgspec.Struct):
     eval_count: int = 0
     eval_duration: int = 0
     error: str | None = None
+    model: str | None = None
 
 
 class _ErrorBody(msgspec.Struct):
@@ -242,6 +243,7 @@ class OllamaBackend:
                             prompt_tokens=chunk.prompt_eval_count,
                             completion_tokens=chunk.eval_count,
                             tokens_per_s=speed,
+                            model=chunk.model,
                         )
                         return
                 raise LlmbusError(ErrorCode.BACKEND_ERROR, "backend closed the stream before it was done")

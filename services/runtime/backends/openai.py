@@ -243,6 +243,7 @@ class OpenAIBackend:
                 finish_reason: str | None = None
                 usage: Usage | None = None
                 speed: float | None = None
+                answered_by: str | None = None
                 pieces = 0
                 first_at = last_at = 0.0
                 async for data in sse_data(response.aiter_bytes()):
@@ -262,6 +263,7 @@ class OpenAIBackend:
                             finish_reason = choice.finish_reason
                             for piece in assembler.finish():
                                 yield piece
+                    answered_by = chunk.model or answered_by
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.timings is not None:
@@ -276,6 +278,7 @@ class OpenAIBackend:
                     prompt_tokens=usage.prompt_tokens if usage is not None else 0,
                     completion_tokens=completion,
                     tokens_per_s=speed,
+                    model=answered_by,
                 )
 
     @embedding("openai")
@@ -324,6 +327,7 @@ def _whole_answer(answer: Chunk, started: float, assembler: Assembler) -> list[P
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         tokens_per_s=speed,
+        model=answer.model,
     )
     return [*pieces, final]
 

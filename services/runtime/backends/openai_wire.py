@@ -93,6 +93,7 @@ class Chunk(msgspec.Struct):
     usage: Usage | None = None
     timings: Timings | None = None
     error: ErrorDetail | str | None = None
+    model: str | None = None  # the model the server says answered
 
 
 class Capabilities(msgspec.Struct):
