@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
+import threading
 from typing import Protocol
 
 from services.runtime import logs, tracing
@@ -46,13 +48,30 @@ def run(service: Service, name: str, settings: Settings) -> None:
     try:
         import uvloop
 
-        uvloop.run(_serve(service))
+        uvloop.run(_serve(service, settings.shutdown_grace_s))
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] on Linux
-        asyncio.run(_serve(service))
+        asyncio.run(_serve(service, settings.shutdown_grace_s))
     tracing.shutdown()
 
 
-async def _serve(service: Service) -> None:
+# After a graceful stop, what is left (tasks of libraries cancelled by asyncio.run, tracing's last
+# export) gets this long before the process exits anyway: with NATS gone too (the supervisor died),
+# a client's task that ignores cancellation would otherwise hold the process forever.
+EXIT_WATCHDOG_S = 3.0
+
+
+def _exit_unless_done(after: float) -> None:
+    def exit_now() -> None:
+        log.warning("still running %.0f s after stopping; exiting", after)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(after, exit_now)
+    timer.daemon = True  # a process that exits in time does not wait for it
+    timer.start()
+
+
+async def _serve(service: Service, grace: float) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,9 +85,15 @@ async def _serve(service: Service) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         log.info("stopped before it was ready")
+        _exit_unless_done(EXIT_WATCHDOG_S)
         return
     stopping.cancel()
     starting.result()  # a failed start ends the process with its error
     freeze_startup_heap()
     await stop.wait()
-    await service.stop()
+    try:
+        # `stop` gives in-flight work `grace`; a stop stuck on a vanished NATS gets a little more.
+        await asyncio.wait_for(service.stop(), grace + 5)
+    except TimeoutError:
+        log.warning("the graceful stop took longer than %.0f s; exiting", grace + 5)
+    _exit_unless_done(EXIT_WATCHDOG_S)
