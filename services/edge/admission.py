@@ -1,8 +1,7 @@
 """Edge admission: who is calling, and whether their request may queue. One place for every API.
 
-* `authenticate` is an app-wide Litestar guard: it maps `Authorization: Bearer <key>` to a tenant
-  (401 `unauthorized`), refuses admin routes to non-admin tenants (403 `forbidden`) and leaves the
-  tenant in a context variable for the rest of the request.
+* Who is calling is the authentication middleware's answer (services/edge/auth.py): the tenant
+  is `request.user`, and every method here that depends on it takes it as an argument.
 * `Admission.admit` runs inside `Dispatcher.submit`, which every route family (native `/v1`,
   `/openai/v1`, `/ollama`'s `/api/*`, tasks, embed) goes through before anything is published:
   model allowed (403), prompt within the context (400 `prompt_too_large`; the model's trained
@@ -22,78 +21,31 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from contextvars import ContextVar
-from typing import Any
 
 import msgspec
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 from nats.js import JetStreamContext
 
 from contracts import Accepted, EmbedRequest, ErrorCode, GenerateRequest, LlmbusError
 from services.edge.backlog import Backlog, Slot
 from services.edge.quota import Quota, open_bucket
-from services.edge.tenants import ANONYMOUS, Keyring, Tenant, TenantsFile
-from services.runtime.events import RawEvent
+from services.edge.tenants import Keyring, Tenant, TenantsFile
 from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The tenant of the request being handled (set by `authenticate`; ANONYMOUS with auth off).
-caller: ContextVar[Tenant] = ContextVar("llmbus_tenant", default=ANONYMOUS)
-
-# Routes anyone may call with auth on: probes, metrics, the OpenAPI document, the demo page.
-PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version"})
-PUBLIC_PREFIXES = ("/schema", "/static/")
-ADMIN = "admin"  # a route handler with `opt={"admin": True}` needs an admin tenant
-
 CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers
 
 
-async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    admission: Admission | None = getattr(connection.app.state, "admission", None)
-    keyring = admission.keyring if admission is not None else None
-    if keyring is None:
-        return
-    path = connection.scope["path"]
-    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-        return
-    scheme, _, key = connection.headers.get("authorization", "").partition(" ")
-    tenant = keyring.find(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-    if tenant is None:
-        raise LlmbusError(
-            ErrorCode.UNAUTHORIZED, "a valid API key is required: `Authorization: Bearer <key>`"
-        )
-    if handler.opt.get(ADMIN) and not tenant.admin:
-        raise LlmbusError(ErrorCode.FORBIDDEN, "this route needs an admin key")
-    caller.set(tenant)
-    connection.scope.setdefault("state", {})["tenant"] = tenant.name  # for logs, never the key
-
-
-def request_id_for_key(key: str) -> str:
+def request_id_for_key(key: str, tenant: Tenant) -> str:
     """The request id an `Idempotency-Key` becomes: the key itself with auth off, else the key
     prefixed with a tag of the tenant, so two tenants using the same key never meet."""
-    tenant = caller.get()
     if not tenant.name:
         return key
     tag = hashlib.blake2b(tenant.name.encode(), digest_size=4).hexdigest()
     if len(key) <= 119:
         return f"{tag}-{key}"
     return f"{tag}-" + hashlib.blake2b(key.encode(), digest_size=24).hexdigest()
-
-
-class _Usage(msgspec.Struct):
-    total_tokens: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _Terminal(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_decode_terminal = msgspec.json.Decoder(_Terminal).decode
 
 
 class Ticket:
@@ -107,26 +59,10 @@ class Ticket:
         self.lease = lease
         self.released = False
 
-    def release(self, last: RawEvent | None) -> None:
-        """Gives the hold back, counting the tokens the request's terminal event (`last`) reports."""
-        tokens = 0
-        if last is not None and last[0].type in ("done", "embeddings"):
-            tokens = spent_tokens(last[1])
-        self.give_back(tokens)
-
     def give_back(self, tokens: int) -> None:
         if not self.released:
             self.released = True
             self.admission.release_later(self, tokens)
-
-
-def spent_tokens(answer: bytes) -> int:
-    """The tokens a terminal event or a classify reply reports in its `usage` (0 without one)."""
-    try:
-        usage = _decode_terminal(answer).usage
-    except msgspec.DecodeError:
-        return 0
-    return 0 if usage is None else usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
 
 
 class Admission:
@@ -165,32 +101,31 @@ class Admission:
             await self.quota.stop()
 
     async def admit(
-        self, request: GenerateRequest | EmbedRequest, subject: str
+        self, request: GenerateRequest | EmbedRequest, subject: str, tenant: Tenant
     ) -> tuple[GenerateRequest | EmbedRequest, Ticket | None, Slot]:
         """The request as it may be published (`num_predict` capped), its ticket and its place in
         the backlog (`slot.stored()` once published, else `slot.dropped()`); or raises."""
-        self.check_model(request.model)
+        self.check_model(request.model, tenant)
         if isinstance(request, GenerateRequest):
             request = self._fit(request)
         slot = await self.backlog.admit(subject)  # `llm.req.route` if routed: the classifier's queue
         try:
-            return request, await self.hold(), slot
+            return request, await self.hold(tenant), slot
         except BaseException:
             slot.dropped()
             raise
 
-    def check_model(self, model: str) -> None:
-        """403 `forbidden` for a model outside the caller's `models` globs."""
-        if not caller.get().allows(model):
+    def check_model(self, model: str, tenant: Tenant) -> None:
+        """403 `forbidden` for a model outside the tenant's `models` globs."""
+        if not tenant.allows(model):
             raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {model[:64]!r}")
 
-    async def hold(self) -> Ticket | None:
-        """Takes one request of the caller's limits (429 `rate_limited`); None when it has none.
+    async def hold(self, tenant: Tenant) -> Ticket | None:
+        """Takes one request of the tenant's limits (429 `rate_limited`); None when it has none.
 
         For calls that do not go through `admit` (`/v1/classify`): give it back with
-        `ticket.release(None)` when the call ends.
+        `ticket.give_back(tokens)` when the call ends.
         """
-        tenant = caller.get()
         if not tenant.limited:
             return None
         quota = self.quota or await self._open_quota()  # a reload gave a tenant its first limits
@@ -235,18 +170,15 @@ class Admission:
             )
         return request
 
-    def owns(self, accepted: Accepted | None) -> bool:
-        """Whether the caller may read or cancel the request `accepted` records."""
-        if self.is_admin():
+    def owns(self, accepted: Accepted | None, tenant: Tenant) -> bool:
+        """Whether `tenant` may read or cancel the request `accepted` records."""
+        if self.is_admin(tenant):
             return True
-        return accepted is not None and accepted.tenant == caller.get().name
+        return accepted is not None and accepted.tenant == tenant.name
 
-    def is_admin(self) -> bool:
-        """Whether the caller holds an admin key (everyone does with auth off)."""
-        return self.tenants is None or caller.get().admin
-
-    def tenant_name(self) -> str:
-        return caller.get().name
+    def is_admin(self, tenant: Tenant) -> bool:
+        """Whether `tenant` holds an admin key (everyone does with auth off)."""
+        return self.tenants is None or tenant.admin
 
     def release_later(self, ticket: Ticket, tokens: int) -> None:
         if self.quota is None:

@@ -8,12 +8,12 @@ edge's one embed path; `tags`, `ps` and `show` read the janitors' inventory and 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
@@ -35,16 +35,18 @@ from contracts import (
 from contracts.embed import Dimensions
 from contracts.models import LoadRequest, ModelDetails, ModelInfo, ModelRef, canonical_model
 from services.edge.admission import Admission
-from services.edge.compat.events import stream_events
-from services.edge.dispatch import Dispatcher, EventFeed
-from services.edge.embed import embed_texts
+from services.edge.compat.events import Seamless
+from services.edge.dispatch import Dispatcher
+from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers, request_id_of
 from services.edge.generation import collect
-from services.edge.hangup import ClientGone, unless_client_leaves
 from services.edge.models import listing
+from services.edge.serve import Dialect, Source, serve
 from services.runtime import durations
 from services.runtime.admin_client import AdminClient
+from services.runtime.events import RawEvent
 from services.runtime.inventory import InventoryView
+from services.runtime.settings import Settings
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these routes follow
 
@@ -115,12 +117,7 @@ class GenerateBody(_Common, kw_only=True):
 
 
 def ollama_error(failure: Failure, request_id: str) -> Response[bytes]:
-    return Response(
-        _encode({"error": failure.message}),
-        status_code=failure.status,
-        media_type="application/json",
-        headers={"X-Request-Id": request_id},
-    )
+    return _json({"error": failure.message}, request_id, failure.status)
 
 
 class _Shape:
@@ -162,47 +159,52 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-async def _answer(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool
-) -> Response[bytes] | Stream:
-    if body.empty:
-        return await _load_or_unload(request, body, chat)
-    request_id = request_id_of(request)
-    wire = body.to_request(request_id)
-    wire.validate()
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    feed = await dispatcher.submit(wire)
-    shape = _Shape(chat, body.model)
-    if body.stream:
-        return Stream(
-            _ndjson(feed, shape), media_type="application/x-ndjson", headers={"X-Request-Id": request_id}
-        )
-    try:
-        result = await unless_client_leaves(request, feed, collect(feed, body.model))
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return ollama_error(Failure(result.code, result.message, result.code.http_status), request_id)
-    return _json(shape.final(result, result.text), request_id)
+class Ollama(Dialect):
+    """Chat and generate: NDJSON lines with Ollama's field names, the last with its statistics."""
 
+    media_type = "application/x-ndjson"
+    error = staticmethod(ollama_error)
 
-async def _ndjson(feed: EventFeed, shape: _Shape) -> AsyncIterator[bytes]:
-    try:
-        async for event in stream_events(feed):
+    def __init__(self, shape: _Shape, *, streams: bool) -> None:
+        self.shape = shape
+        self.streams = streams
+        self.events = Seamless()
+
+    def frame(self, batch: list[RawEvent]) -> bytes:
+        shape = self.shape
+        out: list[bytes] = []
+        for event in self.events.events(batch):
             if isinstance(event, Token):
-                yield _encode(shape.piece(event.text)) + b"\n"
+                out.append(_encode(shape.piece(event.text)) + b"\n")
             elif isinstance(event, Routed):
                 shape.model = event.model  # lines name the model that answers, as non-streamed ones do
             elif isinstance(event, Done):
-                yield _encode(shape.final(event)) + b"\n"
+                out.append(_encode(shape.final(event)) + b"\n")
             else:
-                yield _encode({"error": event.message}) + b"\n"  # Ollama's in-stream error line
-    finally:
-        feed.close()
+                out.append(_encode({"error": event.message}) + b"\n")  # Ollama's in-stream error line
+        self.ended = self.events.ended
+        return b"".join(out)
+
+    async def collect(self, source: Source) -> Completion | Error:
+        return await collect(source, self.shape.model)
+
+    def answer(self, result: Completion, request_id: str) -> Response[bytes]:
+        return _json(self.shape.final(result, result.text), request_id)
+
+
+async def _answer(
+    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool, dispatcher: Dispatcher
+) -> Response[bytes] | Stream:
+    wire = body.to_request(request_id_of(request))
+    return await serve(request, wire, Ollama(_Shape(chat, body.model), streams=body.stream), dispatcher)
 
 
 async def _load_or_unload(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool
+    request: Request[Any, Any, Any],
+    body: ChatBody | GenerateBody,
+    chat: bool,
+    admission: Admission,
+    admin: AdminClient,
 ) -> Response[bytes]:
     """Ollama's idiom with nothing to answer: load the model (for `keep_alive`, default its idle
     TTL, negative: until unloaded), or unload it with `keep_alive: 0`. The janitor of the model's
@@ -212,11 +214,9 @@ async def _load_or_unload(
         keep = None if body.keep_alive is None else durations.seconds(body.keep_alive)
     except ValueError as exc:
         raise LlmbusError(ErrorCode.BAD_REQUEST, f"keep_alive: {exc}") from None
-    admission: Admission = request.app.state.admission
-    admission.check_model(body.model)
-    if not admission.is_admin():
+    admission.check_model(body.model, request.user)
+    if not admission.is_admin(request.user):
         raise LlmbusError(ErrorCode.FORBIDDEN, "loading or unloading a model needs an admin key")
-    admin: AdminClient = request.app.state.admin
     host = admin.host_for(None, body.model)
     if keep == 0:
         await admin.call("unload", ModelRef(body.model), ModelInfo, host)
@@ -232,18 +232,36 @@ async def _load_or_unload(
     return _json(answer, request_id_of(request))
 
 
-def _json(body: Any, request_id: str) -> Response[bytes]:
-    return Response(_encode(body), media_type="application/json", headers={"X-Request-Id": request_id})
+def _json(body: Any, request_id: str, status: int = 200) -> Response[bytes]:
+    return Response(
+        _encode(body), status_code=status, media_type="application/json", headers={"X-Request-Id": request_id}
+    )
 
 
 @post("/api/chat", summary="Ollama-compatible chat", status_code=200)
-async def chat(request: Request[Any, Any, Any], data: JSONBody[ChatBody]) -> Response[bytes] | Stream:
-    return await _answer(request, data, chat=True)
+async def chat(
+    request: Request[Any, Any, Any],
+    data: JSONBody[ChatBody],
+    dispatcher: NamedDependency[Dispatcher],
+    admission: NamedDependency[Admission],
+    admin: NamedDependency[AdminClient],
+) -> Response[bytes] | Stream:
+    if data.empty:
+        return await _load_or_unload(request, data, True, admission, admin)
+    return await _answer(request, data, True, dispatcher)
 
 
 @post("/api/generate", summary="Ollama-compatible generate", status_code=200)
-async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]) -> Response[bytes] | Stream:
-    return await _answer(request, data, chat=False)
+async def generate(
+    request: Request[Any, Any, Any],
+    data: JSONBody[GenerateBody],
+    dispatcher: NamedDependency[Dispatcher],
+    admission: NamedDependency[Admission],
+    admin: NamedDependency[AdminClient],
+) -> Response[bytes] | Stream:
+    if data.empty:
+        return await _load_or_unload(request, data, False, admission, admin)
+    return await _answer(request, data, False, dispatcher)
 
 
 @get("/api/version", summary="Ollama-compatible version")
@@ -275,59 +293,69 @@ class LegacyEmbeddingsBody(msgspec.Struct, kw_only=True):
     keep_alive: str | int | float | None = None
 
 
-async def _embed(request: Request[Any, Any, Any], wire: EmbedRequest) -> EmbedResponse | Response[bytes]:
-    try:
-        result = await embed_texts(request, wire, None)
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return ollama_error(Failure(result.code, result.message, result.code.http_status), wire.id)
-    return result
+class OllamaEmbedding(Embedding):
+    """`/api/embed` (`legacy`: `/api/embeddings`, one text, one vector)."""
+
+    error = staticmethod(ollama_error)
+
+    def __init__(self, settings: Settings, *, legacy: bool = False) -> None:
+        super().__init__(settings)
+        self.legacy = legacy
+
+    def answer(self, result: EmbedResponse, request_id: str) -> Response[bytes]:
+        if self.legacy:
+            return _json({"embedding": result.embeddings[0]}, request_id)
+        body = {
+            "model": result.model,
+            "embeddings": result.embeddings,
+            "total_duration": int(result.timings.total_ms * 1e6),
+            "load_duration": 0,
+            "prompt_eval_count": result.usage.prompt_tokens,
+        }
+        return _json(body, request_id)
 
 
 @post("/api/embed", summary="Ollama-compatible embed", status_code=200)
-async def embed(request: Request[Any, Any, Any], data: JSONBody[EmbedBody]) -> Response[bytes]:
-    request_id = request_id_of(request)
+async def embed(
+    request: Request[Any, Any, Any],
+    data: JSONBody[EmbedBody],
+    dispatcher: NamedDependency[Dispatcher],
+    settings: NamedDependency[Settings],
+) -> Response[bytes]:
     wire = EmbedRequest(
-        id=request_id, model=data.model, input=data.input, truncate=data.truncate, dimensions=data.dimensions
+        id=request_id_of(request),
+        model=data.model,
+        input=data.input,
+        truncate=data.truncate,
+        dimensions=data.dimensions,
     )
-    result = await _embed(request, wire)
-    if isinstance(result, Response):
-        return result
-    body = {
-        "model": result.model,
-        "embeddings": result.embeddings,
-        "total_duration": int(result.timings.total_ms * 1e6),
-        "load_duration": 0,
-        "prompt_eval_count": result.usage.prompt_tokens,
-    }
-    return _json(body, request_id)
+    return await embed_with(request, wire, OllamaEmbedding(settings), dispatcher)
 
 
 @post("/api/embeddings", summary="Ollama's legacy single-text embeddings", status_code=200)
 async def embeddings(
-    request: Request[Any, Any, Any], data: JSONBody[LegacyEmbeddingsBody]
+    request: Request[Any, Any, Any],
+    data: JSONBody[LegacyEmbeddingsBody],
+    dispatcher: NamedDependency[Dispatcher],
+    settings: NamedDependency[Settings],
 ) -> Response[bytes]:
-    request_id = request_id_of(request)
-    result = await _embed(request, EmbedRequest(id=request_id, model=data.model, input=data.prompt))
-    if isinstance(result, Response):
-        return result
-    return _json({"embedding": result.embeddings[0]}, request_id)
+    wire = EmbedRequest(id=request_id_of(request), model=data.model, input=data.prompt)
+    return await embed_with(request, wire, OllamaEmbedding(settings, legacy=True), dispatcher)
 
 
 # -- models: the janitors' inventory and admin API, as `/v1/models` serves them (services/edge/models.py)
 
 
 @get("/api/tags", summary="Ollama-compatible list of local models")
-async def tags(request: Request[Any, Any, Any]) -> Response[bytes]:
-    found = listing(request.app.state.inventory, None, loaded_only=False).data
+async def tags(request: Request[Any, Any, Any], inventory: NamedDependency[InventoryView]) -> Response[bytes]:
+    found = listing(inventory, None, loaded_only=False).data
     entries = [_entry(info) for model in found if (info := _first(model.hosts, ready=True))]
     return _json({"models": entries}, request_id_of(request))
 
 
 @get("/api/ps", summary="Ollama-compatible list of loaded models")
-async def ps(request: Request[Any, Any, Any]) -> Response[bytes]:
-    found = listing(request.app.state.inventory, None, loaded_only=True).data
+async def ps(request: Request[Any, Any, Any], inventory: NamedDependency[InventoryView]) -> Response[bytes]:
+    found = listing(inventory, None, loaded_only=True).data
     entries = []
     for model in found:
         info = model.hosts[0]
@@ -345,13 +373,16 @@ class ShowBody(msgspec.Struct, kw_only=True):
 
 
 @post("/api/show", summary="Ollama-compatible model details", status_code=200)
-async def show(request: Request[Any, Any, Any], data: JSONBody[ShowBody]) -> Response[bytes]:
+async def show(
+    request: Request[Any, Any, Any],
+    data: JSONBody[ShowBody],
+    inventory: NamedDependency[InventoryView],
+    admin: NamedDependency[AdminClient],
+) -> Response[bytes]:
     name = data.model or data.name
     if not name:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "model is required")
     ModelRef(name).validate()
-    inventory: InventoryView = request.app.state.inventory
-    admin: AdminClient = request.app.state.admin
     hosts = sorted(info.host for info in inventory.lookup(name) if info.ready)
     if not hosts and inventory.populated:
         raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' not found")
