@@ -12,11 +12,13 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from contracts.base import EventBase, ModelName, RequestId, bad_request, check_id, validate_model
 from contracts.embed import Embeddings, Vectors
-from contracts.errors import ErrorCode, LlmbusError
+from contracts.errors import ErrorCode
 from contracts.route import Routed
-from contracts.subjects import MODEL_NAME, REQUEST_ID
 from contracts.usage import Usage
+
+__all__ = ["validate_model"]  # re-exported: it was defined here
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -42,6 +44,11 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
+    def __post_init__(self) -> None:
+        num_predict = self.num_predict
+        if num_predict is not None and (num_predict == 0 or num_predict < -1):
+            raise bad_request("`options.num_predict` must be positive or -1")
+
 
 # `format` is Ollama's structured output: "json" or a JSON Schema object.
 Format = Literal["json"] | dict[str, Any]
@@ -50,38 +57,32 @@ Format = Literal["json"] | dict[str, Any]
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """A chat (`messages`) or completion (`prompt`) request on `llm.req.generate.<model>`."""
 
-    id: str
-    model: str
+    id: RequestId
+    model: ModelName
     messages: list[Message] | None = None
     prompt: str | None = None
     system: str | None = None
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
 
+    def __post_init__(self) -> None:
+        """The cross-field rules, on decode and on construction (`bad_request`)."""
+        if (self.messages is None) == (self.prompt is None):
+            raise bad_request("exactly one of `messages` or `prompt` is required")
+        if self.messages is not None:
+            if not self.messages:
+                raise bad_request("`messages` must not be empty")
+            if all(m.role == "system" for m in self.messages):
+                raise bad_request("`messages` needs at least one non-system message")
+
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
 
     def validate(self) -> None:
-        """Checks msgspec's types cannot express; raises `LlmbusError(bad_request)`."""
-        if not REQUEST_ID.match(self.id):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "id must be 8-128 characters of [A-Za-z0-9_-]")
+        """The typed rules (`RequestId`, `ModelName`) for a request built in code, not decoded."""
+        check_id(self.id)
         validate_model(self.model)
-        if (self.messages is None) == (self.prompt is None):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "exactly one of `messages` or `prompt` is required")
-        if self.messages is not None:
-            if not self.messages:
-                raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` must not be empty")
-            if all(m.role == "system" for m in self.messages):
-                raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` needs at least one non-system message")
-        num_predict = self.options.num_predict
-        if num_predict is not None and (num_predict == 0 or num_predict < -1):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`options.num_predict` must be positive or -1")
-
-
-def validate_model(model: str) -> None:
-    if not MODEL_NAME.match(model):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, f"invalid model name {model[:64]!r}")
 
 
 class Timings(msgspec.Struct, omit_defaults=True):
@@ -90,37 +91,32 @@ class Timings(msgspec.Struct, omit_defaults=True):
     tokens_per_s: float | None = None  # generation speed reported by the backend
 
 
-class _Event(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
-    seq: int
-    attempt: int
-
-
-class Start(_Event, tag="start"):
+class Start(EventBase, tag="start"):
     request_id: str
     model: str
 
 
-class Token(_Event, tag="token"):
+class Token(EventBase, tag="token"):
     text: str
 
 
 _OUTPUT = "A task's answer, parsed and validated against its output schema (POST /v1/tasks/{name} only)."
 
 
-class Done(_Event, tag="done"):
+class Done(EventBase, tag="done"):
     finish_reason: str  # "stop", "length", ...
     usage: Usage
     timings: Timings
     output: Annotated[Any, msgspec.Meta(description=_OUTPUT)] = None
 
 
-class Error(_Event, tag="error"):
+class Error(EventBase, tag="error"):
     code: ErrorCode
     message: str
     retry_after: float | None = None
 
 
-class Restart(_Event, tag="restart"):
+class Restart(EventBase, tag="restart"):
     """The text streamed so far is void: a new attempt could not continue it and starts over.
 
     Sent only when a worker crashed mid-stream and the backend cannot continue from a prefix (a

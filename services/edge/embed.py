@@ -6,19 +6,14 @@ every `vectors` event and the terminal `embeddings` event, in input order.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
-from litestar import Request, Response, post
-from litestar.di import NamedDependency
+from litestar import Response, post
 from litestar.params import JSONBody
 
 from contracts import EmbedRequest, EmbedResponse, Error, Event, subjects
 from contracts.embed import Dimensions, Embeddings, Vectors
 from services.edge.bodies import Timeout
-from services.edge.dispatch import Dispatcher
-from services.edge.errors import request_id_of
-from services.edge.serve import Dialect, Source, Wire, serve
+from services.edge.serve import Dialect, Piped, Pipeline, Source, Wire
 from services.runtime.settings import Settings
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -33,7 +28,8 @@ class EmbedBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Embedding(Dialect):
-    """Never streamed; the operator's limits (`LLMBUS_EMBED_MAX_*`) are checked before submit."""
+    """Never streamed; the operator's limits (`LLMBUS_EMBED_MAX_*`) are checked before submit.
+    `answer` is the native `EmbedResponse`; the compat APIs' subclasses render their own."""
 
     def __init__(self, settings: Settings) -> None:
         self.max_inputs = settings.embed_max_inputs
@@ -65,30 +61,16 @@ class Embedding(Dialect):
 
 
 async def embed_with(
-    request: Request[Any, Any, Any],
-    wire: EmbedRequest,
-    dialect: Embedding,
-    dispatcher: Dispatcher,
-    timeout_s: float | None = None,
+    pipeline: Pipeline, wire: EmbedRequest, dialect: Embedding, timeout_s: float | None = None
 ) -> Response[bytes]:
-    """Every API's embed route: `serve` on the request's embed subject."""
-    return await serve(  # type: ignore[return-value]  # an embed answer never streams
-        request, wire, dialect, dispatcher, timeout_s=timeout_s, subject=subjects.embed_subject(wire.model)
-    )
+    """Every API's embed route: the pipeline on the request's embed subject (never a stream)."""
+    subject = subjects.embed_subject(wire.model)
+    return await pipeline.serve(wire, dialect, timeout_s=timeout_s, subject=subject)  # type: ignore[return-value]
 
 
 @post("/v1/embed", summary="Embed one text or a list of texts", status_code=200)
-async def embed(
-    request: Request[Any, Any, Any],
-    data: JSONBody[EmbedBody],
-    dispatcher: NamedDependency[Dispatcher],
-    settings: NamedDependency[Settings],
-) -> Response[bytes]:
-    wire = EmbedRequest(
-        id=request_id_of(request),
-        model=data.model,
-        input=data.input,
-        truncate=data.truncate,
-        dimensions=data.dimensions,
-    )
-    return await embed_with(request, wire, Embedding(settings), dispatcher, data.timeout)
+async def embed(data: JSONBody[EmbedBody], pipeline: Piped) -> Response[bytes]:
+    fields = msgspec.structs.asdict(data)
+    timeout = fields.pop("timeout")
+    wire = EmbedRequest(id=pipeline.request_id, **fields)
+    return await embed_with(pipeline, wire, Embedding(pipeline.settings), timeout)

@@ -12,33 +12,28 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from contracts import Completion, Done, Error, Event, Restart, Routed, Token
+from contracts.base import check_id
 from services.edge.admission import request_id_for_key
 from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import set_request_id
-from services.edge.requests import checked_id, deferred, last_event_id, no_more_events
-from services.edge.serve import Dialect, Source, serve
+from services.edge.requests import deferred, last_event_id, no_more_events
+from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 
 _decode_event = msgspec.json.Decoder(Event).decode
 
 
 @post("/v1/chat", summary="Chat with a model", status_code=200)
-async def chat(
-    request: Request[Any, Any, Any], data: JSONBody[ChatBody], dispatcher: NamedDependency[Dispatcher]
-) -> Response[bytes] | Stream:
-    return await _generate(request, data, dispatcher)
+async def chat(data: JSONBody[ChatBody], pipeline: Piped) -> Answer:
+    return await _generate(pipeline, data)
 
 
 @post("/v1/generate", summary="Complete a prompt", status_code=200)
-async def generate(
-    request: Request[Any, Any, Any], data: JSONBody[GenerateBody], dispatcher: NamedDependency[Dispatcher]
-) -> Response[bytes] | Stream:
-    return await _generate(request, data, dispatcher)
+async def generate(data: JSONBody[GenerateBody], pipeline: Piped) -> Answer:
+    return await _generate(pipeline, data)
 
 
 class Native(Dialect):
@@ -61,21 +56,16 @@ class Native(Dialect):
         return await collect(source, self.model)
 
 
-async def _generate(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, dispatcher: Dispatcher
-) -> Response[bytes] | Stream:
+async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer:
+    request = pipeline.request
     key = idempotency_key(request)
     wire = body.to_request(key or set_request_id(request))
     detached = body.stream == "deferred"
-    streams = not detached and (
-        body.stream is True or "text/event-stream" in request.headers.get("accept", "")
-    )
-    dialect = Native(body.model, streams=streams, detached=detached, dispatcher=dispatcher)
-    return await serve(
-        request,
+    streams = not detached and (body.stream is True or pipeline.accepts_events)
+    dialect = Native(body.model, streams=streams, detached=detached, dispatcher=pipeline.dispatcher)
+    return await pipeline.serve(
         wire,
         dialect,
-        dispatcher,
         timeout_s=body.timeout,
         idempotent=key is not None,
         detached=detached,
@@ -89,7 +79,7 @@ def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    checked_id(key, "Idempotency-Key")
+    check_id(key, "Idempotency-Key")
     # Namespaced per tenant: another tenant's key never attaches here.
     return set_request_id(request, request_id_for_key(key, request.user))
 

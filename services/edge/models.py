@@ -40,7 +40,15 @@ from services.runtime.inventory import InventoryView
 
 _encode = msgspec.json.Encoder().encode
 
+Admin = NamedDependency[AdminClient]
+Inventory = NamedDependency[InventoryView]
+Answer = Response[bytes] | Stream
+
 ADMIN_ONLY = {"admin": True}  # changing a host's models needs an admin key (services/edge/auth.py)
+
+
+def _admin_post(path: str, summary: str) -> post:
+    return post(path, summary=summary, status_code=200, opt=ADMIN_ONLY)
 
 
 class ModelEntry(msgspec.Struct, kw_only=True):
@@ -113,83 +121,54 @@ def listing(inventory: InventoryView, host: str | None, loaded_only: bool) -> Mo
 
 
 @get(["/v1/models", "/openai/v1/models"], summary="Every model on every host (the janitors' inventory)")
-async def list_models(
-    inventory: NamedDependency[InventoryView], host: FromQuery[str | None] = None
-) -> ModelListing:
+async def list_models(inventory: Inventory, host: FromQuery[str | None] = None) -> ModelListing:
     return listing(inventory, host, loaded_only=False)
 
 
 @get("/v1/models/ps", summary="The models loaded in memory now")
-async def running_models(
-    inventory: NamedDependency[InventoryView], host: FromQuery[str | None] = None
-) -> ModelListing:
+async def running_models(inventory: Inventory, host: FromQuery[str | None] = None) -> ModelListing:
     return listing(inventory, host, loaded_only=True)
 
 
 @get("/v1/models/{name:path}", summary="A model's details (Modelfile, parameters, template, state)")
-async def show_model(
-    admin: NamedDependency[AdminClient], name: FromPath[str], host: FromQuery[str | None] = None
-) -> ModelDetails:
+async def show_model(admin: Admin, name: FromPath[str], host: FromQuery[str | None] = None) -> ModelDetails:
     model = _model(name)
     return await admin.call("show", ModelRef(model), ModelDetails, admin.host_for(host, model))
 
 
 @delete("/v1/models/{name:path}", summary="Delete a model from its host", status_code=200, opt=ADMIN_ONLY)
-async def delete_model(
-    admin: NamedDependency[AdminClient], name: FromPath[str], host: FromQuery[str | None] = None
-) -> OpAccepted:
+async def delete_model(admin: Admin, name: FromPath[str], host: FromQuery[str | None] = None) -> OpAccepted:
     model = _model(name)
     return await admin.call("delete", ModelRef(model), OpAccepted, admin.host_for(host, model))
 
 
-@post(
-    "/v1/models/pull",
-    summary="Pull a model onto a host (progress as SSE)",
-    status_code=200,
-    opt=ADMIN_ONLY,
-)
-async def pull_model(
-    request: Request[Any, Any, Any], data: JSONBody[PullBody], admin: NamedDependency[AdminClient]
-) -> Response[bytes] | Stream:
-    body = {"model": _model(data.model)}
-    host = admin.host_for(data.host, data.model, where_it_is=False)
-    return await _operation(request, admin, "pull", body, host=host, stream=data.stream)
+@_admin_post("/v1/models/pull", "Pull a model onto a host (progress as SSE)")
+async def pull_model(request: Request[Any, Any, Any], data: JSONBody[PullBody], admin: Admin) -> Answer:
+    return await _operation(request, admin, "pull", data, {"model": _model(data.model)})
 
 
-@post(
-    "/v1/models/create",
-    summary="Create a model from a Modelfile (progress as SSE)",
-    status_code=200,
-    opt=ADMIN_ONLY,
-)
-async def create_model(
-    request: Request[Any, Any, Any], data: JSONBody[CreateBody], admin: NamedDependency[AdminClient]
-) -> Response[bytes] | Stream:
-    body = {"model": _model(data.model), "modelfile": data.modelfile}
-    host = admin.host_for(data.host, data.model, where_it_is=False)
-    return await _operation(request, admin, "create", body, host=host, stream=data.stream)
+@_admin_post("/v1/models/create", "Create a model from a Modelfile (progress as SSE)")
+async def create_model(request: Request[Any, Any, Any], data: JSONBody[CreateBody], admin: Admin) -> Answer:
+    return await _operation(
+        request, admin, "create", data, {"model": _model(data.model), "modelfile": data.modelfile}
+    )
 
 
-@post(
-    "/v1/models/copy",
-    summary="Copy a model under a new name, on its host",
-    status_code=200,
-    opt=ADMIN_ONLY,
-)
-async def copy_model(data: JSONBody[CopyBody], admin: NamedDependency[AdminClient]) -> ModelInfo:
+@_admin_post("/v1/models/copy", "Copy a model under a new name, on its host")
+async def copy_model(data: JSONBody[CopyBody], admin: Admin) -> ModelInfo:
     req = CopyRequest(source=data.source, destination=data.destination)
     req.validate()
     return await admin.call("copy", req, ModelInfo, admin.host_for(data.host, data.source))
 
 
 @post("/v1/models/load", summary="Load a model into memory now", status_code=200, opt=ADMIN_ONLY)
-async def load_model(data: JSONBody[LoadBody], admin: NamedDependency[AdminClient]) -> ModelInfo:
+async def load_model(data: JSONBody[LoadBody], admin: Admin) -> ModelInfo:
     req = LoadRequest(model=_model(data.model), keep_alive_s=data.keep_alive_s)
     return await admin.call("load", req, ModelInfo, admin.host_for(data.host, data.model))
 
 
 @post("/v1/models/unload", summary="Unload a model from memory now", status_code=200, opt=ADMIN_ONLY)
-async def unload_model(data: JSONBody[UnloadBody], admin: NamedDependency[AdminClient]) -> ModelInfo:
+async def unload_model(data: JSONBody[UnloadBody], admin: Admin) -> ModelInfo:
     model = _model(data.model)
     return await admin.call("unload", ModelRef(model), ModelInfo, admin.host_for(data.host, model))
 
@@ -204,14 +183,14 @@ async def _operation(
     request: Request[Any, Any, Any],
     admin: AdminClient,
     verb: str,
+    data: PullBody | CreateBody,
     body: dict[str, Any],
-    *,
-    host: str | None,
-    stream: bool,
-) -> Response[bytes] | Stream:
+) -> Answer:
+    """A pull or create on the model's host (or the one asked for), streamed as SSE if asked."""
+    host = admin.host_for(data.host, data.model, where_it_is=False)
     events = await admin.operate(verb, body, host)  # a refusal raises here: a plain HTTP error
     request_id = request_id_of(request)
-    if stream or "text/event-stream" in request.headers.get("accept", ""):
+    if data.stream or "text/event-stream" in request.headers.get("accept", ""):
         return Stream(
             _sse(events, verb, body["model"]),
             media_type="text/event-stream",

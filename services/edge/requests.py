@@ -16,15 +16,14 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, delete, get
-from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
-from contracts import ErrorCode, LlmbusError, subjects
-from services.edge.dispatch import Dispatcher
+from contracts import ErrorCode, LlmbusError
+from contracts.base import check_id
 from services.edge.errors import set_request_id
 from services.edge.feed import EventFeed
-from services.edge.serve import SSE_HEADERS, Dialect, relay
+from services.edge.serve import SSE_HEADERS, Dialect, Piped, relay
 
 _encode = msgspec.json.Encoder().encode
 
@@ -56,12 +55,6 @@ def deferred(request_id: str) -> Response[bytes]:
     )
 
 
-def checked_id(request_id: str, what: str = "a request id") -> str:
-    if not subjects.REQUEST_ID.match(request_id):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, f"{what} must be {subjects.REQUEST_ID_RULE}")
-    return request_id
-
-
 def last_event_id(request: Request[Any, Any, Any], after: int | None = None) -> int:
     """The last `seq` the client has: `Last-Event-ID` (what EventSource sends on reconnect) or `after`."""
     raw = request.headers.get("last-event-id")
@@ -87,13 +80,12 @@ def no_more_events(feed: EventFeed) -> Response[bytes]:
     summary="Follow a request's events (SSE), resuming after Last-Event-ID",
 )
 async def request_events(
-    request: Request[Any, Any, Any],
-    request_id: FromPath[str],
-    dispatcher: NamedDependency[Dispatcher],
-    after: FromQuery[int | None] = None,
+    request_id: FromPath[str], pipeline: Piped, after: FromQuery[int | None] = None
 ) -> Stream | Response[bytes]:
-    set_request_id(request, checked_id(request_id))
-    feed = await dispatcher.attach(request_id, after=last_event_id(request, after), tenant=request.user)
+    request = pipeline.request
+    set_request_id(request, check_id(request_id, "a request id"))
+    after = last_event_id(request, after)
+    feed = await pipeline.dispatcher.attach(request_id, after=after, tenant=request.user)
     if feed.nothing_after:
         return no_more_events(feed)
     return Stream(
@@ -104,11 +96,9 @@ async def request_events(
 
 
 @delete("/v1/requests/{request_id:str}", summary="Cancel a request", status_code=202)
-async def cancel_request(
-    request: Request[Any, Any, Any], request_id: FromPath[str], dispatcher: NamedDependency[Dispatcher]
-) -> Response[bytes]:
-    set_request_id(request, checked_id(request_id))
-    cancelling = await dispatcher.cancel(request_id, tenant=request.user)
+async def cancel_request(request_id: FromPath[str], pipeline: Piped) -> Response[bytes]:
+    set_request_id(pipeline.request, check_id(request_id, "a request id"))
+    cancelling = await pipeline.dispatcher.cancel(request_id, tenant=pipeline.request.user)
     answer = Cancelled(request_id=request_id, status="cancelling" if cancelling else "ended")
     return Response(
         _encode(answer),

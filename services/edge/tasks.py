@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from litestar.response import Stream
 
 from contracts import (
     Done,
@@ -35,9 +34,8 @@ from contracts import (
 )
 from services.edge.bodies import Timeout
 from services.edge.dispatch import Dispatcher
-from services.edge.errors import request_id_of
 from services.edge.feed import EventFeed
-from services.edge.serve import Dialect, Source, Wire, serve
+from services.edge.serve import Answer, Dialect, Piped, Source, Wire
 from services.edge.task_catalog import InvalidOutput, Prepared, Task, TaskInfo
 from services.runtime.events import RawEvent
 
@@ -84,15 +82,16 @@ class TaskResult(msgspec.Struct, omit_defaults=True):
 
 
 Tasks = dict[str, Task]
+Catalog = NamedDependency[Tasks]  # the task files, loaded at start (services/edge/task_catalog.py)
 
 
 @get("/v1/tasks", summary="List tasks with their input and output schemas")
-async def list_tasks(tasks: NamedDependency[Tasks]) -> TaskList:
+async def list_tasks(tasks: Catalog) -> TaskList:
     return TaskList([task.info for task in tasks.values()])
 
 
 @get("/v1/tasks/{name:str}", summary="One task with its input and output schemas")
-async def show_task(name: FromPath[str], tasks: NamedDependency[Tasks]) -> TaskInfo:
+async def show_task(name: FromPath[str], tasks: Catalog) -> TaskInfo:
     return _task(tasks, name).info
 
 
@@ -120,15 +119,9 @@ class Tasking(Dialect):
     summary="Run a task: stream tokens, end with the validated object",
     status_code=200,
 )
-async def run_task(
-    request: Request[Any, Any, Any],
-    name: FromPath[str],
-    data: JSONBody[TaskBody],
-    dispatcher: NamedDependency[Dispatcher],
-    tasks: NamedDependency[Tasks],
-) -> Response[bytes] | Stream:
+async def run_task(name: FromPath[str], data: JSONBody[TaskBody], pipeline: Piped, tasks: Catalog) -> Answer:
     task = _task(tasks, name)
-    request_id = request_id_of(request)
+    request_id = pipeline.request_id
     prepared = task.prepare(data.input, request_id)
     options = task.options
     if data.options is not None:
@@ -140,10 +133,8 @@ async def run_task(
         options=options,
         format=prepared.format,
     )
-    streams = data.stream or "text/event-stream" in request.headers.get("accept", "")
-    return await serve(
-        request, wire, Tasking(name, prepared, streams=streams), dispatcher, timeout_s=data.timeout
-    )
+    streams = data.stream or pipeline.accepts_events
+    return await pipeline.serve(wire, Tasking(name, prepared, streams=streams), timeout_s=data.timeout)
 
 
 def _task(tasks: Tasks, name: str) -> Task:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
@@ -24,6 +25,7 @@ from services.edge.admission import Admission
 from services.edge.auth import PUBLIC
 from services.edge.dispatch import Dispatcher
 from services.edge.routing import RouteFallback
+from services.edge.serve import Pipeline
 from services.edge.task_catalog import Task
 from services.edge.tenants import Keyring
 from services.runtime import bus
@@ -91,8 +93,12 @@ class Parts:
         `connected` guard keeps other routes away until then); health and metrics take them as
         optional."""
 
-        def provide(get: Callable[[], Any]) -> Provide:
+        def provide(get: Callable[..., Any]) -> Provide:
             return Provide(get, sync_to_thread=False, use_cache=False)
+
+        def pipeline(request: Request[Any, Any, Any]) -> Pipeline:
+            assert self.dispatcher is not None  # the `connected` guard ran first
+            return Pipeline(request, self.dispatcher, self.settings)
 
         return {
             "settings": provide(lambda: self.settings),
@@ -103,6 +109,7 @@ class Parts:
             "admin": provide(lambda: self.admin),
             "admission": provide(lambda: self.admission),
             "dispatcher": provide(lambda: self.dispatcher),
+            "pipeline": provide(pipeline),  # the answer pipeline, bound to the request
         }
 
 

@@ -15,13 +15,11 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from contracts import (
     Completion,
     Done,
     EmbedRequest,
-    EmbedResponse,
     Error,
     ErrorCode,
     Format,
@@ -32,25 +30,24 @@ from contracts import (
     Routed,
     Token,
 )
-from contracts.embed import Dimensions
-from contracts.models import LoadRequest, ModelDetails, ModelInfo, ModelRef, canonical_model
-from services.edge.admission import Admission
+from contracts.embed import Dimensions, EmbedResponse
+from contracts.models import LoadRequest, ModelInfo, ModelRef
 from services.edge.compat.events import Seamless
-from services.edge.dispatch import Dispatcher
+from services.edge.compat.ollama_models import MODEL_ROUTES, json_answer
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers, request_id_of
 from services.edge.generation import collect
-from services.edge.models import listing
-from services.edge.serve import Dialect, Source, serve
+from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
+from services.edge.tenants import Tenant
 from services.runtime import durations
 from services.runtime.admin_client import AdminClient
 from services.runtime.events import RawEvent
-from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these routes follow
 
 _encode = msgspec.json.Encoder().encode
+Admin = NamedDependency[AdminClient]
 _OPTION_FIELDS = frozenset(Options.__struct_fields__)
 
 
@@ -117,7 +114,7 @@ class GenerateBody(_Common, kw_only=True):
 
 
 def ollama_error(failure: Failure, request_id: str) -> Response[bytes]:
-    return _json({"error": failure.message}, request_id, failure.status)
+    return json_answer({"error": failure.message}, request_id, failure.status)
 
 
 class _Shape:
@@ -189,22 +186,20 @@ class Ollama(Dialect):
         return await collect(source, self.shape.model)
 
     def answer(self, result: Completion, request_id: str) -> Response[bytes]:
-        return _json(self.shape.final(result, result.text), request_id)
+        return json_answer(self.shape.final(result, result.text), request_id)
 
 
 async def _answer(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool, dispatcher: Dispatcher
-) -> Response[bytes] | Stream:
-    wire = body.to_request(request_id_of(request))
-    return await serve(request, wire, Ollama(_Shape(chat, body.model), streams=body.stream), dispatcher)
+    pipeline: Pipeline, body: ChatBody | GenerateBody, chat: bool, admin: AdminClient
+) -> Answer:
+    if body.empty:
+        return await _load_or_unload(pipeline.request, body, chat, admin)
+    wire = body.to_request(pipeline.request_id)
+    return await pipeline.serve(wire, Ollama(_Shape(chat, body.model), streams=body.stream))
 
 
 async def _load_or_unload(
-    request: Request[Any, Any, Any],
-    body: ChatBody | GenerateBody,
-    chat: bool,
-    admission: Admission,
-    admin: AdminClient,
+    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool, admin: AdminClient
 ) -> Response[bytes]:
     """Ollama's idiom with nothing to answer: load the model (for `keep_alive`, default its idle
     TTL, negative: until unloaded), or unload it with `keep_alive: 0`. The janitor of the model's
@@ -214,8 +209,10 @@ async def _load_or_unload(
         keep = None if body.keep_alive is None else durations.seconds(body.keep_alive)
     except ValueError as exc:
         raise LlmbusError(ErrorCode.BAD_REQUEST, f"keep_alive: {exc}") from None
-    admission.check_model(body.model, request.user)
-    if not admission.is_admin(request.user):
+    tenant: Tenant = request.user
+    if not tenant.allows(body.model):
+        raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {body.model[:64]!r}")
+    if not tenant.admin:
         raise LlmbusError(ErrorCode.FORBIDDEN, "loading or unloading a model needs an admin key")
     host = admin.host_for(None, body.model)
     if keep == 0:
@@ -229,39 +226,17 @@ async def _load_or_unload(
     else:
         answer["response"] = ""
     answer |= {"done": True, "done_reason": "unload" if keep == 0 else "load"}
-    return _json(answer, request_id_of(request))
-
-
-def _json(body: Any, request_id: str, status: int = 200) -> Response[bytes]:
-    return Response(
-        _encode(body), status_code=status, media_type="application/json", headers={"X-Request-Id": request_id}
-    )
+    return json_answer(answer, request_id_of(request))
 
 
 @post("/api/chat", summary="Ollama-compatible chat", status_code=200)
-async def chat(
-    request: Request[Any, Any, Any],
-    data: JSONBody[ChatBody],
-    dispatcher: NamedDependency[Dispatcher],
-    admission: NamedDependency[Admission],
-    admin: NamedDependency[AdminClient],
-) -> Response[bytes] | Stream:
-    if data.empty:
-        return await _load_or_unload(request, data, True, admission, admin)
-    return await _answer(request, data, True, dispatcher)
+async def chat(data: JSONBody[ChatBody], pipeline: Piped, admin: Admin) -> Answer:
+    return await _answer(pipeline, data, True, admin)
 
 
 @post("/api/generate", summary="Ollama-compatible generate", status_code=200)
-async def generate(
-    request: Request[Any, Any, Any],
-    data: JSONBody[GenerateBody],
-    dispatcher: NamedDependency[Dispatcher],
-    admission: NamedDependency[Admission],
-    admin: NamedDependency[AdminClient],
-) -> Response[bytes] | Stream:
-    if data.empty:
-        return await _load_or_unload(request, data, False, admission, admin)
-    return await _answer(request, data, False, dispatcher)
+async def generate(data: JSONBody[GenerateBody], pipeline: Piped, admin: Admin) -> Answer:
+    return await _answer(pipeline, data, False, admin)
 
 
 @get("/api/version", summary="Ollama-compatible version")
@@ -304,7 +279,7 @@ class OllamaEmbedding(Embedding):
 
     def answer(self, result: EmbedResponse, request_id: str) -> Response[bytes]:
         if self.legacy:
-            return _json({"embedding": result.embeddings[0]}, request_id)
+            return json_answer({"embedding": result.embeddings[0]}, request_id)
         body = {
             "model": result.model,
             "embeddings": result.embeddings,
@@ -312,128 +287,26 @@ class OllamaEmbedding(Embedding):
             "load_duration": 0,
             "prompt_eval_count": result.usage.prompt_tokens,
         }
-        return _json(body, request_id)
+        return json_answer(body, request_id)
 
 
 @post("/api/embed", summary="Ollama-compatible embed", status_code=200)
-async def embed(
-    request: Request[Any, Any, Any],
-    data: JSONBody[EmbedBody],
-    dispatcher: NamedDependency[Dispatcher],
-    settings: NamedDependency[Settings],
-) -> Response[bytes]:
-    wire = EmbedRequest(
-        id=request_id_of(request),
-        model=data.model,
-        input=data.input,
-        truncate=data.truncate,
-        dimensions=data.dimensions,
-    )
-    return await embed_with(request, wire, OllamaEmbedding(settings), dispatcher)
+async def embed(data: JSONBody[EmbedBody], pipeline: Piped) -> Response[bytes]:
+    fields = msgspec.structs.asdict(data)
+    del fields["options"], fields["keep_alive"]  # accepted and ignored
+    wire = EmbedRequest(id=pipeline.request_id, **fields)
+    return await embed_with(pipeline, wire, OllamaEmbedding(pipeline.settings))
 
 
 @post("/api/embeddings", summary="Ollama's legacy single-text embeddings", status_code=200)
-async def embeddings(
-    request: Request[Any, Any, Any],
-    data: JSONBody[LegacyEmbeddingsBody],
-    dispatcher: NamedDependency[Dispatcher],
-    settings: NamedDependency[Settings],
-) -> Response[bytes]:
-    wire = EmbedRequest(id=request_id_of(request), model=data.model, input=data.prompt)
-    return await embed_with(request, wire, OllamaEmbedding(settings, legacy=True), dispatcher)
-
-
-# -- models: the janitors' inventory and admin API, as `/v1/models` serves them (services/edge/models.py)
-
-
-@get("/api/tags", summary="Ollama-compatible list of local models")
-async def tags(request: Request[Any, Any, Any], inventory: NamedDependency[InventoryView]) -> Response[bytes]:
-    found = listing(inventory, None, loaded_only=False).data
-    entries = [_entry(info) for model in found if (info := _first(model.hosts, ready=True))]
-    return _json({"models": entries}, request_id_of(request))
-
-
-@get("/api/ps", summary="Ollama-compatible list of loaded models")
-async def ps(request: Request[Any, Any, Any], inventory: NamedDependency[InventoryView]) -> Response[bytes]:
-    found = listing(inventory, None, loaded_only=True).data
-    entries = []
-    for model in found:
-        info = model.hosts[0]
-        entry = _entry(info) | {"size_vram": info.size_vram}
-        if info.expires_at is not None:
-            entry["expires_at"] = _iso(info.expires_at)
-        entries.append(entry)
-    return _json({"models": entries}, request_id_of(request))
-
-
-class ShowBody(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    name: str | None = None  # the field's old name, still sent by older clients
-    verbose: bool | None = None
-
-
-@post("/api/show", summary="Ollama-compatible model details", status_code=200)
-async def show(
-    request: Request[Any, Any, Any],
-    data: JSONBody[ShowBody],
-    inventory: NamedDependency[InventoryView],
-    admin: NamedDependency[AdminClient],
-) -> Response[bytes]:
-    name = data.model or data.name
-    if not name:
-        raise LlmbusError(ErrorCode.BAD_REQUEST, "model is required")
-    ModelRef(name).validate()
-    hosts = sorted(info.host for info in inventory.lookup(name) if info.ready)
-    if not hosts and inventory.populated:
-        raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' not found")
-    host = hosts[0] if hosts else admin.host_for(None, name)  # no inventory yet: ask the janitor
-    shown = await admin.call("show", ModelRef(name), ModelDetails, host)
-    body: dict[str, Any] = {
-        "license": "",
-        "modelfile": shown.modelfile,
-        "parameters": shown.parameters,
-        "template": shown.template,
-        "system": shown.system,
-        "details": shown.details,
-        "model_info": shown.model_info,
-        "capabilities": shown.capabilities,
-    }
-    if shown.info is not None:
-        body["modified_at"] = _iso(shown.info.updated_at)
-    return _json(body, request_id_of(request))
-
-
-def _first(infos: list[ModelInfo], *, ready: bool) -> ModelInfo | None:
-    return next((info for info in infos if info.ready or not ready), None)
-
-
-def _entry(info: ModelInfo) -> dict[str, Any]:
-    """One model as `/api/tags` and `/api/ps` list it, from its inventory entry."""
-    name = canonical_model(info.model)
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": _iso(info.updated_at),
-        "size": info.size,
-        "digest": info.digest or "",
-        "details": {
-            "parent_model": "",
-            "format": "gguf",  # every model Ollama serves
-            "family": info.family or "",
-            "families": [info.family] if info.family else None,
-            "parameter_size": info.parameter_size or "",
-            "quantization_level": info.quantization or "",
-        },
-    }
-
-
-def _iso(unix_s: float) -> str:
-    return datetime.fromtimestamp(unix_s, UTC).isoformat().replace("+00:00", "Z")
+async def embeddings(data: JSONBody[LegacyEmbeddingsBody], pipeline: Piped) -> Response[bytes]:
+    wire = EmbedRequest(id=pipeline.request_id, model=data.model, input=data.prompt)
+    return await embed_with(pipeline, wire, OllamaEmbedding(pipeline.settings, legacy=True))
 
 
 router = Router(
     path="/ollama",
-    route_handlers=[chat, generate, embed, embeddings, tags, ps, show, version, root],
+    route_handlers=[chat, generate, embed, embeddings, *MODEL_ROUTES, version, root],
     tags=["Ollama-compatible"],
     exception_handlers=handlers(ollama_error),  # type: ignore[arg-type]
 )

@@ -14,10 +14,8 @@ import time
 from typing import Any, Literal
 
 import msgspec
-from litestar import Request, Response, Router, post
-from litestar.di import NamedDependency
+from litestar import Response, Router, post
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from contracts import (
     Completion,
@@ -30,16 +28,15 @@ from contracts import (
     LlmbusError,
     Message,
     Options,
-    Routed,
     Token,
 )
 from contracts.embed import Dimensions
+from contracts.route import Routed
 from services.edge.compat.events import Seamless
-from services.edge.dispatch import Dispatcher
 from services.edge.embed import Embedding, embed_with
-from services.edge.errors import Failure, handlers, request_id_of
+from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
-from services.edge.serve import Dialect, Source, serve
+from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 from services.runtime.events import RawEvent
 from services.runtime.settings import Settings
 
@@ -280,33 +277,21 @@ class OpenAI(Dialect):
         return super().answer(self.shape.whole(result), request_id)
 
 
-async def _answer(
-    request: Request[Any, Any, Any],
-    body: ChatCompletionBody | CompletionBody,
-    dispatcher: Dispatcher,
-    chat: bool,
-) -> Response[bytes] | Stream:
-    request_id = request_id_of(request)
-    wire = body.to_request(request_id)
+async def _answer(pipeline: Pipeline, body: ChatCompletionBody | CompletionBody, chat: bool) -> Answer:
+    request_id = pipeline.request_id
     usage = body.stream_options is not None and body.stream_options.include_usage
     dialect = OpenAI(_Shape(chat, request_id, body.model), streams=body.stream, include_usage=usage)
-    return await serve(request, wire, dialect, dispatcher, timeout_s=body.timeout)
+    return await pipeline.serve(body.to_request(request_id), dialect, timeout_s=body.timeout)
 
 
 @post("/chat/completions", summary="OpenAI-compatible chat completions", status_code=200)
-async def chat_completions(
-    request: Request[Any, Any, Any],
-    data: JSONBody[ChatCompletionBody],
-    dispatcher: NamedDependency[Dispatcher],
-) -> Response[bytes] | Stream:
-    return await _answer(request, data, dispatcher, chat=True)
+async def chat_completions(data: JSONBody[ChatCompletionBody], pipeline: Piped) -> Answer:
+    return await _answer(pipeline, data, chat=True)
 
 
 @post("/completions", summary="OpenAI-compatible completions", status_code=200)
-async def completions(
-    request: Request[Any, Any, Any], data: JSONBody[CompletionBody], dispatcher: NamedDependency[Dispatcher]
-) -> Response[bytes] | Stream:
-    return await _answer(request, data, dispatcher, chat=False)
+async def completions(data: JSONBody[CompletionBody], pipeline: Piped) -> Answer:
+    return await _answer(pipeline, data, chat=False)
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
@@ -351,16 +336,9 @@ class OpenAIEmbedding(Embedding):
 
 
 @post("/embeddings", summary="OpenAI-compatible embeddings", status_code=200)
-async def embeddings(
-    request: Request[Any, Any, Any],
-    data: JSONBody[EmbeddingsBody],
-    dispatcher: NamedDependency[Dispatcher],
-    settings: NamedDependency[Settings],
-) -> Response[bytes]:
-    dialect = OpenAIEmbedding(settings, data.encoding_format)
-    return await embed_with(
-        request, data.to_request(request_id_of(request)), dialect, dispatcher, data.timeout
-    )
+async def embeddings(data: JSONBody[EmbeddingsBody], pipeline: Piped) -> Response[bytes]:
+    dialect = OpenAIEmbedding(pipeline.settings, data.encoding_format)
+    return await embed_with(pipeline, data.to_request(pipeline.request_id), dialect, data.timeout)
 
 
 def _base64(vector: list[float]) -> str:
