@@ -115,7 +115,8 @@ class Admission:
             slot.dropped()
             raise
 
-    def check_model(self, model: str, tenant: Tenant) -> None:
+    @staticmethod
+    def check_model(model: str, tenant: Tenant) -> None:
         """403 `forbidden` for a model outside the tenant's `models` globs."""
         if not tenant.allows(model):
             raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {model[:64]!r}")
