@@ -119,11 +119,15 @@ def handlers(
         failure = describe(request, exc)
         response = render(failure, request_id_of(request))
         # Every API's shape carries Retry-After (429, 503), whether or not its renderer sets it.
-        if failure.retry_after is not None and "retry-after" not in response.headers:
+        if failure.retry_after is not None and not _has_retry_after(response):
             response.headers["Retry-After"] = str(max(1, round(failure.retry_after)))
         return with_retry_after(response)  # after-request hooks do not see an exception's response
 
     return {Exception: handle}
+
+
+def _has_retry_after(response: Response[Any]) -> bool:
+    return any(name.lower() == "retry-after" for name in response.headers)  # a plain dict: any case
 
 
 # What a 429 or 503 that carries no hint of its own tells the client to wait, in seconds.
@@ -133,7 +137,7 @@ DEFAULT_RETRY_AFTER = "1"
 def with_retry_after(response: Response[Any]) -> Response[Any]:
     """Litestar's after-request hook: every 429 and 503, of every API and whatever produced it
     (a worker's terminal event, a refusal at the edge), says when to retry."""
-    if response.status_code in (429, 503) and "retry-after" not in response.headers:
+    if response.status_code in (429, 503) and not _has_retry_after(response):
         response.headers["Retry-After"] = DEFAULT_RETRY_AFTER
     return response
 
