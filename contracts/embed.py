@@ -8,8 +8,8 @@ its first vector) followed by `embeddings` with the rest, so a reader concatenat
 Vectors are float32: the JSON numbers are exactly the float32 values (widened to double), so an
 answer from the cache and one from the model are identical.
 
-The event structs stand alone (no shared base) so `contracts.messages` can put them in the `Event`
-union without an import cycle.
+Its events share `contracts.base.EventBase` with every other event (`contracts.messages` puts them
+in the `Event` union).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Annotated
 
 import msgspec
 
+from contracts.base import EventBase, ModelName, RequestId, bad_request, check_id, validate_model
 from contracts.errors import ErrorCode, LlmbusError
-from contracts.subjects import REQUEST_ID
 
 Dimensions = Annotated[int, msgspec.Meta(gt=0, le=65_536, description="Vector size, if the model allows")]
 
@@ -27,28 +27,28 @@ Dimensions = Annotated[int, msgspec.Meta(gt=0, le=65_536, description="Vector si
 class EmbedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """Embed one text or a list of texts with `model` (Ollama's `/api/embed` fields)."""
 
-    id: str
-    model: str
+    id: RequestId
+    model: ModelName
     input: str | list[str]
     truncate: bool | None = None  # cut inputs to the context length (the backend's default: true)
     dimensions: Dimensions | None = None
+
+    def __post_init__(self) -> None:
+        """Every input has text (`bad_request`), on decode and on construction."""
+        if not self.inputs:
+            raise bad_request("`input` must not be empty")
+        for index, text in enumerate(self.inputs):
+            if not text:
+                raise bad_request(f"`input[{index}]` is empty")
 
     @property
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
 
     def validate(self) -> None:
-        """Checks msgspec's types cannot express; raises `LlmbusError(bad_request)`."""
-        from contracts.messages import validate_model  # messages imports this module
-
-        if not REQUEST_ID.match(self.id):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "id must be 8-128 characters of [A-Za-z0-9_-]")
+        """The typed rules (`RequestId`, `ModelName`) for a request built in code, not decoded."""
+        check_id(self.id)
         validate_model(self.model)
-        if not self.inputs:
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`input` must not be empty")
-        for index, text in enumerate(self.inputs):
-            if not text:
-                raise LlmbusError(ErrorCode.BAD_REQUEST, f"`input[{index}]` is empty")
 
     def check_limits(self, max_inputs: int, max_input_chars: int) -> None:
         """The operator's limits: too many inputs is `request_too_large`, a long one `prompt_too_large`."""
@@ -79,23 +79,19 @@ class EmbedTimings(msgspec.Struct):
     backend_ms: float  # backend calls that carried this request's inputs (0: all from the cache)
 
 
-class Vectors(msgspec.Struct, tag_field="type", tag="vectors", kw_only=True, omit_defaults=True):
+class Vectors(EventBase, tag="vectors"):
     """Part of a reply too large for one message: the vectors of inputs `index`, `index + 1`, ..."""
 
-    seq: int
-    attempt: int
     index: int
     embeddings: list[list[float]]
 
 
-class Embeddings(msgspec.Struct, tag_field="type", tag="embeddings", kw_only=True, omit_defaults=True):
+class Embeddings(EventBase, tag="embeddings"):
     """The terminal event of an embed request: the vectors from input `index` on, in input order.
 
     `index` is 0, and `embeddings` holds every vector, unless `vectors` events came first.
     """
 
-    seq: int
-    attempt: int
     model: str
     embeddings: list[list[float]]
     usage: EmbedUsage

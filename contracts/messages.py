@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from contracts.base import EventBase, ModelName, RequestId, bad_request, check_id, validate_model
 from contracts.embed import Embeddings, Vectors
-from contracts.errors import ErrorCode, LlmbusError
+from contracts.errors import ErrorCode
 from contracts.route import Routed
-from contracts.subjects import MODEL_NAME, REQUEST_ID
 from contracts.tools import MAX_TOP_LOGPROBS, Logprob, NamedTool, Think, Tool, ToolCall, ToolChoice
 from contracts.usage import Usage
+
+__all__ = ["validate_model"]  # re-exported: it was defined here
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -47,6 +49,11 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
+    def __post_init__(self) -> None:
+        num_predict = self.num_predict
+        if num_predict is not None and (num_predict == 0 or num_predict < -1):
+            raise bad_request("`options.num_predict` must be positive or -1")
+
 
 # `format` is Ollama's structured output: "json" or a JSON Schema object.
 Format = Literal["json"] | dict[str, Any]
@@ -55,8 +62,8 @@ Format = Literal["json"] | dict[str, Any]
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """A chat (`messages`) or completion (`prompt`) request on `llm.req.generate.<model>`."""
 
-    id: str
-    model: str
+    id: RequestId
+    model: ModelName
     messages: list[Message] | None = None
     prompt: str | None = None
     system: str | None = None
@@ -74,66 +81,56 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     logprobs: bool | None = None  # log probabilities on `token` events ...
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # ... with rivals
 
+    def __post_init__(self) -> None:
+        """The cross-field rules, on decode and on construction (`bad_request`)."""
+        if (self.messages is None) == (self.prompt is None):
+            raise bad_request("exactly one of `messages` or `prompt` is required")
+        if self.messages is not None:
+            if not self.messages:
+                raise bad_request("`messages` must not be empty")
+            if all(m.role == "system" for m in self.messages):
+                raise bad_request("`messages` needs at least one non-system message")
+            for index, message in enumerate(self.messages):
+                _validate_message(index, message)
+            for name in ("images", "suffix", "raw"):
+                if getattr(self, name) is not None:
+                    raise bad_request(f"`{name}` is for `prompt` requests (chat: per message)")
+        else:
+            for name in ("tools", "tool_choice", "parallel_tool_calls"):
+                if getattr(self, name) is not None:
+                    raise bad_request(f"`{name}` needs `messages`, not `prompt`")
+        self._validate_tools()
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("`top_logprobs` needs `logprobs: true`")
+
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
 
     def validate(self) -> None:
-        """Checks msgspec's types cannot express; raises `LlmbusError(bad_request)`."""
-        if not REQUEST_ID.match(self.id):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "id must be 8-128 characters of [A-Za-z0-9_-]")
+        """The typed rules (`RequestId`, `ModelName`) for a request built in code, not decoded."""
+        check_id(self.id)
         validate_model(self.model)
-        if (self.messages is None) == (self.prompt is None):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "exactly one of `messages` or `prompt` is required")
-        if self.messages is not None:
-            if not self.messages:
-                raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` must not be empty")
-            if all(m.role == "system" for m in self.messages):
-                raise LlmbusError(ErrorCode.BAD_REQUEST, "`messages` needs at least one non-system message")
-            for index, message in enumerate(self.messages):
-                _validate_message(index, message)
-            for name in ("images", "suffix", "raw"):
-                if getattr(self, name) is not None:
-                    raise LlmbusError(
-                        ErrorCode.BAD_REQUEST, f"`{name}` is for `prompt` requests (chat: per message)"
-                    )
-        else:
-            for name in ("tools", "tool_choice", "parallel_tool_calls"):
-                if getattr(self, name) is not None:
-                    raise LlmbusError(ErrorCode.BAD_REQUEST, f"`{name}` needs `messages`, not `prompt`")
-        self._validate_tools()
-        if self.top_logprobs and not self.logprobs:
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`top_logprobs` needs `logprobs: true`")
-        num_predict = self.options.num_predict
-        if num_predict is not None and (num_predict == 0 or num_predict < -1):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`options.num_predict` must be positive or -1")
 
     def _validate_tools(self) -> None:
         names = [tool.function.name for tool in self.tools or ()]
         if len(set(names)) != len(names):
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`tools` has two functions with the same name")
+            raise bad_request("`tools` has two functions with the same name")
         choice = self.tool_choice
         if isinstance(choice, NamedTool) and choice.name not in names:
-            raise LlmbusError(ErrorCode.BAD_REQUEST, f"`tool_choice` names {choice.name!r}, not in `tools`")
+            raise bad_request(f"`tool_choice` names {choice.name!r}, not in `tools`")
         if choice == "required" and not names:
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`tool_choice: required` needs `tools`")
+            raise bad_request("`tool_choice: required` needs `tools`")
 
 
 def _validate_message(index: int, message: Message) -> None:
     where = f"`messages[{index}]`"
     if message.tool_calls and message.role != "assistant":
-        raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: only an assistant message has `tool_calls`")
+        raise bad_request(f"{where}: only an assistant message has `tool_calls`")
     if (message.tool_call_id is not None or message.tool_name is not None) and message.role != "tool":
-        raise LlmbusError(
-            ErrorCode.BAD_REQUEST, f"{where}: `tool_call_id` and `tool_name` belong to a `tool` message"
-        )
+        raise bad_request(f"{where}: `tool_call_id` and `tool_name` belong to a `tool` message")
     if message.images is not None and any(not image for image in message.images):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: an image is empty")
-
-
-def validate_model(model: str) -> None:
-    if not MODEL_NAME.match(model):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, f"invalid model name {model[:64]!r}")
+        raise bad_request(f"{where}: an image is empty")
 
 
 class Timings(msgspec.Struct, omit_defaults=True):
@@ -142,28 +139,23 @@ class Timings(msgspec.Struct, omit_defaults=True):
     tokens_per_s: float | None = None  # generation speed reported by the backend
 
 
-class _Event(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
-    seq: int
-    attempt: int
-
-
-class Start(_Event, tag="start"):
+class Start(EventBase, tag="start"):
     request_id: str
     model: str
 
 
-class Token(_Event, tag="token"):
+class Token(EventBase, tag="token"):
     text: str
     logprobs: list[Logprob] | None = None  # the tokens of `text`, when the request asked for `logprobs`
 
 
-class Thinking(_Event, tag="thinking"):
+class Thinking(EventBase, tag="thinking"):
     """Reasoning text (a `think` request, or a model that reasons): never part of the answer's text."""
 
     text: str
 
 
-class ToolCallEvent(_Event, tag="tool_call"):
+class ToolCallEvent(EventBase, tag="tool_call"):
     """One complete tool call, sent once: `index` counts the answer's calls from 0 (OpenAI's
     `delta.tool_calls[].index`). An answer with calls ends with `finish_reason: "tool_calls"`."""
 
@@ -174,20 +166,20 @@ class ToolCallEvent(_Event, tag="tool_call"):
 _OUTPUT = "A task's answer, parsed and validated against its output schema (POST /v1/tasks/{name} only)."
 
 
-class Done(_Event, tag="done"):
+class Done(EventBase, tag="done"):
     finish_reason: str  # "stop", "length", "tool_calls"
     usage: Usage
     timings: Timings
     output: Annotated[Any, msgspec.Meta(description=_OUTPUT)] = None
 
 
-class Error(_Event, tag="error"):
+class Error(EventBase, tag="error"):
     code: ErrorCode
     message: str
     retry_after: float | None = None
 
 
-class Restart(_Event, tag="restart"):
+class Restart(EventBase, tag="restart"):
     """The text (and thinking) streamed so far is void: a new attempt could not continue it and
     starts over.
 

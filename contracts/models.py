@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from contracts.base import validate_model
 from contracts.errors import ErrorCode, LlmbusError
-from contracts.messages import validate_model
 from contracts.subjects import HOST_NAME
 
 # available: on the host's disk; loaded: in (V)RAM; pulling/creating: on its way (see `progress`);

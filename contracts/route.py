@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from contracts.base import EventBase
 from contracts.errors import ErrorCode, LlmbusError
 from contracts.subjects import MODEL_NAME
 from contracts.usage import Usage
@@ -55,11 +56,9 @@ def route_name(model: str) -> str | None:
 RouteMethod = Literal["rule", "similarity", "judge", "default", "named", "edge_fallback"]
 
 
-class Routed(msgspec.Struct, tag_field="type", tag="routed", kw_only=True, omit_defaults=True):
+class Routed(EventBase, tag="routed"):
     """Which model a routed request went to, and why. Always `seq` 1, right after `start`."""
 
-    seq: int
-    attempt: int
     model: str
     route: str
     score: float  # 1.0 for rules and named routes; the similarity score otherwise

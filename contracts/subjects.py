@@ -44,9 +44,12 @@ SPEND_BUCKET = "llm_spend"  # KV: each tenant's tokens (and cost) this day and m
 LEDGER_PREFIX = "llm.ledger."
 
 # Names Ollama (and OpenAI-compatible servers) accept: `namespace/name:tag`, at most 200 chars.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:+]{0,199}$")
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:+]{0,199}$"
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 # Request ids become subject tokens: keep them to a safe alphabet.
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_\-]{8,128}$")
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_\-]{8,128}$"
+REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+REQUEST_ID_RULE = "8-128 characters of [A-Za-z0-9_-]"
 # Names of Ollama hosts (one janitor each): subject tokens and KV key parts once encoded.
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,62}$")
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+from typing import Any
+
 import msgspec
 import pytest
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, subjects
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Options, subjects
 from contracts.export import _normalised
 from contracts.export import main as export_main
 
@@ -49,17 +54,38 @@ def test_every_error_code_maps_to_an_http_status() -> None:
     assert ErrorCode.QUEUE_FULL.http_status == 503
 
 
-@pytest.mark.parametrize(
-    "request_",
-    [
-        GenerateRequest(id="short", model="m", prompt="x"),
-        GenerateRequest(id="abcdefgh", model="bad model", prompt="x"),
-        GenerateRequest(id="abcdefgh", model="m"),
-        GenerateRequest(id="abcdefgh", model="m", prompt="x", messages=[Message("user", "y")]),
-        GenerateRequest(id="abcdefgh", model="m", messages=[]),
-    ],
-)
-def test_validation_refuses_requests_a_worker_cannot_run(request_: GenerateRequest) -> None:
+_INVALID: list[dict[str, Any]] = [
+    {"id": "short", "model": "m", "prompt": "x"},
+    {"id": "abcdefgh", "model": "bad model", "prompt": "x"},
+    {"id": "abcdefgh", "model": "m"},
+    {"id": "abcdefgh", "model": "m", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+    {"id": "abcdefgh", "model": "m", "messages": []},
+    {"id": "abcdefgh", "model": "m", "prompt": "x", "options": {"num_predict": 0}},
+]
+
+
+def _built(fields: dict[str, Any]) -> GenerateRequest:
+    extra: dict[str, Any] = {"options": Options(**fields.get("options", {}))}
+    if "messages" in fields:
+        extra["messages"] = [Message(**m) for m in fields["messages"]]
+    return GenerateRequest(**(fields | extra))
+
+
+@pytest.mark.parametrize("fields", _INVALID)
+def test_validation_refuses_requests_a_worker_cannot_run(fields: dict[str, Any]) -> None:
+    # Built in code (the edge): the cross-field rules at construction, the typed ones by `validate`.
     with pytest.raises(LlmbusError) as info:
-        request_.validate()
+        _built(fields).validate()
     assert info.value.code is ErrorCode.BAD_REQUEST
+    # Decoded (a worker, or any publisher's message): refused as well.
+    with pytest.raises((LlmbusError, msgspec.ValidationError)):
+        msgspec.json.decode(msgspec.json.encode(fields), type=GenerateRequest)
+
+
+def test_the_schema_carries_the_id_and_model_rules() -> None:
+    schema = json.loads((Path(__file__).parent.parent / "contracts/schemas/GenerateRequest.json").read_text())
+    fields = schema["$defs"]["GenerateRequest"]["properties"]
+    assert re.fullmatch(fields["id"]["pattern"], "abcdefgh") and not re.fullmatch(
+        fields["id"]["pattern"], "a.b"
+    )
+    assert "pattern" in fields["model"]

@@ -15,6 +15,8 @@ import httpx
 import msgspec
 import pytest
 
+from contracts import ErrorCode
+from services.edge.errors import error_response, with_retry_after
 from services.generator.main import Generator
 from services.runtime.settings import Settings
 from tests.fakes.ollama import FakeOllama
@@ -157,3 +159,10 @@ async def test_malformed_headers_get_a_json_400_with_a_code(edge_process: str) -
     answer, _ = await raw(edge_process, b"GET /health/live HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
     status, error = error_of(answer)
     assert status == 400 and error["code"] == "bad_request" and error["message"], answer
+
+
+def test_a_retry_after_of_its_own_is_kept() -> None:
+    # An error event's own hint (say 5 s) is not replaced by the default; headers are a plain dict.
+    response = with_retry_after(error_response(ErrorCode.QUEUE_FULL, "full", "r1", retry_after=5))
+    assert response.headers["Retry-After"] == "5" and len(response.headers) == 2
+    assert with_retry_after(error_response(ErrorCode.QUEUE_FULL, "full", "r1")).headers["Retry-After"] == "1"

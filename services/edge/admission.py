@@ -1,8 +1,7 @@
 """Edge admission: who is calling, and whether their request may queue. One place for every API.
 
-* `authenticate` is an app-wide Litestar guard: it maps `Authorization: Bearer <key>` to a tenant
-  (401 `unauthorized`), refuses admin routes to non-admin tenants (403 `forbidden`) and leaves the
-  tenant in a context variable for the rest of the request.
+* Who is calling is the authentication middleware's answer (services/edge/auth.py): the tenant
+  is `request.user`, and every method here that depends on it takes it as an argument.
 * `Admission.admit` runs inside `Dispatcher.submit`, which every route family (native `/v1`,
   `/openai/v1`, `/ollama`'s `/api/*`, tasks, embed) goes through before anything is published:
   model allowed (403), prompt within the context (400 `prompt_too_large`; the model's trained
@@ -21,110 +20,33 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 import uuid
-from contextvars import ContextVar
-from typing import Any
 
 import msgspec
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 from nats.js import JetStreamContext
 
 from contracts import Accepted, EmbedRequest, ErrorCode, GenerateRequest, LlmbusError
-from contracts.usage import Origin
 from services.edge.backlog import Backlog, Slot
 from services.edge.quota import Quota, open_bucket
-from services.edge.tenants import ANONYMOUS, Keyring, Tenant, TenantsFile, hash_key
-from services.runtime.events import RawEvent
+from services.edge.tenants import Keyring, Tenant, TenantsFile
 from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 from services.runtime.spend import SpendView
 
 log = logging.getLogger(__name__)
 
-# The tenant of the request being handled (set by `authenticate`; ANONYMOUS with auth off).
-caller: ContextVar[Tenant] = ContextVar("llmbus_tenant", default=ANONYMOUS)
-# ... the id of the key it presented (never the key) and the API dialect, for the ledger's row.
-caller_key: ContextVar[str] = ContextVar("llmbus_key_id", default="")
-caller_api: ContextVar[str] = ContextVar("llmbus_api", default="")
-KEY_ID_CHARS = 12  # hex digits of the key's SHA-256 kept as its id
-
-# Routes anyone may call with auth on: probes, metrics, the OpenAPI document, the demo page.
-PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/metrics", "/api/version", "/contract"})
-PUBLIC_PREFIXES = ("/schema", "/static/", "/contract/")
-ADMIN = "admin"  # a route handler with `opt={"admin": True}` needs an admin tenant
-
 CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers
 
 
-async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    path = connection.scope["path"]
-    caller_api.set(dialect(path))
-    admission: Admission | None = getattr(connection.app.state, "admission", None)
-    keyring = admission.keyring if admission is not None else None
-    if keyring is None:
-        return
-    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-        return
-    scheme, _, key = connection.headers.get("authorization", "").partition(" ")
-    tenant = keyring.find(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-    if tenant is None:
-        raise LlmbusError(
-            ErrorCode.UNAUTHORIZED, "a valid API key is required: `Authorization: Bearer <key>`"
-        )
-    if handler.opt.get(ADMIN) and not tenant.admin:
-        raise LlmbusError(ErrorCode.FORBIDDEN, "this route needs an admin key")
-    caller.set(tenant)
-    caller_key.set(hash_key(key.strip())[7 : 7 + KEY_ID_CHARS])
-    connection.scope.setdefault("state", {})["tenant"] = tenant.name  # for logs, never the key
-
-
-def dialect(path: str) -> str:
-    """The API family a path belongs to, as the ledger records it."""
-    if path.startswith("/openai/"):
-        return "openai"
-    if path.startswith("/ollama/"):
-        return "ollama"
-    if path.startswith("/v1/tasks"):
-        return "tasks"
-    return "native"
-
-
-def origin(model: str) -> Origin:
-    """Who is asking for `model`, for the request's `Llmbus-Origin` header."""
-    return Origin(
-        tenant=caller.get().name,
-        key_id=caller_key.get(),
-        api=caller_api.get(),
-        model=model,
-        accepted_ms=int(time.time() * 1000),
-    )
-
-
-def request_id_for_key(key: str) -> str:
+def request_id_for_key(key: str, tenant: Tenant) -> str:
     """The request id an `Idempotency-Key` becomes: the key itself with auth off, else the key
     prefixed with a tag of the tenant, so two tenants using the same key never meet."""
-    tenant = caller.get()
     if not tenant.name:
         return key
     tag = hashlib.blake2b(tenant.name.encode(), digest_size=4).hexdigest()
     if len(key) <= 119:
         return f"{tag}-{key}"
     return f"{tag}-" + hashlib.blake2b(key.encode(), digest_size=24).hexdigest()
-
-
-class _Usage(msgspec.Struct):
-    total_tokens: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _Terminal(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_decode_terminal = msgspec.json.Decoder(_Terminal).decode
 
 
 class Ticket:
@@ -138,26 +60,10 @@ class Ticket:
         self.lease = lease
         self.released = False
 
-    def release(self, last: RawEvent | None) -> None:
-        """Gives the hold back, counting the tokens the request's terminal event (`last`) reports."""
-        tokens = 0
-        if last is not None and last[0].type in ("done", "embeddings"):
-            tokens = spent_tokens(last[1])
-        self.give_back(tokens)
-
     def give_back(self, tokens: int) -> None:
         if not self.released:
             self.released = True
             self.admission.release_later(self, tokens)
-
-
-def spent_tokens(answer: bytes) -> int:
-    """The tokens a terminal event or a classify reply reports in its `usage` (0 without one)."""
-    try:
-        usage = _decode_terminal(answer).usage
-    except msgspec.DecodeError:
-        return 0
-    return 0 if usage is None else usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
 
 
 class Admission:
@@ -201,29 +107,29 @@ class Admission:
             await self.spend.stop()
 
     async def admit(
-        self, request: GenerateRequest | EmbedRequest, subject: str
+        self, request: GenerateRequest | EmbedRequest, subject: str, tenant: Tenant
     ) -> tuple[GenerateRequest | EmbedRequest, Ticket | None, Slot]:
         """The request as it may be published (`num_predict` capped), its ticket and its place in
         the backlog (`slot.stored()` once published, else `slot.dropped()`); or raises."""
-        self.check_model(request.model)
-        await self.check_budget()
+        self.check_model(request.model, tenant)
+        await self.check_budget(tenant)
         if isinstance(request, GenerateRequest):
             request = self._fit(request)
         slot = await self.backlog.admit(subject)  # `llm.req.route` if routed: the classifier's queue
         try:
-            return request, await self.hold(), slot
+            return request, await self.hold(tenant), slot
         except BaseException:
             slot.dropped()
             raise
 
-    def check_model(self, model: str) -> None:
-        """403 `forbidden` for a model outside the caller's `models` globs."""
-        if not caller.get().allows(model):
+    @staticmethod
+    def check_model(model: str, tenant: Tenant) -> None:
+        """403 `forbidden` for a model outside the tenant's `models` globs."""
+        if not tenant.allows(model):
             raise LlmbusError(ErrorCode.FORBIDDEN, f"this key may not use model {model[:64]!r}")
 
-    async def check_budget(self) -> None:
-        """429 `budget_exceeded` when the caller's tenant spent its day's or month's budget."""
-        tenant = caller.get()
+    async def check_budget(self, tenant: Tenant) -> None:
+        """429 `budget_exceeded` when the tenant spent its day's or month's budget."""
         budget = tenant.budget
         if not budget.any:
             return
@@ -236,13 +142,12 @@ class Admission:
                 self.spend = await SpendView().start(self.js)
             return self.spend
 
-    async def hold(self) -> Ticket | None:
-        """Takes one request of the caller's limits (429 `rate_limited`); None when it has none.
+    async def hold(self, tenant: Tenant) -> Ticket | None:
+        """Takes one request of the tenant's limits (429 `rate_limited`); None when it has none.
 
         For calls that do not go through `admit` (`/v1/classify`): give it back with
-        `ticket.release(None)` when the call ends.
+        `ticket.give_back(tokens)` when the call ends.
         """
-        tenant = caller.get()
         if not tenant.limited:
             return None
         quota = self.quota or await self._open_quota()  # a reload gave a tenant its first limits
@@ -287,18 +192,15 @@ class Admission:
             )
         return request
 
-    def owns(self, accepted: Accepted | None) -> bool:
-        """Whether the caller may read or cancel the request `accepted` records."""
-        if self.is_admin():
+    def owns(self, accepted: Accepted | None, tenant: Tenant) -> bool:
+        """Whether `tenant` may read or cancel the request `accepted` records."""
+        if self.is_admin(tenant):
             return True
-        return accepted is not None and accepted.tenant == caller.get().name
+        return accepted is not None and accepted.tenant == tenant.name
 
-    def is_admin(self) -> bool:
-        """Whether the caller holds an admin key (everyone does with auth off)."""
-        return self.tenants is None or caller.get().admin
-
-    def tenant_name(self) -> str:
-        return caller.get().name
+    def is_admin(self, tenant: Tenant) -> bool:
+        """Whether `tenant` holds an admin key (everyone does with auth off)."""
+        return self.tenants is None or tenant.admin
 
     def release_later(self, ticket: Ticket, tokens: int) -> None:
         if self.quota is None:

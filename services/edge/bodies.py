@@ -13,35 +13,24 @@ Timeout = Annotated[float, msgspec.Meta(gt=0, description="Seconds; bounded by t
 Stream = bool | Literal["deferred"]
 
 
-class ChatBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: str
-    messages: list[Message]
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
     stream: Stream = False
     timeout: Timeout | None = None
 
     def to_request(self, request_id: str) -> GenerateRequest:
-        return GenerateRequest(
-            id=request_id, model=self.model, messages=self.messages, options=self.options, format=self.format
-        )
+        """The wire request: every field but how to answer (`stream`, `timeout`)."""
+        fields = msgspec.structs.asdict(self)
+        del fields["stream"], fields["timeout"]
+        return GenerateRequest(id=request_id, **fields)
 
 
-class GenerateBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    model: str
+class ChatBody(_Body, kw_only=True):
+    messages: list[Message]
+
+
+class GenerateBody(_Body, kw_only=True):
     prompt: str
     system: str | None = None
-    options: Options = msgspec.field(default_factory=Options)
-    format: Format | None = None
-    stream: Stream = False
-    timeout: Timeout | None = None
-
-    def to_request(self, request_id: str) -> GenerateRequest:
-        return GenerateRequest(
-            id=request_id,
-            model=self.model,
-            prompt=self.prompt,
-            system=self.system,
-            options=self.options,
-            format=self.format,
-        )

@@ -15,6 +15,7 @@ from contracts import ErrorBody, ErrorCode, ErrorDetail, LlmbusError
 
 log = logging.getLogger("llmbus.edge")
 
+# The code of a failure known only by its HTTP status (one Litestar raised, a client that left).
 _STATUS_CODES = {
     400: ErrorCode.BAD_REQUEST,
     401: ErrorCode.UNAUTHORIZED,
@@ -24,15 +25,38 @@ _STATUS_CODES = {
     413: ErrorCode.REQUEST_TOO_LARGE,
     415: ErrorCode.BAD_REQUEST,
     429: ErrorCode.RATE_LIMITED,
+    499: ErrorCode.CANCELLED,
+    503: ErrorCode.BACKEND_UNAVAILABLE,
+    504: ErrorCode.DEADLINE_EXCEEDED,
 }
 
 
+def code_for_status(status: int) -> ErrorCode:
+    return _STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
+
+
+def code_of(exc: Exception) -> ErrorCode:
+    """The stable code any exception becomes (what `describe` answers, without the message)."""
+    if isinstance(exc, LlmbusError):
+        return exc.code
+    if isinstance(exc, ValidationException):
+        return ErrorCode.BAD_REQUEST
+    if isinstance(exc, HTTPException):
+        return code_for_status(exc.status_code)
+    return ErrorCode.INTERNAL
+
+
 def request_id_of(request: Request[Any, Any, Any]) -> str:
+    """The request's id: the one the handler set (`set_request_id`), else a new one from now on."""
     rid = request.scope.get("state", {}).get("request_id")
-    if rid is None:
-        rid = uuid.uuid4().hex
-        request.scope.setdefault("state", {})["request_id"] = rid
-    return str(rid)
+    return str(rid) if rid is not None else set_request_id(request)
+
+
+def set_request_id(request: Request[Any, Any, Any], rid: str | None = None) -> str:
+    """Names the request (a new id by default): its answer, errors, logs and span carry the id."""
+    rid = rid or uuid.uuid4().hex
+    request.scope.setdefault("state", {})["request_id"] = rid
+    return rid
 
 
 def error_response(
@@ -77,10 +101,7 @@ def describe(request: Request[Any, Any, Any], exc: Exception) -> Failure:
             )
         return Failure(ErrorCode.BAD_REQUEST, f"invalid request body: {detail}", 400)
     if isinstance(exc, HTTPException):
-        code = _STATUS_CODES.get(exc.status_code)
-        if code is None:
-            code = ErrorCode.INTERNAL if exc.status_code >= 500 else ErrorCode.BAD_REQUEST
-        return Failure(code, str(exc.detail), exc.status_code)
+        return Failure(code_of(exc), str(exc.detail), exc.status_code)
     rid = request_id_of(request)
     log.error("unhandled error in request %s", rid, exc_info=exc)
     return Failure(ErrorCode.INTERNAL, f"internal error; see the edge log for request {rid}", 500)
@@ -98,11 +119,15 @@ def handlers(
         failure = describe(request, exc)
         response = render(failure, request_id_of(request))
         # Every API's shape carries Retry-After (429, 503), whether or not its renderer sets it.
-        if failure.retry_after is not None and "retry-after" not in response.headers:
+        if failure.retry_after is not None and not _has_retry_after(response):
             response.headers["Retry-After"] = str(max(1, round(failure.retry_after)))
-        return response
+        return with_retry_after(response)  # after-request hooks do not see an exception's response
 
     return {Exception: handle}
+
+
+def _has_retry_after(response: Response[Any]) -> bool:
+    return any(name.lower() == "retry-after" for name in response.headers)  # a plain dict: any case
 
 
 # What a 429 or 503 that carries no hint of its own tells the client to wait, in seconds.
@@ -112,13 +137,13 @@ DEFAULT_RETRY_AFTER = "1"
 def with_retry_after(response: Response[Any]) -> Response[Any]:
     """Litestar's after-request hook: every 429 and 503, of every API and whatever produced it
     (a worker's terminal event, a refusal at the edge), says when to retry."""
-    if response.status_code in (429, 503) and "retry-after" not in response.headers:
+    if response.status_code in (429, 503) and not _has_retry_after(response):
         response.headers["Retry-After"] = DEFAULT_RETRY_AFTER
     return response
 
 
-def _native(failure: Failure, request_id: str) -> Response[bytes]:
+def native_error(failure: Failure, request_id: str) -> Response[bytes]:
     return error_response(failure.code, failure.message, request_id, failure.retry_after, failure.status)
 
 
-exception_handlers = handlers(_native)
+exception_handlers = handlers(native_error)

@@ -1,70 +1,77 @@
-"""`POST /v1/chat` and `POST /v1/generate`: validate, publish, then stream SSE or answer once."""
+"""`POST /v1/chat` and `POST /v1/generate`: the native dialect of the answer pipeline.
+
+The answer streams as SSE (`"stream": true` or `Accept: text/event-stream`), comes as one JSON
+`Completion`, or (`"stream": "deferred"`) is a 202 with the URL to follow it at. An
+`Idempotency-Key` becomes the request id: a retry attaches to that request and resumes after its
+`Last-Event-ID`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
 from litestar.params import JSONBody
-from litestar.response import Stream
 
-from contracts import Completion, Done, Error, ErrorCode, Event, LlmbusError, Restart, Routed, Token, subjects
+from contracts import Completion, Done, Error, Event, Restart, Routed, Token
+from contracts.base import check_id
 from services.edge.admission import request_id_for_key
 from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
-from services.edge.errors import error_response, request_id_of
-from services.edge.hangup import ClientGone, unless_client_leaves
+from services.edge.errors import set_request_id
 from services.edge.requests import deferred, last_event_id, no_more_events
-from services.edge.sse import frame
+from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 
 _decode_event = msgspec.json.Decoder(Event).decode
-_encode = msgspec.json.Encoder().encode
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @post("/v1/chat", summary="Chat with a model", status_code=200)
-async def chat(request: Request[Any, Any, Any], data: JSONBody[ChatBody]) -> Response[bytes] | Stream:
-    return await _generate(request, data)
+async def chat(data: JSONBody[ChatBody], pipeline: Piped) -> Answer:
+    return await _generate(pipeline, data)
 
 
 @post("/v1/generate", summary="Complete a prompt", status_code=200)
-async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]) -> Response[bytes] | Stream:
-    return await _generate(request, data)
+async def generate(data: JSONBody[GenerateBody], pipeline: Piped) -> Answer:
+    return await _generate(pipeline, data)
 
 
-async def _generate(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody
-) -> Response[bytes] | Stream:
+class Native(Dialect):
+    def __init__(self, model: str, *, streams: bool, detached: bool, dispatcher: Dispatcher) -> None:
+        self.model = model
+        self.streams = streams
+        self.detached = detached
+        self.dispatcher = dispatcher
+
+    def at_once(self, source: Source) -> Response[bytes] | None:
+        assert isinstance(source, EventFeed)
+        if self.detached:
+            self.dispatcher.detach(source)  # the client follows it at the events URL, on any edge
+            return deferred(source.request_id)
+        if self.streams and source.nothing_after:
+            return no_more_events(source)
+        return None
+
+    async def collect(self, source: Source) -> Completion | Error:
+        return await collect(source, self.model)
+
+
+async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer:
+    request = pipeline.request
     key = idempotency_key(request)
-    request_id = key or request_id_of(request)
-    wire = body.to_request(request_id)
-    wire.validate()
-    dispatcher: Dispatcher = request.app.state.dispatcher
+    wire = body.to_request(key or set_request_id(request))
     detached = body.stream == "deferred"
-    streams = not detached and (
-        body.stream is True or "text/event-stream" in request.headers.get("accept", "")
-    )
-    feed = await dispatcher.submit(
+    streams = not detached and (body.stream is True or pipeline.accepts_events)
+    dialect = Native(body.model, streams=streams, detached=detached, dispatcher=pipeline.dispatcher)
+    return await pipeline.serve(
         wire,
-        body.timeout,
+        dialect,
+        timeout_s=body.timeout,
         idempotent=key is not None,
         detached=detached,
         # A retry resumes a stream after its Last-Event-ID; a JSON answer is always the whole one.
         after=last_event_id(request) if key and streams else -1,
     )
-    if detached:
-        dispatcher.detach(feed)  # the client follows it at the events URL, on any edge
-        return deferred(request_id)
-    if streams:
-        if feed.nothing_after:
-            return no_more_events(feed)
-        return Stream(
-            _sse(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
-        )
-    return await _until_done_or_disconnect(request, feed, wire.model)
 
 
 def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
@@ -72,39 +79,16 @@ def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    if not subjects.REQUEST_ID.match(key):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, "Idempotency-Key must be 8-128 characters of [A-Za-z0-9_-]")
-    key = request_id_for_key(key)  # namespaced per tenant: another tenant's key never attaches here
-    request.scope.setdefault("state", {})["request_id"] = key  # errors name it too
-    return key
+    check_id(key, "Idempotency-Key")
+    # Namespaced per tenant: another tenant's key never attaches here.
+    return set_request_id(request, request_id_for_key(key, request.user))
 
 
-async def _sse(feed: EventFeed) -> AsyncIterator[bytes]:
-    # Litestar cancels this generator when the client disconnects; `close` then cancels upstream.
-    try:
-        async for batch in feed.batches():
-            yield frame(batch)
-    finally:
-        feed.close()
-
-
-async def _until_done_or_disconnect(
-    request: Request[Any, Any, Any], feed: EventFeed, model: str
-) -> Response[bytes]:
-    try:
-        result = await unless_client_leaves(request, feed, collect(feed, model))
-    except ClientGone:
-        return Response(b"", status_code=499)  # nobody is listening any more
-    if isinstance(result, Error):
-        return error_response(result.code, result.message, feed.request_id, result.retry_after)
-    return Response(_encode(result), media_type="application/json", headers={"X-Request-Id": feed.request_id})
-
-
-async def collect(feed: EventFeed, model: str) -> Completion | Error:
+async def collect(source: Source, model: str) -> Completion | Error:
     """A request's answer as one `Completion` (text before a `restart` dropped), or its error."""
     parts: list[str] = []
     routed: Routed | None = None
-    async for batch in feed.batches():
+    async for batch in source.batches():
         for _, data in batch:
             event = _decode_event(data)
             if isinstance(event, Token):
@@ -115,7 +99,7 @@ async def collect(feed: EventFeed, model: str) -> Completion | Error:
                 routed = event
             elif isinstance(event, Done):
                 return Completion(
-                    request_id=feed.request_id,
+                    request_id=source.request_id,
                     model=model if routed is None else routed.model,
                     text="".join(parts),
                     finish_reason=event.finish_reason,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
-from litestar import Request, Response, get
+from litestar import Response, get
+from litestar.di import NamedDependency
+from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
 from contracts import subjects
+from services.runtime.inventory import InventoryView
+from services.runtime.settings import Settings
 
 
 class Readiness(msgspec.Struct):
@@ -31,11 +33,16 @@ async def live() -> dict[str, str]:
 
 
 @get("/health/ready", summary="NATS, request stream and consumer, a live generator (and listed models)")
-async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
-    nc = getattr(request.app.state, "nc", None)  # None: still connecting (services/edge/app.py)
+async def ready(
+    settings: NamedDependency[Settings],
+    instance: NamedDependency[str],
+    nc: NamedDependency[Client | None],
+    inventory: NamedDependency[InventoryView | None],
+) -> Response[Readiness]:
+    """`nc` and `inventory` are None while the edge is still connecting (services/edge/wiring.py)."""
     state = Readiness(
         ready=False,
-        instance=request.app.state.instance,
+        instance=instance,
         nats=nc is not None and nc.is_connected,
         stream=False,
         consumer=False,
@@ -57,10 +64,9 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
             state.generators = True
         except (NoRespondersError, NatsTimeoutError):
             pass
-    inventory = getattr(request.app.state, "inventory", None)
     if inventory is not None and inventory.populated:
         state.models = len(inventory.ready_models())
-    state.needs_models = request.app.state.settings.ready_needs_models
+    state.needs_models = settings.ready_needs_models
     have_models = bool(state.models) or not state.needs_models
     state.ready = state.nats and state.stream and state.consumer and state.generators and have_models
     return Response(state, status_code=200 if state.ready else 503)

@@ -28,7 +28,7 @@ from contracts.ledger import (
     UsageQuery,
     UsageReport,
 )
-from services.edge.admission import Admission
+from services.edge.auth import tenant_of
 from services.runtime import ledger_client
 
 _GROUPS = ("tenant", "model", "day", "hour")
@@ -38,8 +38,8 @@ _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _scope(request: Request[Any, Any, Any], tenant: str | None) -> str | None:
     """The tenant a query is limited to: the caller's own unless it is an admin."""
-    admission: Admission = request.app.state.admission
-    return tenant if admission.is_admin() else admission.tenant_name()
+    caller = tenant_of(request)
+    return tenant if caller.admin else caller.name
 
 
 def parse_time(value: str | None, name: str) -> float | None:

@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
+from nats.aio.client import Client
 
 from contracts import EventHead, LlmbusError, canonical_model
 from contracts.models import (
@@ -30,16 +32,23 @@ from contracts.models import (
     OpError,
     validate_host,
 )
-from services.edge.errors import error_response, request_id_of
+from services.edge.errors import request_id_of
+from services.edge.serve import SSE_HEADERS
 from services.edge.sse import frame
 from services.runtime.admin_client import AdminClient
 from services.runtime.inventory import InventoryView
 
 _encode = msgspec.json.Encoder().encode
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Admin = NamedDependency[AdminClient]
+Inventory = NamedDependency[InventoryView]
+Answer = Response[bytes] | Stream
 
-ADMIN_ONLY = {"admin": True}  # changing a host's models needs an admin key (services/edge/admission.py)
+ADMIN_ONLY = {"admin": True}  # changing a host's models needs an admin key (services/edge/auth.py)
+
+
+def _admin_post(path: str, summary: str) -> post:
+    return post(path, summary=summary, status_code=200, opt=ADMIN_ONLY)
 
 
 class ModelEntry(msgspec.Struct, kw_only=True):
@@ -111,89 +120,55 @@ def listing(inventory: InventoryView, host: str | None, loaded_only: bool) -> Mo
     )
 
 
-def _state(request: Request[Any, Any, Any]) -> tuple[InventoryView, AdminClient]:
-    return request.app.state.inventory, request.app.state.admin
-
-
 @get(["/v1/models", "/openai/v1/models"], summary="Every model on every host (the janitors' inventory)")
-async def list_models(request: Request[Any, Any, Any], host: FromQuery[str | None] = None) -> ModelListing:
-    return listing(_state(request)[0], host, loaded_only=False)
+async def list_models(inventory: Inventory, host: FromQuery[str | None] = None) -> ModelListing:
+    return listing(inventory, host, loaded_only=False)
 
 
 @get("/v1/models/ps", summary="The models loaded in memory now")
-async def running_models(request: Request[Any, Any, Any], host: FromQuery[str | None] = None) -> ModelListing:
-    return listing(_state(request)[0], host, loaded_only=True)
+async def running_models(inventory: Inventory, host: FromQuery[str | None] = None) -> ModelListing:
+    return listing(inventory, host, loaded_only=True)
 
 
 @get("/v1/models/{name:path}", summary="A model's details (Modelfile, parameters, template, state)")
-async def show_model(
-    request: Request[Any, Any, Any], name: FromPath[str], host: FromQuery[str | None] = None
-) -> ModelDetails:
-    admin = _state(request)[1]
+async def show_model(admin: Admin, name: FromPath[str], host: FromQuery[str | None] = None) -> ModelDetails:
     model = _model(name)
     return await admin.call("show", ModelRef(model), ModelDetails, admin.host_for(host, model))
 
 
 @delete("/v1/models/{name:path}", summary="Delete a model from its host", status_code=200, opt=ADMIN_ONLY)
-async def delete_model(
-    request: Request[Any, Any, Any], name: FromPath[str], host: FromQuery[str | None] = None
-) -> OpAccepted:
-    admin = _state(request)[1]
+async def delete_model(admin: Admin, name: FromPath[str], host: FromQuery[str | None] = None) -> OpAccepted:
     model = _model(name)
     return await admin.call("delete", ModelRef(model), OpAccepted, admin.host_for(host, model))
 
 
-@post(
-    "/v1/models/pull",
-    summary="Pull a model onto a host (progress as SSE)",
-    status_code=200,
-    opt=ADMIN_ONLY,
-)
-async def pull_model(request: Request[Any, Any, Any], data: JSONBody[PullBody]) -> Response[bytes] | Stream:
-    admin = _state(request)[1]
-    body = {"model": _model(data.model)}
-    host = admin.host_for(data.host, data.model, where_it_is=False)
-    return await _operation(request, admin, "pull", body, host=host, stream=data.stream)
+@_admin_post("/v1/models/pull", "Pull a model onto a host (progress as SSE)")
+async def pull_model(request: Request[Any, Any, Any], data: JSONBody[PullBody], admin: Admin) -> Answer:
+    return await _operation(request, admin, "pull", data, {"model": _model(data.model)})
 
 
-@post(
-    "/v1/models/create",
-    summary="Create a model from a Modelfile (progress as SSE)",
-    status_code=200,
-    opt=ADMIN_ONLY,
-)
-async def create_model(
-    request: Request[Any, Any, Any], data: JSONBody[CreateBody]
-) -> Response[bytes] | Stream:
-    admin = _state(request)[1]
-    body = {"model": _model(data.model), "modelfile": data.modelfile}
-    host = admin.host_for(data.host, data.model, where_it_is=False)
-    return await _operation(request, admin, "create", body, host=host, stream=data.stream)
+@_admin_post("/v1/models/create", "Create a model from a Modelfile (progress as SSE)")
+async def create_model(request: Request[Any, Any, Any], data: JSONBody[CreateBody], admin: Admin) -> Answer:
+    return await _operation(
+        request, admin, "create", data, {"model": _model(data.model), "modelfile": data.modelfile}
+    )
 
 
-@post(
-    "/v1/models/copy",
-    summary="Copy a model under a new name, on its host",
-    status_code=200,
-    opt=ADMIN_ONLY,
-)
-async def copy_model(request: Request[Any, Any, Any], data: JSONBody[CopyBody]) -> ModelInfo:
-    admin = _state(request)[1]
+@_admin_post("/v1/models/copy", "Copy a model under a new name, on its host")
+async def copy_model(data: JSONBody[CopyBody], admin: Admin) -> ModelInfo:
     req = CopyRequest(source=data.source, destination=data.destination)
     req.validate()
     return await admin.call("copy", req, ModelInfo, admin.host_for(data.host, data.source))
 
 
 @post("/v1/models/load", summary="Load a model into memory now", status_code=200, opt=ADMIN_ONLY)
-async def load_model(request: Request[Any, Any, Any], data: JSONBody[LoadBody]) -> ModelInfo:
-    admin = _state(request)[1]
+async def load_model(data: JSONBody[LoadBody], admin: Admin) -> ModelInfo:
     req = LoadRequest(model=_model(data.model), keep_alive_s=data.keep_alive_s)
     return await admin.call("load", req, ModelInfo, admin.host_for(data.host, data.model))
 
 
 @post("/v1/models/unload", summary="Unload a model from memory now", status_code=200, opt=ADMIN_ONLY)
-async def unload_model(request: Request[Any, Any, Any], data: JSONBody[UnloadBody]) -> ModelInfo:
-    admin = _state(request)[1]
+async def unload_model(data: JSONBody[UnloadBody], admin: Admin) -> ModelInfo:
     model = _model(data.model)
     return await admin.call("unload", ModelRef(model), ModelInfo, admin.host_for(data.host, model))
 
@@ -208,14 +183,14 @@ async def _operation(
     request: Request[Any, Any, Any],
     admin: AdminClient,
     verb: str,
+    data: PullBody | CreateBody,
     body: dict[str, Any],
-    *,
-    host: str | None,
-    stream: bool,
-) -> Response[bytes] | Stream:
+) -> Answer:
+    """A pull or create on the model's host (or the one asked for), streamed as SSE if asked."""
+    host = admin.host_for(data.host, data.model, where_it_is=False)
     events = await admin.operate(verb, body, host)  # a refusal raises here: a plain HTTP error
     request_id = request_id_of(request)
-    if stream or "text/event-stream" in request.headers.get("accept", ""):
+    if data.stream or "text/event-stream" in request.headers.get("accept", ""):
         return Stream(
             _sse(events, verb, body["model"]),
             media_type="text/event-stream",
@@ -226,7 +201,7 @@ async def _operation(
     async for event in events:
         last = event
     if isinstance(last, OpError):
-        return error_response(last.code, last.message, request_id)
+        raise LlmbusError(last.code, last.message)  # rendered (and counted) as every failure is
     assert isinstance(last, OpDone)  # the events end with done or error
     return Response(_encode(last), media_type="application/json", headers={"X-Request-Id": request_id})
 
@@ -257,8 +232,7 @@ ROUTES = [
 ]
 
 
-async def start(app_state: Any, nc: Any) -> InventoryView:
-    """The inventory view (a KV watch) and the admin client, on the app's state."""
-    app_state.inventory = await InventoryView().start(nc.jetstream())
-    app_state.admin = AdminClient(nc, app_state.inventory)
-    return app_state.inventory  # type: ignore[no-any-return]
+async def start(nc: Client) -> tuple[InventoryView, AdminClient]:
+    """The inventory view (a KV watch) and the admin client."""
+    inventory = await InventoryView().start(nc.jetstream())
+    return inventory, AdminClient(nc, inventory)

@@ -2,8 +2,10 @@
 
 One ASGI middleware per request: the server span (one per request, never one per ASGI send, so a
 long SSE stream is one span), the log context (request id), and at the end the request metrics
-and one `request finished` log line. Dispatch tells it, through `accepted`, which event feed the
-request follows, so outcome code, model and time to first token come from the events themselves.
+and one `request finished` log line. The dispatcher's `on_accepted` hook (`accepted`, passed in by
+services/edge/wiring.py) tells it which event feed the request follows, so the outcome code (the
+feed's `Outcome`), model and time to first token come from the events themselves; a failure
+raised instead names its code through Litestar's after-exception hook.
 """
 
 from __future__ import annotations
@@ -12,39 +14,23 @@ import logging
 import re
 import time
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgspec
 from litestar import Request, Response, get
 from litestar.config.app import AppConfig
+from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from nats.aio.client import Client
 from opentelemetry.trace import Status, StatusCode
 
-from contracts import TERMINAL_TYPES, LlmbusError
+from services.edge.errors import code_for_status, code_of
+from services.edge.feed import EventFeed
 from services.runtime import logs, metrics, tracing
 
-if TYPE_CHECKING:
-    from services.edge.dispatch import EventFeed
-
 log = logging.getLogger("llmbus.edge")
-
-# The outcome code of a response no event or exception described (a failure Litestar raised).
-_STATUS_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "bad_request",
-    413: "request_too_large",
-    415: "bad_request",
-    429: "rate_limited",
-    499: "cancelled",
-    503: "backend_unavailable",
-    504: "deadline_exceeded",
-}
 
 
 class _Record:
@@ -61,50 +47,25 @@ class _Record:
         self.feed: EventFeed | None = None
 
     def outcome(self) -> str:
-        terminal = self._terminal()
+        terminal = self.feed.outcome if self.feed is not None else None
         if self.status >= 400:  # the response says it failed: its own code first
             if self.code is not None:
                 return self.code
-            if terminal is not None and (code := metrics.outcome_code(*terminal)) != "ok":
+            if terminal is not None and (code := terminal.code) != "ok":
                 return code
-            return _STATUS_CODES.get(self.status, "internal" if self.status >= 500 else "bad_request")
+            return str(code_for_status(self.status))
         if terminal is not None:  # a stream answers 200 and tells its outcome in its last event
-            return metrics.outcome_code(*terminal)
+            return terminal.code
         if self.feed is not None:
             return "cancelled"  # the client left before the end
         return "ok"
-
-    def _terminal(self) -> tuple[str, bytes] | None:
-        last = self.feed.last if self.feed is not None else None
-        if last is None or last[0].type not in TERMINAL_TYPES:
-            return None
-        return last[0].type, last[1]
-
-
-class _ErrorDetail(msgspec.Struct):
-    code: str | None = None
-
-
-class _ErrorBody(msgspec.Struct):
-    error: _ErrorDetail | str | None = None  # native and OpenAI shapes name the code; Ollama's not
-
-
-_decode_error_body = msgspec.json.Decoder(_ErrorBody).decode
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        error = _decode_error_body(body).error
-    except msgspec.DecodeError:
-        return None
-    return error.code if isinstance(error, _ErrorDetail) else None
 
 
 _current: ContextVar[_Record | None] = ContextVar("llmbus_edge_request", default=None)
 
 
 def accepted(feed: EventFeed, model: str) -> None:
-    """Called by the dispatcher once a request is on the bus: its events decide the outcome."""
+    """The dispatcher's `on_accepted` hook: once a request is on the bus, its events decide the outcome."""
     record = _current.get()
     if record is None or record.feed is not None:
         return  # not inside an HTTP request, or a second hop of the same one
@@ -114,10 +75,11 @@ def accepted(feed: EventFeed, model: str) -> None:
 
 
 def _note_exception(exc: Exception, scope: Scope) -> None:
-    """Litestar's after-exception hook: an `LlmbusError` names the outcome code exactly."""
+    """Litestar's after-exception hook: the failure's code is the outcome code (every error response
+    of every API comes from an exception, so its body is never read back)."""
     record = _current.get()
-    if record is not None and isinstance(exc, LlmbusError):
-        record.code = str(exc.code)
+    if record is not None:
+        record.code = str(code_of(exc))
 
 
 # Probes, scrapes, API docs and static files are neither traced nor counted.
@@ -144,8 +106,6 @@ class ObservabilityMiddleware(ASGIMiddleware):
                 record.status = message["status"]
                 if trace_header is not None:  # the demo page links each answer to its trace
                     message["headers"] = [*message.get("headers", ()), (b"x-trace-id", trace_header)]
-            elif record.status >= 400 and record.code is None and message["type"] == "http.response.body":
-                record.code = _error_code(message.get("body", b""))  # an error body: small, read once
             await send(message)
 
         record_token = _current.set(record)
@@ -215,8 +175,9 @@ def _finish(record: _Record) -> None:
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
-    nc = getattr(request.app.state, "nc", None)
+async def metrics_endpoint(
+    request: Request[Any, Any, Any], nc: NamedDependency[Client | None]
+) -> Response[bytes]:
     if nc is not None:
         await metrics.poll_queues(nc.jetstream())  # queue depth is read per scrape, not per request
     body, content_type = metrics.render(request.headers.get("accept"))

@@ -19,11 +19,11 @@ from litestar import Request, Response, delete, get
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
-from contracts import ErrorCode, LlmbusError, subjects
-from services.edge.dispatch import Dispatcher, EventFeed
-from services.edge.sse import frame
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+from contracts import ErrorCode, LlmbusError
+from contracts.base import check_id
+from services.edge.errors import set_request_id
+from services.edge.feed import EventFeed
+from services.edge.serve import SSE_HEADERS, Dialect, Piped, relay
 
 _encode = msgspec.json.Encoder().encode
 
@@ -55,12 +55,6 @@ def deferred(request_id: str) -> Response[bytes]:
     )
 
 
-def checked_id(request_id: str) -> str:
-    if not subjects.REQUEST_ID.match(request_id):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, "a request id is 8-128 characters of [A-Za-z0-9_-]")
-    return request_id
-
-
 def last_event_id(request: Request[Any, Any, Any], after: int | None = None) -> int:
     """The last `seq` the client has: `Last-Event-ID` (what EventSource sends on reconnect) or `after`."""
     raw = request.headers.get("last-event-id")
@@ -81,44 +75,30 @@ def no_more_events(feed: EventFeed) -> Response[bytes]:
     return Response(b"", status_code=204, headers={"X-Request-Id": feed.request_id})
 
 
-def sse(feed: EventFeed, request_id: str) -> Stream:
-    return Stream(
-        _relay(feed), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
-    )
-
-
-async def _relay(feed: EventFeed) -> Any:
-    try:
-        async for batch in feed.batches():
-            yield frame(batch)
-    finally:
-        feed.close()
-
-
 @get(
     "/v1/requests/{request_id:str}/events",
     summary="Follow a request's events (SSE), resuming after Last-Event-ID",
 )
 async def request_events(
-    request: Request[Any, Any, Any],
-    request_id: FromPath[str],
-    after: FromQuery[int | None] = None,
+    request_id: FromPath[str], pipeline: Piped, after: FromQuery[int | None] = None
 ) -> Stream | Response[bytes]:
-    checked_id(request_id)
-    request.scope.setdefault("state", {})["request_id"] = request_id
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    feed = await dispatcher.attach(request_id, after=last_event_id(request, after))
+    request = pipeline.request
+    set_request_id(request, check_id(request_id, "a request id"))
+    after = last_event_id(request, after)
+    feed = await pipeline.dispatcher.attach(request_id, after=after, tenant=request.user)
     if feed.nothing_after:
         return no_more_events(feed)
-    return sse(feed, request_id)
+    return Stream(
+        relay(feed, Dialect()),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, "X-Request-Id": request_id},
+    )
 
 
 @delete("/v1/requests/{request_id:str}", summary="Cancel a request", status_code=202)
-async def cancel_request(request: Request[Any, Any, Any], request_id: FromPath[str]) -> Response[bytes]:
-    checked_id(request_id)
-    request.scope.setdefault("state", {})["request_id"] = request_id
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    cancelling = await dispatcher.cancel(request_id)
+async def cancel_request(request_id: FromPath[str], pipeline: Piped) -> Response[bytes]:
+    set_request_id(pipeline.request, check_id(request_id, "a request id"))
+    cancelling = await pipeline.dispatcher.cancel(request_id, tenant=pipeline.request.user)
     answer = Cancelled(request_id=request_id, status="cancelling" if cancelling else "ended")
     return Response(
         _encode(answer),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
 
 import msgspec
 from nats.aio.client import Client
@@ -21,17 +20,36 @@ from nats.aio.client import Client
 from contracts import Error, ErrorCode, GenerateRequest, LlmbusError, Start, headers, subjects
 from contracts.route import Routed
 from services.classifier.routes import RouteTable
+from services.edge.feed import EventFeed
 from services.runtime.handoff import Claims, republish
 from services.runtime.settings import Settings
-
-if TYPE_CHECKING:
-    from services.edge.dispatch import EventFeed
 
 log = logging.getLogger("llmbus.edge")
 
 _encode = msgspec.json.Encoder().encode
 
 OWNER = "edge"
+
+
+class RouteGuard:
+    """A routed request's bounded wait, made with its feed and started once the request is queued;
+    the feed cancels it when it closes."""
+
+    __slots__ = ("_fallback", "_headers", "_request", "_task")
+
+    def __init__(self, fallback: RouteFallback, request: GenerateRequest, hdrs: dict[str, str]) -> None:
+        self._fallback = fallback
+        self._request = request
+        self._headers = hdrs
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, feed: EventFeed, queued: int) -> None:
+        """`queued`: the routing message's sequence in the request stream (deleted on fallback)."""
+        self._task = asyncio.create_task(self._fallback.guard(feed, self._request, self._headers, queued))
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class RouteFallback:

@@ -103,15 +103,7 @@ class Task:
 
     @property
     def info(self) -> TaskInfo:
-        return TaskInfo(
-            name=self.name,
-            description=self.description,
-            model=self.model,
-            options=self.options,
-            input_schema=self.input_schema,
-            output_schema=self.output_schema,
-            output_schema_input=self.output_schema_input,
-        )
+        return TaskInfo(**{name: getattr(self, name) for name in TaskInfo.__struct_fields__})
 
     def prepare(self, inputs: dict[str, Any], request_id: str) -> Prepared:
         """Validates `inputs` (raises `bad_request` naming the field) and renders the request."""

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import get, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from litestar.response import Stream
 
 from contracts import (
     Done,
@@ -33,12 +33,11 @@ from contracts import (
     Usage,
 )
 from services.edge.bodies import Timeout
-from services.edge.dispatch import Dispatcher, EventFeed, RawEvent
-from services.edge.errors import error_response, request_id_of
-from services.edge.generation import SSE_HEADERS
-from services.edge.hangup import ClientGone, unless_client_leaves
-from services.edge.sse import frame
+from services.edge.dispatch import Dispatcher
+from services.edge.feed import EventFeed
+from services.edge.serve import Answer, Dialect, Piped, Source, Wire
 from services.edge.task_catalog import InvalidOutput, Prepared, Task, TaskInfo
+from services.runtime.events import RawEvent
 
 _encode = msgspec.json.Encoder().encode
 _decode_token = msgspec.json.Decoder(Token).decode
@@ -82,15 +81,37 @@ class TaskResult(msgspec.Struct, omit_defaults=True):
     timings: Timings
 
 
+Tasks = dict[str, Task]
+Catalog = NamedDependency[Tasks]  # the task files, loaded at start (services/edge/task_catalog.py)
+
+
 @get("/v1/tasks", summary="List tasks with their input and output schemas")
-async def list_tasks(request: Request[Any, Any, Any]) -> TaskList:
-    tasks: dict[str, Task] = request.app.state.tasks
+async def list_tasks(tasks: Catalog) -> TaskList:
     return TaskList([task.info for task in tasks.values()])
 
 
 @get("/v1/tasks/{name:str}", summary="One task with its input and output schemas")
-async def show_task(request: Request[Any, Any, Any], name: FromPath[str]) -> TaskInfo:
-    return _task(request, name).info
+async def show_task(name: FromPath[str], tasks: Catalog) -> TaskInfo:
+    return _task(tasks, name).info
+
+
+class Tasking(Dialect):
+    """The native dialect over a task's attempts (`_TaskRun`), answering a `TaskResult`."""
+
+    def __init__(self, name: str, prepared: Prepared, *, streams: bool) -> None:
+        self.name = name
+        self.prepared = prepared
+        self.streams = streams
+
+    async def open(self, dispatcher: Dispatcher, wire: Wire, submit: dict[str, Any]) -> Source:
+        assert isinstance(wire, GenerateRequest)
+        run = _TaskRun(dispatcher, self.prepared, wire, submit)
+        await run.submit()  # before answering: an unavailable queue is an HTTP error, not a stream
+        return run
+
+    async def collect(self, source: Source) -> TaskResult | Error:
+        assert isinstance(source, _TaskRun)
+        return await _collect(source, self.name)
 
 
 @post(
@@ -98,11 +119,9 @@ async def show_task(request: Request[Any, Any, Any], name: FromPath[str]) -> Tas
     summary="Run a task: stream tokens, end with the validated object",
     status_code=200,
 )
-async def run_task(
-    request: Request[Any, Any, Any], name: FromPath[str], data: JSONBody[TaskBody]
-) -> Response[bytes] | Stream:
-    task = _task(request, name)
-    request_id = request_id_of(request)
+async def run_task(name: FromPath[str], data: JSONBody[TaskBody], pipeline: Piped, tasks: Catalog) -> Answer:
+    task = _task(tasks, name)
+    request_id = pipeline.request_id
     prepared = task.prepare(data.input, request_id)
     options = task.options
     if data.options is not None:
@@ -114,25 +133,11 @@ async def run_task(
         options=options,
         format=prepared.format,
     )
-    wire.validate()
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    run = _TaskRun(dispatcher, prepared, wire, data.timeout)
-    await run.submit()  # before answering: an unavailable queue is an HTTP error, not a stream
-    if data.stream or "text/event-stream" in request.headers.get("accept", ""):
-        return Stream(
-            _sse(run), media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id}
-        )
-    try:
-        result = await unless_client_leaves(request, run, _collect(run, name))
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return error_response(result.code, result.message, request_id, result.retry_after)
-    return Response(_encode(result), media_type="application/json", headers={"X-Request-Id": request_id})
+    streams = data.stream or pipeline.accepts_events
+    return await pipeline.serve(wire, Tasking(name, prepared, streams=streams), timeout_s=data.timeout)
 
 
-def _task(request: Request[Any, Any, Any], name: str) -> Task:
-    tasks: dict[str, Task] = request.app.state.tasks
+def _task(tasks: Tasks, name: str) -> Task:
     task = tasks.get(name)
     if task is None:
         raise LlmbusError(ErrorCode.NOT_FOUND, f"no task {name[:64]!r}; GET /v1/tasks lists them")
@@ -147,11 +152,14 @@ class _TaskRun:
     """Up to two bus requests for one task request; `close` cancels whichever is running."""
 
     def __init__(
-        self, dispatcher: Dispatcher, prepared: Prepared, wire: GenerateRequest, timeout: float | None
+        self, dispatcher: Dispatcher, prepared: Prepared, wire: GenerateRequest, submit: dict[str, Any]
     ):
         self.dispatcher = dispatcher
         self.prepared = prepared
         self.wire = wire
+        self.request_id = wire.id  # the task request's (the answer's X-Request-Id)
+        self.submit_as = {k: v for k, v in submit.items() if k != "timeout_s"}  # the tenant
+        timeout = submit.get("timeout_s")
         timeout = min(timeout or dispatcher.max_timeout_s, dispatcher.max_timeout_s)
         self.deadline = asyncio.get_running_loop().time() + timeout  # one deadline for every attempt
         self.feed: EventFeed | None = None
@@ -162,13 +170,13 @@ class _TaskRun:
         if self.feed is not None:
             self.feed.close()  # the previous attempt ended: this only unsubscribes
         remaining = max(self.deadline - asyncio.get_running_loop().time(), 0.001)
-        self.feed = await self.dispatcher.submit(self.wire, remaining)
+        self.feed = await self.dispatcher.submit(self.wire, remaining, **self.submit_as)
 
     def close(self) -> None:
         if self.feed is not None:
             self.feed.close()
 
-    async def events(self) -> AsyncIterator[list[RawEvent]]:
+    async def batches(self) -> AsyncIterator[list[RawEvent]]:
         """The relayed events of every attempt, ending with one terminal event (done or error)."""
         while True:
             assert self.feed is not None
@@ -243,18 +251,9 @@ def _invalid_output(head: EventHead, done: Done, reason: str, text: str) -> RawE
     return EventHead(type="error", seq=head.seq), _encode(error)
 
 
-async def _sse(run: _TaskRun) -> AsyncIterator[bytes]:
-    # Litestar cancels this generator when the client disconnects; `close` then cancels upstream.
-    try:
-        async for batch in run.events():
-            yield frame(batch)
-    finally:
-        run.close()
-
-
 async def _collect(run: _TaskRun, name: str) -> TaskResult | Error:
     model = run.wire.model
-    async for batch in run.events():
+    async for batch in run.batches():
         for head, data in batch:
             if head.type == "routed":
                 model = msgspec.json.decode(data)["model"]
@@ -273,4 +272,4 @@ async def _collect(run: _TaskRun, name: str) -> TaskResult | Error:
                 )
             elif head.type == "error":
                 return _decode_error(data)
-    raise RuntimeError("task events ended without a terminal event")  # `events` always ends with one
+    raise RuntimeError("task events ended without a terminal event")  # `batches` always ends with one

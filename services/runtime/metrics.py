@@ -20,7 +20,6 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-import msgspec
 from nats.js import JetStreamContext
 from prometheus_client import (
     GC_COLLECTOR,
@@ -204,19 +203,6 @@ def http_request_ended(endpoint: str, model: str, code: str, duration_s: float, 
     HTTP_DURATION.labels(endpoint, model, code).observe(duration_s)
     if ttft_s is not None:
         HTTP_TTFT.labels(endpoint, model).observe(ttft_s)
-
-
-_decode_error = msgspec.json.Decoder(Error).decode
-
-
-def outcome_code(event_type: str, payload: bytes) -> str:
-    """The error code of a terminal `error` event (decoded only then); `ok` for any other."""
-    if event_type != "error":
-        return "ok"
-    try:
-        return str(_decode_error(payload).code)
-    except msgspec.DecodeError:
-        return "internal"
 
 
 class _Job(Protocol):

@@ -10,12 +10,10 @@ cancelled: the client knows to retry, and never gets a duplicated or spliced ans
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import msgspec
 
 from contracts import Done, Error, ErrorCode, Event, Restart, Routed, Token
-from services.edge.dispatch import EventFeed
+from services.runtime.events import RawEvent
 
 _decode_event = msgspec.json.Decoder(Event).decode
 
@@ -24,47 +22,69 @@ DIVERGED = (
     "retry the request"
 )
 
+Forwarded = Token | Routed | Done | Error
 
-async def stream_events(feed: EventFeed) -> AsyncIterator[Token | Routed | Done | Error]:
-    """`Routed` (for `auto`: the model that answers), `Token`s, then one `Done` or `Error`."""
-    sent: list[str] = []  # what the client has, in case a restart makes us check a new attempt
-    check: str | None = None  # while a new attempt repeats the sent text: that text
-    at = 0  # how far into `check` the new attempt has come
-    async for batch in feed.batches():
+
+class Seamless:
+    """One request's events as a compat stream forwards them, a batch at a time: `Routed` (for
+    `auto`: the model that answers), `Token`s, then one `Done` or `Error`, after which `ended`."""
+
+    __slots__ = ("_at", "_check", "_sent", "ended")
+
+    def __init__(self) -> None:
+        self._sent: list[str] = []  # what the client has, in case a restart makes us check a new attempt
+        self._check: str | None = None  # while a new attempt repeats the sent text: that text
+        self._at = 0  # how far into `check` the new attempt has come
+        self.ended = False
+
+    def events(self, batch: list[RawEvent]) -> list[Forwarded]:
+        out: list[Forwarded] = []
         for _, data in batch:
             event = _decode_event(data)
             if isinstance(event, Token):
-                if check is None:
-                    sent.append(event.text)
-                    yield event
-                    continue
-                text = event.text
-                if at + len(text) <= len(check):
-                    if not check.startswith(text, at):
-                        yield _diverged(event)
-                        return
-                    at += len(text)
-                    continue
-                overlap = len(check) - at
-                if not text.startswith(check[at:]):
-                    yield _diverged(event)
-                    return
-                check = None  # past the text the client has: the rest is new
-                sent.append(text[overlap:])
-                yield msgspec.structs.replace(event, text=text[overlap:])
+                if self._check is None:
+                    self._sent.append(event.text)
+                    out.append(event)
+                elif (token := self._continued(event)) is not None:
+                    out.append(token)
             elif isinstance(event, Routed):
-                yield event
+                out.append(event)
             elif isinstance(event, Restart):
-                check, at = (check if check is not None else "".join(sent)), 0
+                self._check, self._at = (self._check if self._check is not None else "".join(self._sent)), 0
             elif isinstance(event, Done):
-                if check is not None and at != len(check):
-                    yield _diverged(event)  # the new answer is shorter than what was sent
+                if self._check is not None and self._at != len(self._check):
+                    self._end(out, _diverged(event))  # the new answer is shorter than what was sent
                 else:
-                    yield event
-                return
+                    self._end(out, event)
             elif isinstance(event, Error):
-                yield event
-                return
+                self._end(out, event)
+            if self.ended:
+                break
+        return out
+
+    def _continued(self, event: Token) -> Forwarded | None:
+        """A token of a new attempt: nothing while it repeats the sent text, then the new part;
+        an error (and the end) as soon as it differs."""
+        check = self._check
+        assert check is not None
+        text = event.text
+        if self._at + len(text) <= len(check):
+            if not check.startswith(text, self._at):
+                self.ended = True
+                return _diverged(event)
+            self._at += len(text)
+            return None
+        overlap = len(check) - self._at
+        if not text.startswith(check[self._at :]):
+            self.ended = True
+            return _diverged(event)
+        self._check = None  # past the text the client has: the rest is new
+        self._sent.append(text[overlap:])
+        return msgspec.structs.replace(event, text=text[overlap:])
+
+    def _end(self, out: list[Forwarded], event: Done | Error) -> None:
+        out.append(event)
+        self.ended = True
 
 
 def _diverged(event: Token | Done) -> Error:

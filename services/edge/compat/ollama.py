@@ -8,20 +8,18 @@ edge's one embed path; `tags`, `ps` and `show` read the janitors' inventory and 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from contracts import (
     Completion,
     Done,
     EmbedRequest,
-    EmbedResponse,
     Error,
     ErrorCode,
     Format,
@@ -32,23 +30,25 @@ from contracts import (
     Routed,
     Token,
 )
-from contracts.embed import Dimensions
-from contracts.models import LoadRequest, ModelDetails, ModelInfo, ModelRef, canonical_model
+from contracts.embed import Dimensions, EmbedResponse
+from contracts.models import LoadRequest, ModelInfo, ModelRef
 from services.edge.admission import Admission
-from services.edge.compat.events import stream_events
-from services.edge.dispatch import Dispatcher, EventFeed
-from services.edge.embed import embed_texts
+from services.edge.compat.events import Seamless
+from services.edge.compat.ollama_models import MODEL_ROUTES, json_answer
+from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers, request_id_of
 from services.edge.generation import collect
-from services.edge.hangup import ClientGone, unless_client_leaves
-from services.edge.models import listing
+from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
+from services.edge.tenants import Tenant
 from services.runtime import durations
 from services.runtime.admin_client import AdminClient
-from services.runtime.inventory import InventoryView
+from services.runtime.events import RawEvent
+from services.runtime.settings import Settings
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these routes follow
 
 _encode = msgspec.json.Encoder().encode
+Admin = NamedDependency[AdminClient]
 _OPTION_FIELDS = frozenset(Options.__struct_fields__)
 
 
@@ -115,12 +115,7 @@ class GenerateBody(_Common, kw_only=True):
 
 
 def ollama_error(failure: Failure, request_id: str) -> Response[bytes]:
-    return Response(
-        _encode({"error": failure.message}),
-        status_code=failure.status,
-        media_type="application/json",
-        headers={"X-Request-Id": request_id},
-    )
+    return json_answer({"error": failure.message}, request_id, failure.status)
 
 
 class _Shape:
@@ -162,47 +157,50 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-async def _answer(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool
-) -> Response[bytes] | Stream:
-    if body.empty:
-        return await _load_or_unload(request, body, chat)
-    request_id = request_id_of(request)
-    wire = body.to_request(request_id)
-    wire.validate()
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    feed = await dispatcher.submit(wire)
-    shape = _Shape(chat, body.model)
-    if body.stream:
-        return Stream(
-            _ndjson(feed, shape), media_type="application/x-ndjson", headers={"X-Request-Id": request_id}
-        )
-    try:
-        result = await unless_client_leaves(request, feed, collect(feed, body.model))
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return ollama_error(Failure(result.code, result.message, result.code.http_status), request_id)
-    return _json(shape.final(result, result.text), request_id)
+class Ollama(Dialect):
+    """Chat and generate: NDJSON lines with Ollama's field names, the last with its statistics."""
 
+    media_type = "application/x-ndjson"
+    error = staticmethod(ollama_error)
 
-async def _ndjson(feed: EventFeed, shape: _Shape) -> AsyncIterator[bytes]:
-    try:
-        async for event in stream_events(feed):
+    def __init__(self, shape: _Shape, *, streams: bool) -> None:
+        self.shape = shape
+        self.streams = streams
+        self.events = Seamless()
+
+    def frame(self, batch: list[RawEvent]) -> bytes:
+        shape = self.shape
+        out: list[bytes] = []
+        for event in self.events.events(batch):
             if isinstance(event, Token):
-                yield _encode(shape.piece(event.text)) + b"\n"
+                out.append(_encode(shape.piece(event.text)) + b"\n")
             elif isinstance(event, Routed):
                 shape.model = event.model  # lines name the model that answers, as non-streamed ones do
             elif isinstance(event, Done):
-                yield _encode(shape.final(event)) + b"\n"
+                out.append(_encode(shape.final(event)) + b"\n")
             else:
-                yield _encode({"error": event.message}) + b"\n"  # Ollama's in-stream error line
-    finally:
-        feed.close()
+                out.append(_encode({"error": event.message}) + b"\n")  # Ollama's in-stream error line
+        self.ended = self.events.ended
+        return b"".join(out)
+
+    async def collect(self, source: Source) -> Completion | Error:
+        return await collect(source, self.shape.model)
+
+    def answer(self, result: Completion, request_id: str) -> Response[bytes]:
+        return json_answer(self.shape.final(result, result.text), request_id)
+
+
+async def _answer(
+    pipeline: Pipeline, body: ChatBody | GenerateBody, chat: bool, admin: AdminClient
+) -> Answer:
+    if body.empty:
+        return await _load_or_unload(pipeline.request, body, chat, admin)
+    wire = body.to_request(pipeline.request_id)
+    return await pipeline.serve(wire, Ollama(_Shape(chat, body.model), streams=body.stream))
 
 
 async def _load_or_unload(
-    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool
+    request: Request[Any, Any, Any], body: ChatBody | GenerateBody, chat: bool, admin: AdminClient
 ) -> Response[bytes]:
     """Ollama's idiom with nothing to answer: load the model (for `keep_alive`, default its idle
     TTL, negative: until unloaded), or unload it with `keep_alive: 0`. The janitor of the model's
@@ -212,11 +210,10 @@ async def _load_or_unload(
         keep = None if body.keep_alive is None else durations.seconds(body.keep_alive)
     except ValueError as exc:
         raise LlmbusError(ErrorCode.BAD_REQUEST, f"keep_alive: {exc}") from None
-    admission: Admission = request.app.state.admission
-    admission.check_model(body.model)
-    if not admission.is_admin():
+    tenant: Tenant = request.user
+    Admission.check_model(body.model, tenant)
+    if not tenant.admin:  # an admin key (every caller is admin with auth off)
         raise LlmbusError(ErrorCode.FORBIDDEN, "loading or unloading a model needs an admin key")
-    admin: AdminClient = request.app.state.admin
     host = admin.host_for(None, body.model)
     if keep == 0:
         await admin.call("unload", ModelRef(body.model), ModelInfo, host)
@@ -229,21 +226,17 @@ async def _load_or_unload(
     else:
         answer["response"] = ""
     answer |= {"done": True, "done_reason": "unload" if keep == 0 else "load"}
-    return _json(answer, request_id_of(request))
-
-
-def _json(body: Any, request_id: str) -> Response[bytes]:
-    return Response(_encode(body), media_type="application/json", headers={"X-Request-Id": request_id})
+    return json_answer(answer, request_id_of(request))
 
 
 @post("/api/chat", summary="Ollama-compatible chat", status_code=200)
-async def chat(request: Request[Any, Any, Any], data: JSONBody[ChatBody]) -> Response[bytes] | Stream:
-    return await _answer(request, data, chat=True)
+async def chat(data: JSONBody[ChatBody], pipeline: Piped, admin: Admin) -> Answer:
+    return await _answer(pipeline, data, True, admin)
 
 
 @post("/api/generate", summary="Ollama-compatible generate", status_code=200)
-async def generate(request: Request[Any, Any, Any], data: JSONBody[GenerateBody]) -> Response[bytes] | Stream:
-    return await _answer(request, data, chat=False)
+async def generate(data: JSONBody[GenerateBody], pipeline: Piped, admin: Admin) -> Answer:
+    return await _answer(pipeline, data, False, admin)
 
 
 @get("/api/version", summary="Ollama-compatible version")
@@ -275,134 +268,45 @@ class LegacyEmbeddingsBody(msgspec.Struct, kw_only=True):
     keep_alive: str | int | float | None = None
 
 
-async def _embed(request: Request[Any, Any, Any], wire: EmbedRequest) -> EmbedResponse | Response[bytes]:
-    try:
-        result = await embed_texts(request, wire, None)
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return ollama_error(Failure(result.code, result.message, result.code.http_status), wire.id)
-    return result
+class OllamaEmbedding(Embedding):
+    """`/api/embed` (`legacy`: `/api/embeddings`, one text, one vector)."""
+
+    error = staticmethod(ollama_error)
+
+    def __init__(self, settings: Settings, *, legacy: bool = False) -> None:
+        super().__init__(settings)
+        self.legacy = legacy
+
+    def answer(self, result: EmbedResponse, request_id: str) -> Response[bytes]:
+        if self.legacy:
+            return json_answer({"embedding": result.embeddings[0]}, request_id)
+        body = {
+            "model": result.model,
+            "embeddings": result.embeddings,
+            "total_duration": int(result.timings.total_ms * 1e6),
+            "load_duration": 0,
+            "prompt_eval_count": result.usage.prompt_tokens,
+        }
+        return json_answer(body, request_id)
 
 
 @post("/api/embed", summary="Ollama-compatible embed", status_code=200)
-async def embed(request: Request[Any, Any, Any], data: JSONBody[EmbedBody]) -> Response[bytes]:
-    request_id = request_id_of(request)
-    wire = EmbedRequest(
-        id=request_id, model=data.model, input=data.input, truncate=data.truncate, dimensions=data.dimensions
-    )
-    result = await _embed(request, wire)
-    if isinstance(result, Response):
-        return result
-    body = {
-        "model": result.model,
-        "embeddings": result.embeddings,
-        "total_duration": int(result.timings.total_ms * 1e6),
-        "load_duration": 0,
-        "prompt_eval_count": result.usage.prompt_tokens,
-    }
-    return _json(body, request_id)
+async def embed(data: JSONBody[EmbedBody], pipeline: Piped) -> Response[bytes]:
+    fields = msgspec.structs.asdict(data)
+    del fields["options"], fields["keep_alive"]  # accepted and ignored
+    wire = EmbedRequest(id=pipeline.request_id, **fields)
+    return await embed_with(pipeline, wire, OllamaEmbedding(pipeline.settings))
 
 
 @post("/api/embeddings", summary="Ollama's legacy single-text embeddings", status_code=200)
-async def embeddings(
-    request: Request[Any, Any, Any], data: JSONBody[LegacyEmbeddingsBody]
-) -> Response[bytes]:
-    request_id = request_id_of(request)
-    result = await _embed(request, EmbedRequest(id=request_id, model=data.model, input=data.prompt))
-    if isinstance(result, Response):
-        return result
-    return _json({"embedding": result.embeddings[0]}, request_id)
-
-
-# -- models: the janitors' inventory and admin API, as `/v1/models` serves them (services/edge/models.py)
-
-
-@get("/api/tags", summary="Ollama-compatible list of local models")
-async def tags(request: Request[Any, Any, Any]) -> Response[bytes]:
-    found = listing(request.app.state.inventory, None, loaded_only=False).data
-    entries = [_entry(info) for model in found if (info := _first(model.hosts, ready=True))]
-    return _json({"models": entries}, request_id_of(request))
-
-
-@get("/api/ps", summary="Ollama-compatible list of loaded models")
-async def ps(request: Request[Any, Any, Any]) -> Response[bytes]:
-    found = listing(request.app.state.inventory, None, loaded_only=True).data
-    entries = []
-    for model in found:
-        info = model.hosts[0]
-        entry = _entry(info) | {"size_vram": info.size_vram}
-        if info.expires_at is not None:
-            entry["expires_at"] = _iso(info.expires_at)
-        entries.append(entry)
-    return _json({"models": entries}, request_id_of(request))
-
-
-class ShowBody(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    name: str | None = None  # the field's old name, still sent by older clients
-    verbose: bool | None = None
-
-
-@post("/api/show", summary="Ollama-compatible model details", status_code=200)
-async def show(request: Request[Any, Any, Any], data: JSONBody[ShowBody]) -> Response[bytes]:
-    name = data.model or data.name
-    if not name:
-        raise LlmbusError(ErrorCode.BAD_REQUEST, "model is required")
-    ModelRef(name).validate()
-    inventory: InventoryView = request.app.state.inventory
-    admin: AdminClient = request.app.state.admin
-    hosts = sorted(info.host for info in inventory.lookup(name) if info.ready)
-    if not hosts and inventory.populated:
-        raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' not found")
-    host = hosts[0] if hosts else admin.host_for(None, name)  # no inventory yet: ask the janitor
-    shown = await admin.call("show", ModelRef(name), ModelDetails, host)
-    body: dict[str, Any] = {
-        "license": "",
-        "modelfile": shown.modelfile,
-        "parameters": shown.parameters,
-        "template": shown.template,
-        "system": shown.system,
-        "details": shown.details,
-        "model_info": shown.model_info,
-        "capabilities": shown.capabilities,
-    }
-    if shown.info is not None:
-        body["modified_at"] = _iso(shown.info.updated_at)
-    return _json(body, request_id_of(request))
-
-
-def _first(infos: list[ModelInfo], *, ready: bool) -> ModelInfo | None:
-    return next((info for info in infos if info.ready or not ready), None)
-
-
-def _entry(info: ModelInfo) -> dict[str, Any]:
-    """One model as `/api/tags` and `/api/ps` list it, from its inventory entry."""
-    name = canonical_model(info.model)
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": _iso(info.updated_at),
-        "size": info.size,
-        "digest": info.digest or "",
-        "details": {
-            "parent_model": "",
-            "format": "gguf",  # every model Ollama serves
-            "family": info.family or "",
-            "families": [info.family] if info.family else None,
-            "parameter_size": info.parameter_size or "",
-            "quantization_level": info.quantization or "",
-        },
-    }
-
-
-def _iso(unix_s: float) -> str:
-    return datetime.fromtimestamp(unix_s, UTC).isoformat().replace("+00:00", "Z")
+async def embeddings(data: JSONBody[LegacyEmbeddingsBody], pipeline: Piped) -> Response[bytes]:
+    wire = EmbedRequest(id=pipeline.request_id, model=data.model, input=data.prompt)
+    return await embed_with(pipeline, wire, OllamaEmbedding(pipeline.settings, legacy=True))
 
 
 router = Router(
     path="/ollama",
-    route_handlers=[chat, generate, embed, embeddings, tags, ps, show, version, root],
+    route_handlers=[chat, generate, embed, embeddings, *MODEL_ROUTES, version, root],
     tags=["Ollama-compatible"],
     exception_handlers=handlers(ollama_error),  # type: ignore[arg-type]
 )

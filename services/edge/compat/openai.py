@@ -11,34 +11,34 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-from litestar import Request, Response, Router, post
+from litestar import Response, Router, post
 from litestar.params import JSONBody
-from litestar.response import Stream
 
 from contracts import (
     Completion,
     Done,
     EmbedRequest,
+    EmbedResponse,
     Error,
     ErrorCode,
     GenerateRequest,
     LlmbusError,
     Message,
     Options,
-    Routed,
     Token,
 )
 from contracts.embed import Dimensions
-from services.edge.compat.events import stream_events
-from services.edge.dispatch import Dispatcher, EventFeed
-from services.edge.embed import embed_texts
-from services.edge.errors import handlers, request_id_of
+from contracts.route import Routed
+from services.edge.compat.events import Seamless
+from services.edge.embed import Embedding, embed_with
+from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
-from services.edge.hangup import ClientGone, unless_client_leaves
+from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
+from services.runtime.events import RawEvent
+from services.runtime.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
 
@@ -149,20 +149,20 @@ _ERROR_TYPES = {
 }
 
 
-def openai_error(
-    code: ErrorCode, message: str, request_id: str, status: int | None = None
-) -> Response[bytes]:
-    status = status or code.http_status
+def openai_error(failure: Failure, request_id: str) -> Response[bytes]:
     body = {
         "error": {
-            "message": message,
-            "type": _ERROR_TYPES.get(status, "server_error"),
+            "message": failure.message,
+            "type": _ERROR_TYPES.get(failure.status, "server_error"),
             "param": None,
-            "code": code.value,
+            "code": failure.code.value,
         }
     }
     return Response(
-        _encode(body), status_code=status, media_type="application/json", headers={"X-Request-Id": request_id}
+        _encode(body),
+        status_code=failure.status,
+        media_type="application/json",
+        headers={"X-Request-Id": request_id},
     )
 
 
@@ -233,72 +233,65 @@ class _Shape:
         return b"data: " + _encode(obj) + b"\n\n"
 
 
-async def _answer(
-    request: Request[Any, Any, Any], body: ChatCompletionBody | CompletionBody, chat: bool
-) -> Response[bytes] | Stream:
-    request_id = request_id_of(request)
-    try:
-        wire = body.to_request(request_id)
-        wire.validate()
-        dispatcher: Dispatcher = request.app.state.dispatcher
-        feed = await dispatcher.submit(wire, body.timeout)
-    except LlmbusError:
-        raise  # the router's handler renders it, with Retry-After (429, 503)
-    shape = _Shape(chat, request_id, body.model)
-    if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return Stream(
-            _stream(feed, shape, usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id},
-        )
-    try:
-        result = await unless_client_leaves(request, feed, collect(feed, body.model))
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return openai_error(result.code, result.message, request_id)
-    return Response(
-        _encode(shape.whole(result)), media_type="application/json", headers={"X-Request-Id": request_id}
-    )
+class OpenAI(Dialect):
+    """Chat completions and completions: `data: {chunk}` lines, then `data: [DONE]`."""
 
+    error = staticmethod(openai_error)
 
-async def _stream(feed: EventFeed, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
-    try:
-        role_sent = not shape.chat  # a chat stream opens with the role, once the model is known
-        async for event in stream_events(feed):
+    def __init__(self, shape: _Shape, *, streams: bool, include_usage: bool) -> None:
+        self.shape = shape
+        self.streams = streams
+        self.include_usage = include_usage
+        self.events = Seamless()
+        self.role_sent = not shape.chat  # a chat stream opens with the role, once the model is known
+
+    def frame(self, batch: list[RawEvent]) -> bytes:
+        shape = self.shape
+        out: list[bytes] = []
+        for event in self.events.events(batch):
             if isinstance(event, Routed):
                 shape.model = event.model  # chunks name the model that answers, as non-streamed ones do
                 continue
-            if not role_sent:
-                role_sent = True
-                yield shape.chunk(None, first=True)
+            if not self.role_sent:
+                self.role_sent = True
+                out.append(shape.chunk(None, first=True))
             if isinstance(event, Token):
-                yield shape.chunk(event.text)
+                out.append(shape.chunk(event.text))
             elif isinstance(event, Done):
-                yield shape.chunk(None if shape.chat else "", finish_reason=event.finish_reason)
-                if include_usage:
-                    yield shape.usage_chunk(event)
+                out.append(shape.chunk(None if shape.chat else "", finish_reason=event.finish_reason))
+                if self.include_usage:
+                    out.append(shape.usage_chunk(event))
             elif isinstance(event, Error):
                 error = {"message": event.message, "type": "server_error", "code": event.code.value}
-                yield b"data: " + _encode({"error": error}) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    finally:
-        feed.close()
+                out.append(b"data: " + _encode({"error": error}) + b"\n\n")
+        self.ended = self.events.ended
+        return b"".join(out)
+
+    def tail(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    async def collect(self, source: Source) -> Completion | Error:
+        return await collect(source, self.shape.model)
+
+    def answer(self, result: Completion, request_id: str) -> Response[bytes]:
+        return super().answer(self.shape.whole(result), request_id)
+
+
+async def _answer(pipeline: Pipeline, body: ChatCompletionBody | CompletionBody, chat: bool) -> Answer:
+    request_id = pipeline.request_id
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    dialect = OpenAI(_Shape(chat, request_id, body.model), streams=body.stream, include_usage=usage)
+    return await pipeline.serve(body.to_request(request_id), dialect, timeout_s=body.timeout)
 
 
 @post("/chat/completions", summary="OpenAI-compatible chat completions", status_code=200)
-async def chat_completions(
-    request: Request[Any, Any, Any], data: JSONBody[ChatCompletionBody]
-) -> Response[bytes] | Stream:
-    return await _answer(request, data, chat=True)
+async def chat_completions(data: JSONBody[ChatCompletionBody], pipeline: Piped) -> Answer:
+    return await _answer(pipeline, data, chat=True)
 
 
 @post("/completions", summary="OpenAI-compatible completions", status_code=200)
-async def completions(
-    request: Request[Any, Any, Any], data: JSONBody[CompletionBody]
-) -> Response[bytes] | Stream:
-    return await _answer(request, data, chat=False)
+async def completions(data: JSONBody[CompletionBody], pipeline: Piped) -> Answer:
+    return await _answer(pipeline, data, chat=False)
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
@@ -318,26 +311,34 @@ class EmbeddingsBody(msgspec.Struct, kw_only=True):
         return EmbedRequest(id=request_id, model=self.model, input=texts, dimensions=self.dimensions)
 
 
+class OpenAIEmbedding(Embedding):
+    error = staticmethod(openai_error)
+
+    def __init__(self, settings: Settings, encoding_format: str) -> None:
+        super().__init__(settings)
+        self.encode = _base64 if encoding_format == "base64" else None
+
+    def answer(self, result: EmbedResponse, request_id: str) -> Response[bytes]:
+        encode = self.encode
+        body = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": encode(v) if encode else v}
+                for i, v in enumerate(result.embeddings)
+            ],
+            "model": result.model,
+            "usage": {
+                "prompt_tokens": result.usage.prompt_tokens,
+                "total_tokens": result.usage.prompt_tokens,
+            },
+        }
+        return super().answer(body, request_id)
+
+
 @post("/embeddings", summary="OpenAI-compatible embeddings", status_code=200)
-async def embeddings(request: Request[Any, Any, Any], data: JSONBody[EmbeddingsBody]) -> Response[bytes]:
-    request_id = request_id_of(request)
-    try:
-        result = await embed_texts(request, data.to_request(request_id), data.timeout)
-    except ClientGone:
-        return Response(b"", status_code=499)
-    if isinstance(result, Error):
-        return openai_error(result.code, result.message, request_id)
-    encode = _base64 if data.encoding_format == "base64" else None
-    body = {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": encode(v) if encode else v}
-            for i, v in enumerate(result.embeddings)
-        ],
-        "model": result.model,
-        "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens},
-    }
-    return Response(_encode(body), media_type="application/json", headers={"X-Request-Id": request_id})
+async def embeddings(data: JSONBody[EmbeddingsBody], pipeline: Piped) -> Response[bytes]:
+    dialect = OpenAIEmbedding(pipeline.settings, data.encoding_format)
+    return await embed_with(pipeline, data.to_request(pipeline.request_id), dialect, data.timeout)
 
 
 def _base64(vector: list[float]) -> str:
@@ -349,5 +350,5 @@ router = Router(
     path="/openai/v1",
     route_handlers=[chat_completions, completions, embeddings],
     tags=["OpenAI-compatible"],
-    exception_handlers=handlers(lambda f, rid: openai_error(f.code, f.message, rid, f.status)),  # type: ignore[arg-type]
+    exception_handlers=handlers(openai_error),  # type: ignore[arg-type]
 )
