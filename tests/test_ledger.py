@@ -263,7 +263,7 @@ async def test_a_tenant_at_its_daily_budget_gets_429_another_is_unaffected_and_r
     ):
         first = await http.post("/v1/chat", json=CHAT, headers=bearer("a"))
         assert first.status_code == 200
-        admission = edge.app.state.admission
+        admission = edge.app.state.dispatcher.admission
 
         async def seen() -> bool:
             spent = admission.spend.spend.get("a") if admission.spend else None

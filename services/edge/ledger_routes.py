@@ -14,7 +14,9 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, delete, get
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
+from nats.aio.client import Client
 
 from contracts import ErrorCode, LlmbusError
 from contracts.ledger import (
@@ -69,6 +71,7 @@ def parse_window(value: str) -> float:
 @get("/v1/usage", summary="Tokens, requests and cost, grouped by tenant, model, day or hour (JSON or CSV)")
 async def usage(
     request: Request[Any, Any, Any],
+    nc: NamedDependency[Client],
     *,
     group_by: FromQuery[str] = "tenant,model,day",
     since: FromQuery[str | None] = None,
@@ -89,7 +92,7 @@ async def usage(
         until=parse_time(until, "until"),
         tenant=_scope(request, tenant),
     )
-    report = await ledger_client.call(request.app.state.nc, "usage", query, UsageReport)
+    report = await ledger_client.call(nc, "usage", query, UsageReport)
     if format == "csv":
         return Response(_csv(report), media_type="text/csv; charset=utf-8")
     return Response(msgspec.json.encode(report), media_type="application/json")
@@ -119,17 +122,19 @@ def _csv(report: UsageReport) -> bytes:
 )
 async def stats(
     request: Request[Any, Any, Any],
+    nc: NamedDependency[Client],
     window: FromQuery[str] = "1h",
     model: FromQuery[str | None] = None,
     tenant: FromQuery[str | None] = None,
 ) -> StatsReport:
     query = StatsQuery(window_s=parse_window(window), model=model or None, tenant=_scope(request, tenant))
-    return await ledger_client.call(request.app.state.nc, "stats", query, StatsReport)
+    return await ledger_client.call(nc, "stats", query, StatsReport)
 
 
 @get("/v1/history", summary="Requests, newest first, paged (`next` -> `cursor`), filtered")
 async def history(
     request: Request[Any, Any, Any],
+    nc: NamedDependency[Client],
     *,
     limit: FromQuery[int] = 50,
     cursor: FromQuery[str | None] = None,
@@ -150,19 +155,23 @@ async def history(
         until=parse_time(until, "until"),
         tenant=_scope(request, tenant),
     )
-    return await ledger_client.call(request.app.state.nc, "history", query, HistoryPage)
+    return await ledger_client.call(nc, "history", query, HistoryPage)
 
 
 @get("/v1/history/{request_id:str}", summary="One request's record in the ledger")
-async def history_record(request: Request[Any, Any, Any], request_id: FromPath[str]) -> RequestRecord:
+async def history_record(
+    request: Request[Any, Any, Any], nc: NamedDependency[Client], request_id: FromPath[str]
+) -> RequestRecord:
     ref = RecordRef(request_id=request_id, tenant=_scope(request, None))
-    return await ledger_client.call(request.app.state.nc, "record", ref, RequestRecord)
+    return await ledger_client.call(nc, "record", ref, RequestRecord)
 
 
 @delete("/v1/history/{request_id:str}", summary="Erase one request's record", status_code=200)
-async def erase_record(request: Request[Any, Any, Any], request_id: FromPath[str]) -> Erased:
+async def erase_record(
+    request: Request[Any, Any, Any], nc: NamedDependency[Client], request_id: FromPath[str]
+) -> Erased:
     ref = RecordRef(request_id=request_id, tenant=_scope(request, None))
-    return await ledger_client.call(request.app.state.nc, "erase", ref, Erased)
+    return await ledger_client.call(nc, "erase", ref, Erased)
 
 
 ROUTES = [usage, stats, history, history_record, erase_record]
