@@ -7,8 +7,8 @@ read at scrape time from the janitor's state (its last `/api/ps`), never polled 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -17,8 +17,20 @@ from prometheus_client.registry import Collector
 from services.janitor.policy import read_host_memory
 from services.runtime.metrics import JANITOR, janitor_server, port_for
 
-if TYPE_CHECKING:
-    from services.janitor.janitor import Janitor
+
+class _Loaded(Protocol):
+    size: int
+    size_vram: int
+
+
+class Janitor(Protocol):
+    """What the gauges read of the janitor (a protocol: this module must not import janitor.py,
+    which imports it)."""
+
+    host: str
+
+    @property
+    def running(self) -> Mapping[str, _Loaded]: ...
 
 UNLOADS = Counter(
     "llmbus_janitor_unloads",
