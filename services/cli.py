@@ -7,7 +7,7 @@ import importlib
 import importlib.metadata
 import sys
 
-from services import dlq
+from services import dlq, provision
 from services.edge import tenants
 from services.janitor import cli as models_cli
 from services.runtime.bus import NatsUnreachable
@@ -34,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--check", action="store_true", help="fail if the checked-in export is stale")
     dlq.add_parser(sub)
     tenants.add_parser(sub)  # `llmbus keys new|hash`
+    sub.add_parser("provision", help="create the streams and apply changed settings to them (as admin)")
     sub.add_parser("config", help="print every effective setting and where it comes from")
     for name, command in sub.choices.items():
         if variables_help(name).count("\n"):
@@ -78,6 +79,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return export_main(check=args.check)
     if args.command == "dlq":
         return dlq.main(args, settings)
+    if args.command == "provision":
+        return provision.main(settings)
     if args.command == "keys":
         return tenants.main(args)
     return show_config(settings)

@@ -10,6 +10,7 @@ log lines, and `llmbus up` exits non-zero.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import msgspec
 
+from services import provision
 from services.local import launch
 from services.runtime import logs
 from services.runtime.children import die_with_parent
@@ -154,6 +157,16 @@ def up(settings: Settings) -> int:
     instance = uuid.uuid4().hex
     env = {**os.environ, **settings.to_env(), "LLMBUS_NATS_URL": nats.url, **backend.env}
     passwords = nats.credentials
+    # Streams created, or brought to these settings, as admin: the services may only create.
+    admin = msgspec.structs.replace(
+        settings, nats_url=nats.url, nats_user="admin", nats_password=passwords["admin"]
+    )
+    try:
+        asyncio.run(provision.provision(admin))
+    except Exception as exc:
+        log.error("cannot provision the streams: %s; stopping", exc)
+        nats.stop()
+        return 1
     children: dict[str, Child] = {}
     for name in ("local", *SERVICES) if backend.local else SERVICES:
         # Each service gets its own NATS user and password, nobody else's.

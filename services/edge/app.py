@@ -52,12 +52,22 @@ async def attach(app: Litestar, settings: Settings) -> None:
     admission = app.state.admission = await Admission(settings, nc.jetstream(), inventory).start()
     app.state.closers.append(admission.stop)
     app.state.nc = nc
+    fallback = RouteFallback(nc, settings)
+
+    async def provision() -> None:
+        """What the edge owns on the bus, re-created after a reconnect (a restarted NATS has lost
+        what it kept in memory: LLM_OUT, the route claims, the admission counters)."""
+        await bus.provision(nc.jetstream(), settings)
+        await fallback.claims.reopen()
+        await admission.reopen()
+
     app.state.dispatcher = Dispatcher(
         nc,
         max_timeout_s=settings.request_timeout_s,
-        fallback=RouteFallback(nc, settings),
+        fallback=fallback,
         inventory=inventory if settings.edge_model_check else None,
         admission=admission,
+        provision=provision,
     )
 
 
