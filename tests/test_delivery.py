@@ -423,8 +423,9 @@ async def test_a_reply_subject_workers_cannot_publish_to_is_refused_not_run_unhe
     )
     error = json.loads((await events.next_msg(5)).data)
     assert error["type"] == "error" and error["code"] == "bad_request"
-    assert "Llmbus-Reply must be the request's own llm.out.<id> or an inbox under _INBOX.publisher." in (
-        error["message"]
+    assert (
+        "Llmbus-Reply must be the request's own llm.out.<id> or an inbox under _INBOX.publisher."
+        in (error["message"])
     )
     async with asyncio.timeout(5):
         while not (entries := await dlq.entries(nc)):

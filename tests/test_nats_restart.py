@@ -16,6 +16,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +74,48 @@ def nats_process(up: llmbus_up.Up) -> psutil.Process:
     return server
 
 
-@pytest.mark.timeout(300)
-async def test_nats_killed_under_load_with_every_service_running(tmp_path: Path) -> None:
-    fake_port = free_port()
+@pytest.fixture
+async def ollama() -> AsyncIterator[str]:
+    """The fake Ollama as a process: 40 tokens, one every 50 ms (a stream lasts 2 s)."""
+    port = free_port()
     fake = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "tests.fakes.ollama", "--port", str(fake_port)),
+        *(sys.executable, "-m", "tests.fakes.ollama", "--port", str(port)),
         *("--tokens", "40", "--token-interval", "0.05"),
         stdout=asyncio.subprocess.PIPE,
     )
     assert fake.stdout is not None
-    await llmbus_up.read_until(fake.stdout, "listening", 10)
-    ollama = f"http://127.0.0.1:{fake_port}"
+    try:
+        await llmbus_up.read_until(fake.stdout, "listening", 10)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if fake.returncode is None:
+            fake.kill()
+            await fake.wait()
+
+
+async def queued(up: llmbus_up.Up, tmp_path: Path) -> int:
+    """Messages in LLM_REQ, as the admin user."""
+    credentials = json.loads((tmp_path / "data" / "nats" / "credentials.json").read_text())
+    nc = await nats.connect(f"nats://127.0.0.1:{up.nats_port}", user="admin", password=credentials["admin"])
+    try:
+        return (await nc.jetstream().stream_info(subjects.REQUEST_STREAM)).state.messages
+    finally:
+        await nc.close()
+
+
+async def kill_nats(up: llmbus_up.Up, output: list[str]) -> int:
+    """SIGKILL to `llmbus up`'s nats-server (what it kept in memory is gone); returns once
+    `llmbus up` says it restarts it (same port, same store); the killed pid."""
+    killed = nats_process(up)
+    killed.kill()
+    async with asyncio.timeout(15):
+        while not any("nats-server exited; restarting it" in line for line in output):
+            await asyncio.sleep(0.1)
+    return killed.pid
+
+
+@pytest.mark.timeout(300)
+async def test_nats_killed_under_load_with_every_service_running(tmp_path: Path, ollama: str) -> None:
     up = await llmbus_up.start(tmp_path, LLMBUS_OLLAMA_URL=ollama, LLMBUS_ACK_WAIT_S="3")
     output: list[str] = []
 
@@ -105,27 +137,21 @@ async def test_nats_killed_under_load_with_every_service_running(tmp_path: Path)
 
             load = [asyncio.create_task(one(i)) for i in range(24)]
             await asyncio.sleep(1.5)
-            killed = nats_process(up)
-            killed.kill()  # SIGKILL: what was in memory is gone
             killed_at = time.monotonic()
-            async with asyncio.timeout(15):  # `llmbus up` restarts it, same port, same store
-                while not any("nats-server exited; restarting it" in line for line in output):
-                    await asyncio.sleep(0.1)
+            killed = await kill_nats(up, output)
             results = await asyncio.gather(*load)
             recovered_in = time.monotonic() - killed_at
             after = [await deferred(http, 2000 + i) for i in range(4)]
             followed = {rid: await events_of(http, rid) for rid in [*before, *after] if rid is not None}
-            assert nats_process(up).pid != killed.pid
+            assert nats_process(up).pid != killed
 
         answers = {i: await full_answer(ollama, MODEL, messages(i)) for i in range(24)}
-        accepted = [i for i, events in enumerate(results) if events[0]["type"] != "refused"]
-        audits = [Audit.of(results[i], answers[i]) for i in accepted]
-        refused = len(results) - len(accepted)
+        audits = [Audit.of(r, answers[i]) for i, r in enumerate(results) if r[0]["type"] != "refused"]
         ends = {
             rid: [e["type"] for e in evs if e["type"] in ("done", "error")] for rid, evs in followed.items()
         }
         line = (
-            f"nats restart under load: streams={len(results)} refused={refused} "
+            f"nats restart under load: streams={len(results)} refused={len(results) - len(audits)} "
             f"done={sum(a.done for a in audits)} seamless={sum(a.seamless for a in audits)} "
             f"one_terminal={sum(a.terminals == 1 for a in audits)} "
             f"deferred={len(followed)} deferred_done={sum(e == ['done'] for e in ends.values())} "
@@ -135,25 +161,14 @@ async def test_nats_killed_under_load_with_every_service_running(tmp_path: Path)
         assert all(a.terminals == 1 for a in audits), line
         assert all(e == ["done"] for e in ends.values()), (line, ends)
         assert len(followed) == 12 and None not in before + after, line
-        assert len(accepted) >= 20, line  # refused only in the seconds NATS was down (503, retry)
+        assert len(audits) >= 20, line  # refused only in the seconds NATS was down (503, retry)
         assert all(a.done for a in audits), line
-
-        credentials = json.loads((tmp_path / "data" / "nats" / "credentials.json").read_text())
-        nc = await nats.connect(
-            f"nats://127.0.0.1:{up.nats_port}", user="admin", password=credentials["admin"]
-        )
-        try:  # nothing stranded: every request acked
-            async with asyncio.timeout(15):
-                while (await nc.jetstream().stream_info(subjects.REQUEST_STREAM)).state.messages:
-                    await asyncio.sleep(0.2)
-        finally:
-            await nc.close()
+        async with asyncio.timeout(15):  # nothing stranded: every request acked
+            while await queued(up, tmp_path):
+                await asyncio.sleep(0.2)
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         await up.stop()
     finally:
         await up.kill()
-        if fake.returncode is None:
-            fake.kill()
-            await fake.wait()
