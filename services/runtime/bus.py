@@ -139,11 +139,13 @@ async def connect(
             return
         log.warning("nats error: %s", exc)
 
-    user = credentials(settings, role or name.removeprefix("llmbus-").split("-")[0])
-    auth: dict[str, Any] = {}
+    role = role or name.removeprefix("llmbus-").split("-")[0]
+    user = credentials(settings, role)
+    # Each user may read only its own inbox (infra/nats/auth.conf): `_INBOX.<user>.>`; without
+    # credentials too, so a server's `no_auth_user` (the tests' admin) sees the same subjects.
+    auth: dict[str, Any] = {"inbox_prefix": f"_INBOX.{user[0] if user else role}"}
     if user is not None:
-        # Each user may read only its own inbox (infra/nats/auth.conf): `_INBOX.<user>.>`.
-        auth = {"user": user[0], "password": user[1], "inbox_prefix": f"_INBOX.{user[0]}"}
+        auth |= {"user": user[0], "password": user[1]}
     tls = tls_context(settings)
     if tls is not None:
         auth["tls"] = tls
