@@ -190,7 +190,10 @@ def asyncapi() -> str:
             headers.REPLY: {
                 "type": "string",
                 "pattern": subjects.REPLY_PATTERN,
-                "description": "subject for the request's events, under llm.out. or _INBOX.",
+                "description": (
+                    "subject for the request's events: its own llm.out.<id>, "
+                    "or a direct publisher's inbox _INBOX.publisher.…"
+                ),
             },
             headers.DEADLINE: {"type": "string", "description": "absolute deadline, Unix epoch milliseconds"},
             headers.SEQ: {

@@ -86,15 +86,20 @@ def event_subject(request_id: str) -> str:
     return EVENT_PREFIX + request_id
 
 
-# Where workers may publish a request's events (`Llmbus-Reply`): their NATS permissions allow only
-# these, so a reply anywhere else would be dropped by the server and the request heard by nobody.
-REPLY_PATTERN = r"^(llm\.out|_INBOX)(\.[^.\s*>]+)+$"
+# Where a request's events may go (`Llmbus-Reply`): its own event subject, or the inbox of a direct
+# publisher (the `publisher` NATS user's `_INBOX.publisher.…`). Workers' NATS permissions allow no
+# other inbox, and a worker refuses any other reply, so nobody can steer a request's events into
+# another request's subjects (its `accepted` record) or another service's inbox.
+PUBLISHER_INBOX = "_INBOX.publisher."
+REPLY_PATTERN = r"^(llm\.out\.[A-Za-z0-9_\-]{8,128}|_INBOX\.publisher(\.[^.\s*>]+)+)$"
 _REPLY = re.compile(REPLY_PATTERN)
 
 
-def valid_reply(subject: str) -> bool:
-    """A subject under `llm.out.` or `_INBOX.`, with no empty token and no wildcard."""
-    return len(subject) <= 256 and _REPLY.match(subject) is not None
+def valid_reply(subject: str, request_id: str | None) -> bool:
+    """`llm.out.<request_id>` (the request's own events), or a direct publisher's inbox."""
+    if len(subject) > 256 or _REPLY.match(subject) is None:
+        return False
+    return subject.startswith(PUBLISHER_INBOX) or subject == event_subject(request_id or "")
 
 
 def accepted_subject(request_id: str) -> str:

@@ -7,7 +7,7 @@ import importlib
 import importlib.metadata
 import sys
 
-from services import dlq
+from services import dlq, provision
 from services.edge import tenants
 from services.janitor import cli as models_cli
 from services.ledger import cli as ledger_cli
@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_parser(sub)
     ledger_cli.add_parser(sub)  # `llmbus usage`, `llmbus stats`
     tenants.add_parser(sub)  # `llmbus keys new|hash`
+    sub.add_parser("provision", help="create the streams and apply changed settings to them (as admin)")
     sub.add_parser("config", help="print every effective setting and where it comes from")
     for name, command in sub.choices.items():
         if variables_help(name).count("\n"):
@@ -82,6 +83,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return dlq.main(args, settings)
     if args.command in ("usage", "stats"):
         return ledger_cli.main(args, settings)
+    if args.command == "provision":
+        return provision.main(settings)
     if args.command == "keys":
         return tenants.main(args)
     return show_config(settings)

@@ -10,6 +10,7 @@ log lines, and `llmbus up` exits non-zero.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -28,6 +29,7 @@ from typing import IO
 import httpx
 import msgspec
 
+from services import provision
 from services.local import launch
 from services.runtime import logs, scrape_targets
 from services.runtime.children import die_with_parent
@@ -155,6 +157,16 @@ def up(settings: Settings) -> int:
     nats = NatsServer(data / "nats", port=settings.nats_port, auth=True, die_with_parent=True).start()
     log.info(f"NATS with JetStream at {nats.url} (data in {data / 'nats'}, users in {nats.credentials_file})")
     instance = uuid.uuid4().hex
+    # Streams created, or brought to these settings, as admin: the services may only create.
+    admin = msgspec.structs.replace(
+        settings, nats_url=nats.url, nats_user="admin", nats_password=nats.credentials["admin"]
+    )
+    try:
+        asyncio.run(provision.provision(admin))
+    except Exception as exc:
+        log.error("cannot provision the streams: %s; stopping", exc)
+        nats.stop()
+        return 1
     children = _start_children(settings, backend, nats, instance, stopping)
 
     edge_url = f"http://{settings.http_host}:{settings.http_port}"

@@ -50,7 +50,7 @@ async def test_malformed_message_is_terminated_and_the_sender_told(
 ) -> None:
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    reply = "_INBOX.replies.1"  # workers may publish events under llm.out.> and _INBOX.> only
+    reply = "_INBOX.publisher.replies.1"  # a request's own llm.out.<id> or a publisher's inbox only
     sub = await nc.subscribe(reply)
     await js.publish("llm.req.generate.llama3%2E2:1b", b'{"id": "x"', headers={headers.REPLY: reply})
     await js.publish(

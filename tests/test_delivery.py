@@ -366,7 +366,9 @@ async def test_expired_request_is_never_started(
 async def test_undecodable_request_is_dead_lettered_and_its_sender_told(
     generator: Generator, nc: Client, settings: Settings
 ) -> None:
-    reply = f"llm.out.{uuid.uuid4().hex}"
+    # A direct publisher's inbox: `llm.out.<id>` is valid only for the id the request has, and
+    # this one has none (else garbage could end another request's stream with an error).
+    reply = f"_INBOX.publisher.{uuid.uuid4().hex}"
     events = await nc.subscribe(reply)
     await nc.jetstream().publish(
         subjects.generate_subject(MODEL), b"{not json", headers={headers.REPLY: reply, "X-Team": "ops"}
@@ -398,7 +400,18 @@ async def test_an_invalid_request_without_a_reply_subject_is_refused_on_its_even
     assert error["type"] == "error" and error["code"] == "bad_request" and "empty" in error["message"]
 
 
-@pytest.mark.parametrize("reply", ["llm.events.mine", "_INBOX.me.>", "llm.out."])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "llm.events.mine",
+        "_INBOX.me.>",
+        "llm.out.",
+        # Another request's subjects, another user's inbox: a publisher may name only its own inbox.
+        "llm.out.another-request-0001",
+        "llm.out.another-request-0001.accepted",
+        "_INBOX.edge.stolen",
+    ],
+)
 async def test_a_reply_subject_workers_cannot_publish_to_is_refused_not_run_unheard(
     generator: Generator, nc: Client, fake_ollama: FakeOllama, reply: str
 ) -> None:
@@ -410,7 +423,10 @@ async def test_a_reply_subject_workers_cannot_publish_to_is_refused_not_run_unhe
     )
     error = json.loads((await events.next_msg(5)).data)
     assert error["type"] == "error" and error["code"] == "bad_request"
-    assert "Llmbus-Reply must be a subject under llm.out. or _INBOX." in error["message"]
+    assert (
+        "Llmbus-Reply must be the request's own llm.out.<id> or an inbox under _INBOX.publisher."
+        in (error["message"])
+    )
     async with asyncio.timeout(5):
         while not (entries := await dlq.entries(nc)):
             await asyncio.sleep(0.05)

@@ -58,7 +58,9 @@ decode_event = msgspec.json.Decoder(ModelEvent).decode
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[Client]:
-    conn = await nats.connect(settings.nats_url)
+    # The operator's connection, as `llmbus models` makes it: the janitor sends pull progress
+    # only into the edge's or the operator's inbox (services/runtime/nats_auth.py).
+    conn = await nats.connect(settings.nats_url, inbox_prefix="_INBOX.admin")
     yield conn
     await conn.close()
 

@@ -282,9 +282,9 @@ async def test_a_malformed_bus_request_is_counted_as_bad_request(
     before = await scrape(worker_metrics)
     nc = await nats.connect(settings.nats_url)
     try:
-        reply = await nc.subscribe("_INBOX.test.reply")  # workers may answer under llm.out.> and _INBOX.>
+        reply = await nc.subscribe("_INBOX.publisher.test")  # a publisher's inbox: workers may answer there
         await nc.jetstream().publish(
-            subjects.generate_subject(MODEL), b'{"id": 42}', headers={"Llmbus-Reply": "_INBOX.test.reply"}
+            subjects.generate_subject(MODEL), b'{"id": 42}', headers={"Llmbus-Reply": "_INBOX.publisher.test"}
         )
         assert json.loads((await reply.next_msg(timeout=5)).data)["code"] == "bad_request"
     finally:

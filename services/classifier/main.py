@@ -79,13 +79,15 @@ class Classifier:
         await self.inventory.start()
         router = Router(self.table, self.similarity, self.inventory, self.backend)
         self.classify = Classify(self.table, self.similarity, self.backend)
+        claims = Claims(js, ttl_s=self.settings.dedupe_window_s)
+        bus.reconnects(self.nc).subscribe(claims.reopen)  # in memory: a restarted NATS lost it
         self.worker = Worker(
             self.nc,
             self.settings,
             service="classifier",
             filter_subject=ROUTE_SUBJECT,
             request_type=GenerateRequest,
-            handler=RouteRequest(js, router, Claims(js, ttl_s=self.settings.dedupe_window_s)),
+            handler=RouteRequest(js, router, claims),
         )
         await self.worker.start()
         self.micro = await nats.micro.add_service(

@@ -155,6 +155,11 @@ class Admission:
         await quota.acquire(tenant, ticket.lease)
         return ticket
 
+    async def reopen(self) -> None:
+        """After a reconnect: re-creates the counters' bucket (in memory: a restarted NATS lost it)."""
+        if self.quota is not None:
+            await open_bucket(self.js)
+
     async def _open_quota(self) -> Quota:
         async with self._opening:
             if self.quota is None:

@@ -13,7 +13,8 @@ import hashlib
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -34,7 +35,7 @@ from contracts.route import ROUTE_SUBJECT, is_routed
 from contracts.usage import Origin
 from services.edge.admission import Admission, Ticket
 from services.edge.backlog import Slot
-from services.edge.feed import PUBLISH_ERRORS, STORE_ERRORS, EventFeed, in_background
+from services.edge.feed import PUBLISH_ERRORS, STORE_ERRORS, TERMINAL_GRACE_S, EventFeed, in_background
 from services.edge.routing import RouteFallback, RouteGuard
 from services.edge.tenants import ANONYMOUS, Tenant
 from services.runtime import bus, events, tracing, usage
@@ -74,33 +75,47 @@ class Dispatcher:
         inventory: InventoryView | None = None,
         admission: Admission | None = None,
         on_accepted: OnAccepted | None = None,
+        provision: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.nc = nc
         self.on_accepted = on_accepted
+        self._provision = provision  # what the edge owns on the bus, re-created after a reconnect
         self.admission = admission  # every route's requests pass it before publishing
         self.js = nc.jetstream()
         self.max_timeout_s = max_timeout_s
         self.fallback = fallback
         self.inventory = inventory  # the janitors' models: refuse one no host has, before queueing
         self._feeds: weakref.WeakSet[EventFeed] = weakref.WeakSet()
-        self._watcher: asyncio.Task[None] | None = None
+        # The `accepted` records this edge stored, until their requests' deadlines (oldest first):
+        # a restarted NATS loses LLM_OUT (memory), and with it the owner's way to follow or cancel.
+        self._records: OrderedDict[str, tuple[Accepted, float]] = OrderedDict()
+        self.unsubscribe = bus.reconnects(nc).subscribe(self.after_reconnect)
 
     def _track(self, feed: EventFeed) -> EventFeed:
         self._feeds.add(feed)
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch_reconnects())
         return feed
 
-    async def _watch_reconnects(self) -> None:
-        """After the edge's NATS connection comes back, every open feed looks at LLM_OUT."""
-        reconnects = self.nc.stats["reconnects"]
-        while not self.nc.is_closed:
-            await asyncio.sleep(0.25)
-            if self.nc.stats["reconnects"] != reconnects and self.nc.is_connected:
-                reconnects = self.nc.stats["reconnects"]
-                for feed in list(self._feeds):
-                    if not feed.finished:
-                        feed.poke()
+    async def after_reconnect(self) -> None:
+        """NATS is back, maybe a restarted server without LLM_OUT: re-create what the edge owns,
+        store again the `accepted` records of requests still within their deadline, and make
+        every open feed look at LLM_OUT (events may have passed it by)."""
+        try:
+            if self._provision is not None:
+                await self._provision()
+            loop = asyncio.get_running_loop()
+            live = [(a, d) for a, d in self._records.values() if d > loop.time()]
+            give_up = loop.time() + PUBLISH_PATIENCE_S
+            await asyncio.gather(*(self._record(a, deadline=min(d, give_up)) for a, d in live))
+        finally:
+            for feed in list(self._feeds):
+                if not feed.finished:
+                    feed.poke()
+
+    def _remember(self, accepted: Accepted, deadline: float) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._records and next(iter(self._records.values()))[1] < now:
+            self._records.popitem(last=False)
+        self._records[accepted.request_id] = (accepted, deadline + TERMINAL_GRACE_S)
 
     async def submit(
         self,
@@ -247,6 +262,7 @@ class Dispatcher:
         # Stored before the 202 (or the first event) goes out: the client's own follow or cancel,
         # on any edge, reads it from LLM_OUT at once.
         await self._record(accepted, deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S))
+        self._remember(accepted, feed.deadline)
         if guard is not None:
             guard.start(feed, ack.seq)
         return feed

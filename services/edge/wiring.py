@@ -58,13 +58,23 @@ class Parts:
         admission = await Admission(settings, nc.jetstream(), inventory).start()
         self.closers.append(admission.stop)
         self.nc, self.inventory, self.admin, self.admission = nc, inventory, admin, admission
+        fallback = RouteFallback(nc, settings)
+
+        async def provision() -> None:
+            """What the edge owns on the bus, re-created after a reconnect (a restarted NATS has lost
+            what it kept in memory: LLM_OUT, the route claims, the admission counters)."""
+            await bus.provision(nc.jetstream(), settings)
+            await fallback.claims.reopen()
+            await admission.reopen()
+
         self.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,
-            fallback=RouteFallback(nc, settings),
+            fallback=fallback,
             inventory=inventory if settings.edge_model_check else None,
             admission=admission,
             on_accepted=observability.accepted,  # the request metrics follow its event feed
+            provision=provision,
         )
         return self.dispatcher
 

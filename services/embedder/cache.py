@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from contracts import subjects
+from services.runtime import bus
 from services.runtime.settings import Settings
 
 log = logging.getLogger("llmbus.embedder")
@@ -55,6 +56,28 @@ def from_bytes(data: bytes) -> array[float] | None:
     return vector
 
 
+def cache_stream(settings: Settings) -> StreamConfig:
+    """The cache bucket's stream. nats-py's create_key_value makes a bucket that refuses writes
+    when full; a cache should drop its oldest entries instead, so it is configured here with
+    `discard: old`."""
+    bucket = subjects.EMBED_CACHE_BUCKET
+    ttl = settings.embed_cache_ttl_s
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=min(120.0, ttl),
+        max_age=ttl,
+        max_bytes=settings.embed_cache_max_bytes,
+        max_msgs_per_subject=1,
+        num_replicas=settings.stream_replicas,
+        storage=StorageType.FILE,
+    )
+
+
 class EmbedCache:
     def __init__(self, js: JetStreamContext, settings: Settings) -> None:
         self.js = js
@@ -63,31 +86,10 @@ class EmbedCache:
         self._warned = False
 
     async def start(self) -> None:
-        """Creates or updates the bucket (idempotent, like every other provisioning)."""
-        bucket = subjects.EMBED_CACHE_BUCKET
-        ttl = self.settings.embed_cache_ttl_s
-        # nats-py's create_key_value makes a bucket that refuses writes when full; a cache should
-        # drop its oldest entries instead, so the stream is configured here with `discard: old`.
-        config = StreamConfig(
-            name=f"KV_{bucket}",
-            subjects=[f"$KV.{bucket}.>"],
-            allow_direct=True,
-            allow_rollup_hdrs=True,
-            deny_delete=True,
-            discard=DiscardPolicy.OLD,
-            duplicate_window=min(120.0, ttl),
-            max_age=ttl,
-            max_bytes=self.settings.embed_cache_max_bytes,
-            max_msgs_per_subject=1,
-            num_replicas=self.settings.stream_replicas,
-            storage=StorageType.FILE,
-        )
-        try:
-            await self.js.stream_info(config.name or "")
-            await self.js.update_stream(config)
-        except NotFoundError:
-            await self.js.add_stream(config)
-        self._kv = await self.js.key_value(bucket)
+        """Creates the bucket if it is missing (idempotent, like every other provisioning)."""
+        config = cache_stream(self.settings)
+        await bus.ensure_stream(self.js, config)  # created if missing; `llmbus provision` updates it
+        self._kv = await self.js.key_value(subjects.EMBED_CACHE_BUCKET)
 
     async def get_many(self, keys: Sequence[str]) -> list[array[float] | None]:
         return list(await asyncio.gather(*(self._get(key) for key in keys)))

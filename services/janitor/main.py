@@ -42,8 +42,12 @@ class JanitorService:
         self._started = True
         self.nc = await bus.connect_with_retry(settings, f"llmbus-janitor-{settings.janitor_host}")
         js = self.nc.jetstream()
-        await bus.provision(js, settings)
-        kv = await open_bucket(js)
+        kv = await open_bucket(js)  # the inventory: the one thing on the bus the janitor owns
+
+        async def reopen() -> None:  # a NATS that restarted without its store gets it back
+            await open_bucket(js)
+
+        bus.reconnects(self.nc).subscribe(reopen)
         self.janitor = Janitor(
             self.nc, kv, self.admin, host=settings.janitor_host, models_file=Path(settings.models_file)
         )

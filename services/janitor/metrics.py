@@ -32,6 +32,7 @@ class Janitor(Protocol):
     @property
     def running(self) -> Mapping[str, _Loaded]: ...
 
+
 UNLOADS = Counter(
     "llmbus_janitor_unloads",
     "Models the janitor unloaded, by reason (idle, memory_budget, host_memory, admin, ...)",

@@ -1,20 +1,24 @@
 """NATS connection and the idempotent provisioning of streams and consumers.
 
-Every service calls `provision` at start-up, so start order never matters and a fresh server is
-set up by whichever service comes first. Updating an existing stream with the same config is a
-no-op on the server.
+Every service calls `provision` at start-up and again after every reconnect (`Reconnects`), so
+start order never matters, a fresh server is set up by whichever service comes first, and a
+restarted server gets back what it lost (`LLM_OUT` and the memory KV buckets live in memory).
+A service only *creates* what is missing: its NATS user may not update, purge or delete a stream
+(services/runtime/nats_auth.py). Changing an existing stream's config is the operator's
+`llmbus provision` (the admin user), which `llmbus up` runs before it starts the services.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import socket
 import ssl
 import sys
+import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +37,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
@@ -131,6 +135,7 @@ async def connect(
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")
+        await reconnects(client).fire()
 
     async def on_error(exc: Exception) -> None:
         if not connected:
@@ -138,11 +143,13 @@ async def connect(
             return
         log.warning("nats error: %s", exc)
 
-    user = credentials(settings, role or name.removeprefix("llmbus-").split("-")[0])
-    auth: dict[str, Any] = {}
+    role = role or name.removeprefix("llmbus-").split("-")[0]
+    user = credentials(settings, role)
+    # Each user may read only its own inbox (infra/nats/auth.conf): `_INBOX.<user>.>`; without
+    # credentials too, so a server's `no_auth_user` (the tests' admin) sees the same subjects.
+    auth: dict[str, Any] = {"inbox_prefix": f"_INBOX.{user[0] if user else role}"}
     if user is not None:
-        # Each user may read only its own inbox (infra/nats/auth.conf): `_INBOX.<user>.>`.
-        auth = {"user": user[0], "password": user[1], "inbox_prefix": f"_INBOX.{user[0]}"}
+        auth |= {"user": user[0], "password": user[1]}
     tls = tls_context(settings)
     if tls is not None:
         auth["tls"] = tls
@@ -259,15 +266,94 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     ]
 
 
-async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Creates or updates every stream; retried for a while when JetStream is not ready yet
-    (a cluster electing its leaders, or several services creating replicated streams at once)."""
+Listener = Callable[[], Awaitable[None]]
+
+
+class Reconnects:
+    """The one "NATS is back" signal of a connection: what was subscribed runs after every
+    reconnect, each listener in a task of its own (nats.py awaits its `reconnected_cb` inside
+    its reconnect loop, which must not wait for our re-provisioning)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Runs `listener` after each reconnect; returns the way to unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    async def fire(self) -> None:
+        for listener in list(self._listeners):
+            task = asyncio.create_task(self._run(listener))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _run(listener: Listener) -> None:
+        try:
+            await listener()
+        except Exception:
+            log.exception("after a NATS reconnect: %s failed", getattr(listener, "__qualname__", listener))
+
+
+_reconnects: weakref.WeakKeyDictionary[Client, Reconnects] = weakref.WeakKeyDictionary()
+
+
+def reconnects(nc: Client) -> Reconnects:
+    """The reconnect signal of `nc` (fired by `connect`'s `reconnected_cb`)."""
+    signal = _reconnects.get(nc)
+    if signal is None:
+        signal = _reconnects[nc] = Reconnects()
+    return signal
+
+
+# JetStream's "stream name already in use with a different configuration".
+_STREAM_CONFIG_DIFFERS = 10058
+_JETSTREAM_BUSY = Backoff(retries=8, base_s=0.25, max_s=4.0)
+
+
+def _busy(exc: BaseException) -> bool:
+    return isinstance(exc, NatsTimeoutError | ServiceUnavailableError)
+
+
+async def provision(js: JetStreamContext, settings: Settings, *, update: bool = False) -> None:
+    """Creates every stream that is missing (what a service does at start and after a reconnect);
+    with `update`, also brings existing ones to the current config (`llmbus provision`, as admin).
+
+    Retried for a while when JetStream is not ready yet (a cluster electing its leaders, or
+    several services creating replicated streams at once).
+    """
     for config in stream_configs(settings):
-        await with_backoff(
-            functools.partial(_ensure_stream, js, config),
-            backoff=Backoff(retries=8, base_s=0.25, max_s=4.0),
-            retryable=lambda exc: isinstance(exc, NatsTimeoutError | ServiceUnavailableError),
-        )
+        await ensure_stream(js, config, update=update)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool = False) -> None:
+    """Creates the stream (a no-op when it exists with this config); with `update`, changes an
+    existing one to it. A service whose settings differ from the stream's (it may not update it)
+    logs that `llmbus provision` applies them, and uses the stream as it is."""
+    assert config.name is not None
+
+    async def once() -> None:
+        if update:
+            try:
+                await js.stream_info(config.name or "")
+                await js.update_stream(config)
+                return
+            except NotFoundError:
+                pass
+        try:
+            await js.add_stream(config)
+        except APIError as exc:
+            if exc.err_code != _STREAM_CONFIG_DIFFERS:
+                raise
+            log.warning(
+                "stream %s exists with another configuration than this service's settings; "
+                "`llmbus provision` applies them (it keeps working with the stream as it is)",
+                config.name,
+            )
+
+    await with_backoff(once, backoff=_JETSTREAM_BUSY, retryable=_busy)
 
 
 async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -276,15 +362,6 @@ async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
         return await js.key_value(config.bucket)
     except BucketNotFoundError:
         return await js.create_key_value(config)
-
-
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    assert config.name is not None
-    try:
-        await js.stream_info(config.name)
-        await js.update_stream(config)
-    except NotFoundError:
-        await js.add_stream(config)
 
 
 def filters(filter_subject: str | list[str]) -> list[str]:
@@ -308,7 +385,10 @@ async def ensure_consumer(
             filter_subjects=several if len(several) > 1 else None,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=settings.ack_wait_s,
-            max_deliver=settings.max_deliver,
+            # Unlimited: the worker counts deliveries itself and dead-letters a request on the one
+            # after the last allowed (`Worker._exhausted`), with the message in hand, so no worker
+            # needs to read or delete messages of the stream by sequence.
+            max_deliver=-1,
             max_ack_pending=-1,
             max_waiting=4096,
         ),

@@ -36,11 +36,17 @@ class Claims:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            config = KeyValueConfig(
-                bucket=CLAIMS_BUCKET, ttl=self.ttl_s, history=1, storage=StorageType.MEMORY
-            )
-            self._kv = await bus.key_value(self.js, config)
+            self._kv = await self._open()
         return self._kv
+
+    async def _open(self) -> KeyValue:
+        config = KeyValueConfig(bucket=CLAIMS_BUCKET, ttl=self.ttl_s, history=1, storage=StorageType.MEMORY)
+        return await bus.key_value(self.js, config)
+
+    async def reopen(self) -> None:
+        """After a reconnect: re-creates the bucket (in memory, a restarted NATS lost it) if in use."""
+        if self._kv is not None:
+            await self._open()
 
     async def take(self, request_id: str, owner: str) -> bool:
         """True when `owner` now holds the request (or already did: a redelivery of its own claim)."""

@@ -1,15 +1,28 @@
 """NATS users and their subject permissions: the one source of truth for every server config.
 
-One user per service, each allowed only the subjects it needs (docs/operations.md "Security: the
-bus"). `authorization` renders the `authorization { users = [...] }` block: with literal passwords
-for the embedded server (`llmbus up`, the tests; generated once per data directory into
-`credentials.json`), or with `$LLMBUS_NATS_PASSWORD_<ROLE>` references for `infra/nats/auth.conf`,
-which compose.yml's NATS reads (`python -m services.runtime.nats_auth conf` regenerates it, a
-test checks it is current; `... env` prints fresh passwords for a `.env` file).
+One user per service, each allowed only the subjects it needs, down to the JetStream API
+(docs/operations.md "Security: the bus", docs/reliability.md's permission matrix, tested by
+tests/test_nats_permissions.py). `authorization` renders the `authorization { users = [...] }`
+block: with literal passwords for the embedded server (`llmbus up`, the tests; generated once per
+data directory into `credentials.json`), or with `$LLMBUS_NATS_PASSWORD_<ROLE>` references for
+`infra/nats/auth.conf`, which compose.yml's NATS reads (`python -m services.runtime.nats_auth conf`
+regenerates it, a test checks it is current; `... env` prints fresh passwords for a `.env` file).
 
-Every service may create and update the streams and buckets it uses (so start order never
-matters, as before) but delete or purge none. Each user's inbox is `_INBOX.<user>.>` (`bus.connect`
-sets the prefix), so no user reads another's replies.
+What holds for every service user:
+* streams: it may read the info of and *create* the streams it uses (a no-op when one exists with
+  the same config), never update, purge or delete one; changing a stream is the admin's
+  `llmbus provision`. Creating is what lets a service re-create what a restarted NATS lost.
+* the request stream: a worker creates, pulls from and acks its own durable consumer only; no
+  service but the `dlq` tool (dead letters) and the edge (the routing fallback's queued copy)
+  reads or deletes a stream message by sequence.
+* events: workers publish `llm.out.<id>` (one token: never an edge's `llm.out.<id>.accepted`
+  record) and read events back (a take-over continues after them); only the edge writes records.
+* inboxes: each user reads only `_INBOX.<user>.>` (`bus.connect` sets the prefix); workers may
+  publish only into a direct publisher's inbox (`_INBOX.publisher.>`, the one reply a request may
+  name besides its own `llm.out.<id>`: contracts/subjects.py), the janitor only into the inboxes of
+  the edge and the operator that asked it.
+
+To add a service, add one entry to `roles()` built from these pieces.
 """
 
 from __future__ import annotations
@@ -26,6 +39,11 @@ from contracts import route, subjects
 
 REQ, OUT, DLQ = subjects.REQUEST_STREAM, subjects.EVENT_STREAM, subjects.DEAD_LETTER_STREAM
 API = "$JS.API"
+# The consumers of the request stream, by owner: no other user may use them.
+REQUEST_CONSUMERS = ("generator", "embedder", "classifier")
+# Where workers publish a request's events: `llm.out.<id>`, never `llm.out.<id>.accepted`.
+OWN_EVENTS = subjects.EVENT_PREFIX + "*"
+PUBLISHER_INBOXES = subjects.PUBLISHER_INBOX + ">"
 
 
 @dataclass(frozen=True)
@@ -36,21 +54,19 @@ class Role:
     deny_subscribe: list[str] = field(default_factory=list)
 
 
-def _provision() -> list[str]:
-    """Create and update (never delete or purge) the three streams, and read any stream's info."""
+def _streams(*streams: str) -> list[str]:
+    """Read the info of and create (never update, purge or delete) these streams."""
     return [
         f"{API}.INFO",
-        f"{API}.STREAM.INFO.*",
-        *(f"{API}.STREAM.{verb}.{stream}" for stream in (REQ, OUT, DLQ) for verb in ("CREATE", "UPDATE")),
+        *(f"{API}.STREAM.{verb}.{stream}" for stream in streams for verb in ("INFO", "CREATE")),
     ]
 
 
 def _kv(bucket: str, *, write: bool) -> list[str]:
-    """A KV bucket: create it on first use, get, watch; with `write`, put and create keys."""
+    """A KV bucket: create it if missing, get, watch; with `write`, put and create keys."""
     stream = "KV_" + bucket
     allowed = [
-        f"{API}.STREAM.CREATE.{stream}",
-        f"{API}.STREAM.UPDATE.{stream}",
+        *_streams(stream),
         f"{API}.DIRECT.GET.{stream}",
         f"{API}.DIRECT.GET.{stream}.>",
         f"{API}.STREAM.MSG.GET.{stream}",
@@ -70,7 +86,7 @@ def _events_read() -> list[str]:
 
 
 def _consume(durable: str, filters: list[str]) -> list[str]:
-    """Create and pull from one durable consumer of LLM_REQ, ack its messages, read a request back."""
+    """Create, pull from and ack one durable consumer of LLM_REQ: nothing else of the stream."""
     return [
         f"{API}.CONSUMER.CREATE.{REQ}.{durable}",
         *(f"{API}.CONSUMER.CREATE.{REQ}.{durable}.{f}" for f in filters),
@@ -78,28 +94,36 @@ def _consume(durable: str, filters: list[str]) -> list[str]:
         f"{API}.CONSUMER.INFO.{REQ}.{durable}",
         f"{API}.CONSUMER.MSG.NEXT.{REQ}.{durable}",
         f"$JS.ACK.{REQ}.{durable}.>",
-        # The request behind a max-deliveries advisory: read, dead-lettered, then deleted.
-        f"{API}.STREAM.MSG.GET.{REQ}",
-        f"{API}.STREAM.MSG.DELETE.{REQ}",
+    ]
+
+
+def _consumer_of(durable: str) -> list[str]:
+    """Every API subject that touches the durable `durable` of LLM_REQ (to deny it)."""
+    return [
+        f"{API}.CONSUMER.CREATE.{REQ}.{durable}",
+        f"{API}.CONSUMER.CREATE.{REQ}.{durable}.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.{durable}",
+        f"{API}.CONSUMER.INFO.{REQ}.{durable}",
+        f"{API}.CONSUMER.MSG.NEXT.{REQ}.{durable}",
+        f"$JS.ACK.{REQ}.{durable}.>",
     ]
 
 
 def _worker(service: str, durable: str, filters: list[str]) -> Role:
-    """What every worker (`services/runtime/worker.py`) needs: its consumer, cancels, advisories,
-    events and usage out, dead letters, discovery (`$SRV.*`, answered through `allow_responses`)."""
+    """What every worker (`services/runtime/worker.py`) needs: the streams, its consumer, cancels,
+    events and usage out, its dead letters, discovery (`$SRV.*`, answered through `allow_responses`)."""
     return Role(
         publish=[
-            *_provision(),
+            *_streams(REQ, OUT, DLQ),
             *_consume(durable, filters),
             *_events_read(),
-            subjects.EVENT_SUBJECTS,  # events, stored in LLM_OUT (the default reply subject)
-            "_INBOX.>",  # or a direct publisher's own inbox, named by `Llmbus-Reply`
+            OWN_EVENTS,  # events, stored in LLM_OUT (the default reply subject)
+            PUBLISHER_INBOXES,  # or a direct publisher's inbox, named by `Llmbus-Reply`
             subjects.USAGE_SUBJECTS,
             subjects.dead_letter_subject(service),
         ],
         subscribe=[
             subjects.CANCEL_SUBJECTS,
-            subjects.MAX_DELIVERIES_ADVISORY.format(stream=REQ, consumer=durable),
             subjects.LEADER_ELECTED_ADVISORY.format(stream=OUT),
             "$SRV.>",
         ],
@@ -142,7 +166,7 @@ def _join(*roles: Role) -> Role:
     )
 
 
-# Consumers of the request stream the edge, and any worker but its owner, must never touch.
+# Consumers of the request stream the edge must never touch.
 _NO_CONSUMING = [
     f"{API}.CONSUMER.MSG.NEXT.{REQ}.>",
     f"{API}.CONSUMER.CREATE.{REQ}.>",
@@ -164,30 +188,19 @@ def roles() -> dict[str, Role]:
             f"{API}.CONSUMER.MSG.NEXT.{REQ}.*",
             f"$JS.ACK.{REQ}.*.>",
         ],
-        subscribe=[subjects.MAX_DELIVERIES_ADVISORY.format(stream=REQ, consumer="*")],
-        # ... but never the embedder's or the classifier's.
-        deny_publish=[
-            subject
-            for other in ("embedder", "classifier")
-            for subject in (
-                f"{API}.CONSUMER.CREATE.{REQ}.{other}",
-                f"{API}.CONSUMER.CREATE.{REQ}.{other}.>",
-                f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.{other}",
-                f"{API}.CONSUMER.INFO.{REQ}.{other}",
-                f"{API}.CONSUMER.MSG.NEXT.{REQ}.{other}",
-                f"$JS.ACK.{REQ}.{other}.>",
-            )
-        ],
+        subscribe=[],
+        # ... but never another worker's.
+        deny_publish=[s for other in REQUEST_CONSUMERS if other != "generator" for s in _consumer_of(other)],
     )
     return {
         # The HTTP edge: publishes requests, reads their events, never consumes a request stream.
         "edge": Role(
             publish=[
-                *_provision(),
+                *_streams(REQ, OUT, DLQ),
                 *_events_read(),
                 subjects.REQUEST_SUBJECTS,
                 subjects.CANCEL_SUBJECTS,
-                subjects.EVENT_SUBJECTS,  # `accepted`, and start/routed when it routes a request itself
+                subjects.EVENT_SUBJECTS,  # `accepted` records, start/routed when it routes a request
                 route.CLASSIFY_SUBJECT,
                 subjects.ADMIN_PREFIX + ">",
                 "$SRV.PING.>",  # readiness: is a generator there?
@@ -195,7 +208,8 @@ def roles() -> dict[str, Role]:
                 f"{API}.CONSUMER.LIST.{REQ}",
                 f"{API}.CONSUMER.NAMES.{REQ}",
                 f"{API}.CONSUMER.INFO.{REQ}.*",
-                # Routing a request itself (no classifier answered): the `llm.req.route` copy goes.
+                # Routing a request itself (no classifier answered): the `llm.req.route` copy it
+                # queued goes (the edge put every request there, so it can take nothing it lacks).
                 f"{API}.STREAM.MSG.DELETE.{REQ}",
                 # Its own buckets (route claims, admission counters) and reading the inventory.
                 *_kv(route.CLAIMS_BUCKET, write=True),
@@ -226,10 +240,11 @@ def roles() -> dict[str, Role]:
         # One per Ollama host: writes the inventory, answers `llm.admin.*`, hears usage.
         "janitor": Role(
             publish=[
-                *_provision(),
                 *_kv(subjects.MODELS_BUCKET, write=True),
                 subjects.MODEL_EVENT_PREFIX + ">",
-                "_INBOX.>",  # progress of a pull or create, to the inbox of whoever asked
+                # Progress of a pull or create, to the inbox of whoever asked (the edge or `llmbus models`).
+                "_INBOX.edge.>",
+                "_INBOX.admin.>",
             ],
             subscribe=[subjects.ADMIN_PREFIX + ">", subjects.USAGE_SUBJECTS, "$SRV.>"],
         ),
@@ -237,13 +252,11 @@ def roles() -> dict[str, Role]:
         # `llmbus dlq list|replay`: reads and removes dead letters, publishes requests again.
         "dlq": Role(
             publish=[
-                *_provision(),
+                *_streams(REQ, OUT, DLQ),
                 subjects.REQUEST_SUBJECTS,
                 f"{API}.STREAM.MSG.GET.{DLQ}",
                 f"{API}.DIRECT.GET.{DLQ}",
                 f"{API}.STREAM.MSG.DELETE.{DLQ}",
-                *_events_read(),
-                subjects.EVENT_SUBJECTS,
             ],
             subscribe=[],
         ),
@@ -253,7 +266,7 @@ def roles() -> dict[str, Role]:
             publish=[subjects.REQUEST_SUBJECTS, subjects.CANCEL_SUBJECTS],
             subscribe=[],
         ),
-        # The operator (`llmbus models`, `nats` CLI, tests): everything.
+        # The operator (`llmbus provision|models`, `nats` CLI, tests): everything.
         "admin": Role(publish=[">"], subscribe=[">"]),
     }
 

@@ -12,8 +12,12 @@ each to a handler as a `Job`. It owns everything that must be done the same way 
 * taking over after a crash: a redelivered request first reads what it already published in
   `LLM_OUT`; if it ended, it is just acked, otherwise the job continues after it (`Job.prior_text`,
   numbering after the last `seq`, no second `start`);
-* dead letters: a message that does not decode, or that exhausted `max_deliver` (JetStream's
-  advisory), is copied to `LLM_DLQ` with the reason, and its sender gets a terminal `error`;
+* dead letters: a message that does not decode, or that comes back once more than `max_deliver`
+  allows (every worker that took it died), is copied to `LLM_DLQ` with the reason, and its sender
+  gets a terminal `error`; the worker counts deliveries itself, so it never reads or deletes a
+  message it was not handed (its NATS user may not: services/runtime/nats_auth.py);
+* after NATS reconnects (`bus.reconnects`): re-creates what a restarted server lost (streams, its
+  consumer) and republishes the events that did not reach `LLM_OUT`;
 * graceful drain: on stop, no new pulls, in-flight jobs get a grace period, the rest are nak'ed so
   another replica takes them;
 * a consumer span per request, child of the publisher's trace context.
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import OrderedDict, deque
@@ -37,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.js.errors import NoStreamResponseError
 
 from contracts import (
     TERMINAL_EVENTS,
@@ -270,24 +273,21 @@ class Worker(Generic[R]):
         url = settings.embed_url if service == "embedder" else settings.generate_url
         self.host = usage.host_of(url)
         self._stopping = False
+        self._unsubscribe_reconnects: Callable[[], None] | None = None
         self._micro: nats.micro.service.Service | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def start(self) -> None:
+    async def _provision(self) -> None:
         await bus.provision(self.js, self.settings)
         await bus.ensure_consumer(self.js, self.settings, self.durable, self.filter_subject)
+
+    async def start(self) -> None:
+        await self._provision()
         self._psub = await self.js.pull_subscribe_bind(self.durable, subjects.REQUEST_STREAM)
         self._cancel_sub = await self.nc.subscribe(subjects.CANCEL_SUBJECTS, cb=self._on_cancel)
-        # One process of this worker kind (a queue group) ends each request JetStream gave up on.
-        advisory = subjects.MAX_DELIVERIES_ADVISORY.format(
-            stream=subjects.REQUEST_STREAM, consumer=self.durable
-        )
-        self._advisory_sub = await self.nc.subscribe(
-            advisory, queue=f"llmbus-{self.durable}", cb=self._on_max_deliveries
-        )
         # A new leader of LLM_OUT may lack the newest events the old one had not replicated yet.
         self._leader_sub = await self.nc.subscribe(
             subjects.LEADER_ELECTED_ADVISORY.format(stream=subjects.EVENT_STREAM), cb=self._on_new_leader
@@ -303,7 +303,7 @@ class Worker(Generic[R]):
         self._tasks = [asyncio.create_task(self._slot()) for _ in range(self.concurrency)]
         self._keeper = asyncio.create_task(self._keep_alive())
         self._tasks.append(self._keeper)
-        self._watcher = asyncio.create_task(self._watch_reconnects())
+        self._unsubscribe_reconnects = bus.reconnects(self.nc).subscribe(self._after_reconnect)
         metrics.watch_worker(self, self.settings.http_host, self.settings.metrics_port)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -322,12 +322,11 @@ class Worker(Generic[R]):
         for job in list(self._running.values()):
             job.cancel("shutdown")
         self._keeper.cancel()  # it may be asleep for ack_wait/3: do not wait for it
-        self._watcher.cancel()
+        if self._unsubscribe_reconnects is not None:
+            self._unsubscribe_reconnects()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._cancel_sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await self._advisory_sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self._leader_sub.unsubscribe()
         if self._micro is not None:
@@ -345,15 +344,15 @@ class Worker(Generic[R]):
         if len(self._cancelled) > 10_000:
             self._cancelled.popitem(last=False)
 
-    async def _watch_reconnects(self) -> None:
-        """After NATS reconnects (or `LLM_OUT` gets a new leader), every running job republishes
-        the events that did not make it into the stream."""
-        reconnects = self.nc.stats["reconnects"]
-        while not self._stopping:
-            await asyncio.sleep(0.25)
-            if self.nc.stats["reconnects"] == reconnects or not self.nc.is_connected:
-                continue
-            reconnects = self.nc.stats["reconnects"]
+    async def _after_reconnect(self) -> None:
+        """NATS is back, maybe a restarted server that lost `LLM_OUT` (a memory stream) or more:
+        re-create what this worker needs, then every running job republishes the events that did
+        not make it into the stream (all of them, into a re-created one)."""
+        if self._stopping:
+            return
+        try:
+            await self._provision()
+        finally:
             self._resend_all()
 
     async def _on_new_leader(self, msg: Msg) -> None:
@@ -423,10 +422,11 @@ class Worker(Generic[R]):
             request = self._decode(msg.data)
             request.validate()
             reply = hdrs.get(headers.REPLY) or subjects.event_subject(request.id)
-            if not subjects.valid_reply(reply):
+            if not subjects.valid_reply(reply, request.id):
                 raise LlmbusError(
                     ErrorCode.BAD_REQUEST,
-                    f"{headers.REPLY} must be a subject under llm.out. or _INBOX. (got {reply[:80]!r})",
+                    f"{headers.REPLY} must be the request's own llm.out.<id> or an inbox under "
+                    f"{subjects.PUBLISHER_INBOX} (got {reply[:80]!r})",
                 )
         except (msgspec.DecodeError, msgspec.ValidationError, LlmbusError, RecursionError) as exc:
             await self._reject(msg, hdrs, attempt, exc)
@@ -448,6 +448,9 @@ class Worker(Generic[R]):
         job = Job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
         job.host = self.host
         if attempt > 1 and not await self._take_over(job):
+            return
+        if attempt > self.settings.max_deliver:
+            await self._exhausted(job)
             return
 
         with (
@@ -527,11 +530,11 @@ class Worker(Generic[R]):
         """Poison: tell the sender where it listens, dead-letter it, terminate it (no redelivery)."""
         message = exc.message if isinstance(exc, LlmbusError) else f"malformed request: {exc}"
         reply = hdrs.get(headers.REPLY)
-        if not reply or not subjects.valid_reply(reply):
+        request_id = dlq.request_id_of(msg.data)
+        if not reply or not subjects.valid_reply(reply, request_id):
             # The sender listens on its request's default subject (or named one nobody could hear).
-            request_id = dlq.request_id_of(msg.data)
             default = subjects.event_subject(request_id) if request_id is not None else ""
-            reply = default if subjects.valid_reply(default) else None
+            reply = default if subjects.valid_reply(default, request_id) else None
         if reply:
             error = Error(seq=0, attempt=attempt, code=ErrorCode.BAD_REQUEST, message=message)
             await self.nc.publish(reply, _encode(error))
@@ -548,45 +551,22 @@ class Worker(Generic[R]):
         metrics.worker_request_rejected(msg.subject)
         await msg.term()
 
-    async def _on_max_deliveries(self, msg: Msg) -> None:
-        """Every delivery of a request ended without an ack (its workers died): end and dead-letter it.
-
-        The message is still in the request stream; its client gets one `error` (unless a terminal
-        event is already stored), a copy goes to LLM_DLQ, and it is deleted from the stream.
-        """
-        try:
-            advisory = json.loads(msg.data)
-            stream_seq = int(advisory["stream_seq"])
-            deliveries = int(advisory.get("deliveries", 0))
-        except (ValueError, KeyError, TypeError):
-            return
-        try:
-            raw = await self.js.get_msg(subjects.REQUEST_STREAM, seq=stream_seq)
-        except NotFoundError:
-            return  # acked at the last moment, or already handled
-        data, hdrs = raw.data or b"", raw.headers or {}
-        request_id = dlq.request_id_of(data)
-        reply = hdrs.get(headers.REPLY) or (subjects.event_subject(request_id) if request_id else None)
+    async def _exhausted(self, job: Job[R]) -> None:
+        """Every allowed delivery ended without an ack (the workers that took it died): it is not
+        run again but dead-lettered, and its client gets one `error` (its earlier attempts'
+        events stay; `_take_over` already acked one that had ended)."""
+        deliveries = job.attempt - 1
         reason = f"gave up after {deliveries} deliveries: every worker that took it stopped before it ended"
-        try:
-            if reply:
-                prior = events.published(await events.read(self.nc, reply))
-                if not prior.ended:
-                    error = Error(
-                        seq=prior.next_seq, attempt=deliveries, code=ErrorCode.INTERNAL, message=reason
-                    )
-                    await store_event(self.nc, reply, _encode(error), f"{request_id}.dlq")
-            await dlq.dead_letter(
-                self.nc,
-                service=self.service,
-                subject=raw.subject or "",
-                data=data,
-                original_headers=hdrs,
-                reason=reason,
-                deliveries=deliveries,
-            )
-            await self.js.delete_msg(subjects.REQUEST_STREAM, stream_seq)
-        except Exception:
-            log.exception("could not dead-letter request %s (stream seq %d)", request_id, stream_seq)
-            return
-        log.warning("dead-lettered request %s: %s", request_id, reason)
+        await dlq.dead_letter(
+            self.nc,
+            service=self.service,
+            subject=job.msg.subject,
+            data=job.msg.data,
+            original_headers=job.msg.headers,
+            reason=reason,
+            deliveries=deliveries,
+        )
+        with logs.request_scope(job.id):
+            await job.fail(ErrorCode.INTERNAL, reason)
+            await job.msg.ack()
+            log.warning("dead-lettered request %s: %s", job.id, reason)
