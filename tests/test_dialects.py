@@ -10,6 +10,7 @@ import httpx
 import msgspec
 import pytest
 
+from services.classifier.main import Classifier
 from services.edge.app import create_app
 from services.edge.dialects import DialectConflict
 from services.runtime.settings import Settings
@@ -20,9 +21,9 @@ from tests.seed_curl import request
 
 @asynccontextmanager
 async def seed_edge(settings: Settings, dialects: str, **more: object) -> AsyncIterator[httpx.AsyncClient]:
-    async with Edge(msgspec.structs.replace(settings, dialects=dialects, **more)) as edge:
-        async with httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
-            yield http
+    edge = Edge(msgspec.structs.replace(settings, dialects=dialects, **more))
+    async with edge, httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
+        yield http
 
 
 async def replay(http: httpx.AsyncClient, command: str) -> httpx.Response:
@@ -120,3 +121,79 @@ async def test_badges_seed_examples_answer_with_the_seed_shapes(
         assert (await http.get("/docs")).status_code in (200, 302)
     options = [call.body["options"] for call in fake_ollama.calls if call.path == "/api/chat"][-1]
     assert options["num_predict"] == 1024 and options["top_k"] == 30 and options["repeat_penalty"] == 1.02
+
+
+# --- seed 001: the router ----------------------------------------------------------------------
+
+
+async def test_router_seed_complete_streams_the_seed_messages_naming_the_chosen_model(
+    settings: Settings, generator: object, fake_ollama: FakeOllama
+) -> None:
+    classifier = Classifier(settings)
+    await classifier.start()
+    try:
+        async with seed_edge(settings, "router") as http:
+            response = await http.post("/complete", json={"message": "Your prompt here"})
+    finally:
+        await classifier.stop(grace=0)
+    assert response.status_code == 200, response.text
+    lines = [json.loads(line) for line in data_lines(response.text)]
+    assert lines and all(set(line) == {"message", "timestamp", "user_id", "model"} for line in lines)
+    assert {line["model"] for line in lines} == {"llama3.2:1b"}  # the default route's, not "auto"
+    assert "".join(line["message"] for line in lines) and lines[0]["timestamp"].endswith("Z")
+
+
+# --- seed 002: the queued streaming API --------------------------------------------------------
+
+QUEUED_JOB = {
+    "prompt": "What is knowledge distillation?",
+    "context": "Knowledge distillation is a process in machine learning where a compact model, the student, "
+    "is trained to reproduce the behavior of a larger, pre-trained model, the teacher.",
+    "client_id": "some-unique-client-identifier",
+}
+
+
+async def test_queued_seed_streams_several_jobs_over_one_client_stream_in_submit_order(
+    settings: Settings, generator: object, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.token_interval = 0.01
+    async with (
+        seed_edge(settings, "queued") as http,
+        http.stream("GET", "/api/v1/chat/stream/some-unique-client-identifier") as stream,
+    ):
+        assert stream.status_code == 200
+        lines = stream.aiter_lines()
+        assert await anext(lines) == ": connected"  # registered: now the submits
+        ids = []
+        for n in range(3):
+            submitted = await http.post("/api/v1/chat/submit", json={**QUEUED_JOB, "prompt": f"question {n}"})
+            assert submitted.status_code == 200, submitted.text
+            ids.append(submitted.json()["request_id"])
+        events = []
+        async for line in lines:
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if sum("done" in e for e in events) == 3:
+                    break
+        unknown = await http.post("/api/v1/chat/submit", json={**QUEUED_JOB, "client_id": "nobody"})
+        assert unknown.status_code == 404 and "open GET /api/v1/chat/stream" in unknown.text
+    ends = [e["request_id"] for e in events if "done" in e]
+    assert ends == ids  # FIFO: each job whole, in submit order
+    per_job = [i for i, e in enumerate(events) if "done" in e]
+    assert per_job == [8, 17, 26]  # 8 tokens, then its end, for every job: no interleaving
+
+
+async def test_queued_seed_disconnect_cancels_the_running_job(
+    settings: Settings, generator: object, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.token_interval = 0.2
+    async with seed_edge(settings, "queued") as http:
+        async with http.stream("GET", "/api/v1/chat/stream/c1") as stream:
+            lines = stream.aiter_lines()
+            await anext(lines)
+            await http.post("/api/v1/chat/submit", json={**QUEUED_JOB, "client_id": "c1"})
+            async for line in lines:
+                if line.startswith("data: "):
+                    break  # the first token: the job runs; now hang up
+        [call] = await fake_ollama.wait_disconnected()
+        assert call.path == "/api/generate"
