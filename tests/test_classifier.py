@@ -442,3 +442,24 @@ def test_a_bad_routes_file_is_refused_with_the_reason(edit: Any, problem: str) -
 )
 def test_code_presence(text: str, code: bool) -> None:
     assert has_code(text) is code
+
+
+async def test_without_a_classifier_the_edge_fallback_walks_the_default_routes_fallbacks(
+    settings: Settings, routes_file: Path, client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    # The default route's model is not on the backend: the edge takes its first fallback that is,
+    # as the classifier would, instead of sending the request to a missing model.
+    rewrite(
+        routes_file,
+        ROUTES.replace(
+            'model = "llama3.2:1b"\nexamples',
+            'model = "llama3.2:3b"\nfallbacks = ["gemma3:270m", "qwen2.5:0.5b"]\nexamples',
+        ),
+    )
+    events = await stream(client, chat("hello there"))
+
+    assert events[-1].event == "done", events[-1].data
+    routed = routed_of(events)
+    assert (routed["route"], routed["method"], routed["model"]) == ("chat", "edge_fallback", "qwen2.5:0.5b")
+    assert "llama3.2:3b is not available" in routed["why"]
+    assert generated_models(fake_ollama) == ["qwen2.5:0.5b"]

@@ -58,10 +58,12 @@ class Parts:
         admission = await Admission(settings, nc.jetstream(), inventory).start()
         self.closers.append(admission.stop)
         self.nc, self.inventory, self.admin, self.admission = nc, inventory, admin, admission
+        fallback = RouteFallback(nc, settings, inventory)
+        self.closers.append(fallback.close)
         self.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,
-            fallback=RouteFallback(nc, settings),
+            fallback=fallback,
             inventory=inventory if settings.edge_model_check else None,
             admission=admission,
             on_accepted=observability.accepted,  # the request metrics follow its event feed
