@@ -98,7 +98,8 @@ async def submit(data: JSONBody[SubmitBody], pipeline: Piped) -> Answer:
     if client is None:
         raise LlmbusError(
             ErrorCode.NOT_FOUND,
-            f"client {data.client_id[:64]!r} is not connected: open GET /api/v1/chat/stream/{{client_id}} first",
+            f"client {data.client_id[:64]!r} is not connected: "
+            "open GET /api/v1/chat/stream/{client_id} first",
         )
     model = default_model(pipeline.settings)
     prompt = f"Context: {data.context}\n\nQuestion: {data.prompt}" if data.context else data.prompt
