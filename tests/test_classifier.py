@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -442,3 +443,38 @@ def test_a_bad_routes_file_is_refused_with_the_reason(edit: Any, problem: str) -
 )
 def test_code_presence(text: str, code: bool) -> None:
     assert has_code(text) is code
+
+
+async def test_without_a_classifier_the_edge_fallback_walks_the_default_routes_fallbacks(
+    settings: Settings, routes_file: Path, client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    # The default route's model is not on the backend: the edge takes its first fallback that is,
+    # as the classifier would, instead of sending the request to a missing model.
+    rewrite(
+        routes_file,
+        ROUTES.replace(
+            'model = "llama3.2:1b"\nexamples',
+            'model = "llama3.2:3b"\nfallbacks = ["gemma3:270m", "qwen2.5:0.5b"]\nexamples',
+        ),
+    )
+    events = await stream(client, chat("hello there"))
+
+    assert events[-1].event == "done", events[-1].data
+    routed = routed_of(events)
+    assert (routed["route"], routed["method"], routed["model"]) == ("chat", "edge_fallback", "qwen2.5:0.5b")
+    assert "llama3.2:3b is not available" in routed["why"]
+    assert generated_models(fake_ollama) == ["qwen2.5:0.5b"]
+
+
+async def test_a_routed_requests_log_line_and_metrics_name_the_model_that_answered_and_the_route(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmbus.edge")
+    events = await stream(client, chat("hello there"))  # no classifier: the edge's fallback routes it
+    assert events[-1].event == "done"
+
+    [line] = [r for r in caplog.records if r.getMessage() == "request finished"]
+    assert (getattr(line, "model", None), getattr(line, "route", None)) == ("llama3.2:1b", "chat")
+    text = (await client.get("/metrics")).text
+    assert 'endpoint="/v1/chat",model="llama3.2:1b"' in text.replace(" ", "")
+    assert 'model="auto"' not in text

@@ -25,20 +25,29 @@ ListModels = Callable[[], Awaitable[list[str]]]
 
 
 class Inventory:
-    def __init__(self, js: JetStreamContext, list_models: ListModels, ttl_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        list_models: ListModels,
+        ttl_s: float = 5.0,
+        view: InventoryView | None = None,  # one already followed (the edge's); else its own
+    ) -> None:
         self.js = js
         self._list_models = list_models
         self.ttl_s = ttl_s
-        self.view = InventoryView()
+        self._owns_view = view is None
+        self.view = view if view is not None else InventoryView()
         self._listed: frozenset[str] | None = None
         self._listed_at = float("-inf")
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        await self.view.start(self.js)
+        if self._owns_view:
+            await self.view.start(self.js)
 
     async def stop(self) -> None:
-        await self.view.stop()
+        if self._owns_view:
+            await self.view.stop()
 
     async def available(self) -> frozenset[str] | None:
         """Canonical names of the models that can serve now, or None when unknown."""

@@ -108,17 +108,24 @@ class Router:
     async def _with_available_model(
         self, routes: RoutesFile, route: Route, score: float, method: RouteMethod, why: str
     ) -> Decision:
-        available = await self.inventory.available()
-        tried = [route] if route is routes.default else [route, routes.default]
-        for candidate in tried:
-            for model in (candidate.model, *candidate.fallbacks):
-                if available is None or canonical_model(model) in available:
-                    if model == route.model:
-                        return Decision(route, model, score, method, why)
-                    if candidate is not route:
-                        why += f"; no model of route {route.name!r} is available, used the default route's"
-                    else:
-                        why += f"; {route.model} is not available"
-                    return Decision(route, model, score, method, why, fallback_from=route.model)
-        wanted = ", ".join(m for c in tried for m in (c.model, *c.fallbacks))
-        raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"none of the route's models is available: {wanted}")
+        model, note = available_model(routes, route, await self.inventory.available())
+        if model == route.model:
+            return Decision(route, model, score, method, why)
+        return Decision(route, model, score, method, why + note, fallback_from=route.model)
+
+
+def available_model(routes: RoutesFile, route: Route, available: frozenset[str] | None) -> tuple[str, str]:
+    """The model `route` can use now: its own, else its first available fallback, else the default
+    route's (model, then fallbacks); with a note saying why when it is not the route's own.
+    `available` None: unknown, nothing is filtered. The edge's routing fallback walks the same way."""
+    tried = [route] if route is routes.default else [route, routes.default]
+    for candidate in tried:
+        for model in (candidate.model, *candidate.fallbacks):
+            if available is None or canonical_model(model) in available:
+                if model == route.model:
+                    return model, ""
+                if candidate is not route:
+                    return model, f"; no model of route {route.name!r} is available, used the default route's"
+                return model, f"; {route.model} is not available"
+    wanted = ", ".join(m for c in tried for m in (c.model, *c.fallbacks))
+    raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"none of the route's models is available: {wanted}")

@@ -21,6 +21,7 @@ from services.edge.compat.openai import router as openai_router
 from services.edge.contract import ROUTES as CONTRACT_ROUTES
 from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
+from services.edge.dialects import mounted as mounted_dialects
 from services.edge.embed import embed
 from services.edge.errors import exception_handlers, with_retry_after
 from services.edge.generation import chat, generate
@@ -93,6 +94,7 @@ def create_app(
             page,
             asset,
             *CONTRACT_ROUTES,
+            *mounted_dialects(settings.dialects),  # the seeds' APIs, opt-in (services/edge/dialects)
         ],
         lifespan=[lifespan],
         dependencies=parts.dependencies(),

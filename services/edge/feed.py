@@ -33,6 +33,14 @@ __all__ = ["EventFeed", "Outcome", "RawEvent"]
 _encode = msgspec.json.Encoder().encode
 _decode_head = msgspec.json.Decoder(EventHead).decode
 
+
+class _Routed(msgspec.Struct):
+    model: str
+    route: str = ""
+
+
+_decode_routed = msgspec.json.Decoder(_Routed).decode
+
 # A gap in the numbering is waited for this long (a worker that reconnected, or saw the event
 # stream's leader change, republishes what did not make it), then filled from LLM_OUT or skipped.
 GAP_WAIT_S = 5.0
@@ -134,6 +142,7 @@ class EventFeed:
         self._ticket = ticket  # its hold on the tenant's limits, given back on close
         self.outcome: Outcome | None = None  # its terminal event, once delivered
         self.first_token_at: float | None = None  # perf_counter() when the first token was delivered
+        self.routed: _Routed | None = None  # a routed request's model that answers, and its route
         self._sub: Any = None
         self._replayed: list[RawEvent] | None = None  # read by `prefetch`, not yet delivered
 
@@ -242,6 +251,9 @@ class EventFeed:
                 self.outcome = Outcome(head.type, data)
         if self.first_token_at is None and any(head.type == "token" for head, _ in out):
             self.first_token_at = time.perf_counter()
+        for head, data in out:
+            if head.type == "routed":  # logs and metrics name this model, never `auto`
+                self.routed = _decode_routed(data)
         return out
 
     async def _backfill(self) -> list[RawEvent]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from services.edge.app import create_app
+from services.edge.dialects import DialectConflict
 from services.edge.http_protocol import edge_protocol
 from services.runtime import tracing
 from services.runtime.service import freeze_startup_heap, setup_process
@@ -19,7 +20,10 @@ def main(settings: Settings) -> None:
         assert server is not None
         server.should_exit = True
 
-    app = create_app(settings, on_ready=freeze_startup_heap, on_fatal=fatal)
+    try:
+        app = create_app(settings, on_ready=freeze_startup_heap, on_fatal=fatal)
+    except DialectConflict as exc:  # one line naming both dialects, no traceback
+        raise SystemExit(str(exc)) from None
     config = uvicorn.Config(
         app,
         host=settings.http_host,

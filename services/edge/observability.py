@@ -159,13 +159,16 @@ def _finish(record: _Record) -> None:
     if feed is not None and feed.first_token_at is not None:
         ttft = feed.first_token_at - record.started
     code = record.outcome()
+    routed = feed.routed if feed is not None else None
+    model = record.model if routed is None else routed.model  # the model that answered, not `auto`
     record.feed = None  # tasks made during the request hold this record (their context): no cycle
-    metrics.http_request_ended(record.endpoint, record.model, code, duration, ttft)
+    metrics.http_request_ended(record.endpoint, model, code, duration, ttft)
     log.info(
         "request finished",
         extra={
             "endpoint": record.endpoint,
-            "model": record.model,
+            "model": model,
+            "route": None if routed is None else routed.route,
             "code": code,
             "status": record.status,
             "duration_ms": round(duration * 1000, 3),

@@ -5,7 +5,9 @@ arrives within `LLMBUS_ROUTE_WAIT_S` (no classifier running, or one too slow), t
 request (`services.runtime.handoff.Claims`: a classifier that answers later drops it), deletes the
 routing message from the queue (a classifier that starts later never sees it), and routes it
 itself: `start` and a `routed` event with method `edge_fallback`, then the request to the default
-route's model. The client sees the same start, routed, token..., done either way.
+route's model, or, when that one is not available, the first of its fallbacks that is (walked as
+the classifier walks them: `available_model`). The client sees the same start, routed, token...,
+done either way.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from nats.aio.client import Client
 
 from contracts import Error, ErrorCode, GenerateRequest, LlmbusError, Start, headers, subjects
 from contracts.route import Routed
+from services.classifier.inventory import Inventory
+from services.classifier.router import available_model
 from services.classifier.routes import RouteTable
 from services.edge.feed import EventFeed
+from services.runtime.backends import OpenAIBackend, create_backend
+from services.runtime.backends.ollama_admin import OllamaAdmin
 from services.runtime.handoff import Claims, republish
+from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 
 log = logging.getLogger("llmbus.edge")
@@ -53,12 +60,30 @@ class RouteGuard:
 
 
 class RouteFallback:
-    def __init__(self, nc: Client, settings: Settings) -> None:
+    def __init__(self, nc: Client, settings: Settings, inventory: InventoryView) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.wait_s = settings.route_wait_s
         self.table = RouteTable(settings.routes_file)
         self.claims = Claims(self.js, ttl_s=settings.dedupe_window_s)
+        # Which models can serve now: the janitors' inventory, else the backend's list (as the
+        # classifier knows it), asked only when a fallback happens.
+        if settings.backend == "openai":
+            backend = create_backend(settings)
+            assert isinstance(backend, OpenAIBackend)
+            self._close = backend.aclose
+            self.available = Inventory(self.js, backend.models, view=inventory)
+        else:
+            admin = OllamaAdmin(settings.generate_url, connect_timeout=2.0)
+            self._close = admin.aclose
+
+            async def tags() -> list[str]:
+                return [tag.name for tag in await admin.tags()]
+
+            self.available = Inventory(self.js, tags, view=inventory)
+
+    async def close(self) -> None:
+        await self._close()
 
     async def guard(
         self, feed: EventFeed, request: GenerateRequest, hdrs: dict[str, str], queued: int
@@ -80,14 +105,13 @@ class RouteFallback:
             await self.js.delete_msg(subjects.REQUEST_STREAM, queued)
         reply = hdrs[headers.REPLY]
         try:
-            route = self.table.current().default
+            routes = self.table.current()
+            route = routes.default
+            model, note = available_model(routes, route, await self.available.available())
         except LlmbusError as exc:
-            await self._fail(
-                reply, 0, f"no classifier answered and the routes file is unusable: {exc.message}"
-            )
+            await self._fail(reply, 0, f"no classifier answered, and {exc.message}", exc.code)
             return
-        model = route.model
-        why = f"no classifier answered within {self.wait_s:g} s; the default route's model"
+        why = f"no classifier answered within {self.wait_s:g} s; the default route's model{note}"
         log.warning("request %s: %s (%s)", request.id, why, model)
         await self.nc.publish(reply, _encode(Start(seq=0, attempt=1, request_id=request.id, model=model)))
         routed = Routed(
@@ -107,6 +131,9 @@ class RouteFallback:
         except Exception as exc:
             await self._fail(reply, 2, f"the request queue is unavailable: {exc!r}")
 
-    async def _fail(self, reply: str, seq: int, message: str) -> None:
-        error = Error(seq=seq, attempt=1, code=ErrorCode.BACKEND_UNAVAILABLE, message=message, retry_after=1)
+    async def _fail(
+        self, reply: str, seq: int, message: str, code: ErrorCode = ErrorCode.BACKEND_UNAVAILABLE
+    ) -> None:
+        retry_after = 1 if code is ErrorCode.BACKEND_UNAVAILABLE else None
+        error = Error(seq=seq, attempt=1, code=code, message=message, retry_after=retry_after)
         await self.nc.publish(reply, _encode(error))

@@ -58,7 +58,8 @@ class Parts:
         admission = await Admission(settings, nc.jetstream(), inventory).start()
         self.closers.append(admission.stop)
         self.nc, self.inventory, self.admin, self.admission = nc, inventory, admin, admission
-        fallback = RouteFallback(nc, settings)
+        fallback = RouteFallback(nc, settings, inventory)
+        self.closers.append(fallback.close)
 
         async def provision() -> None:
             """What the edge owns on the bus, re-created after a reconnect (a restarted NATS has lost

@@ -101,6 +101,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     context_tokens: int = 8192  # a prompt's estimated tokens above this (or num_ctx): prompt_too_large
     max_output_tokens: int = 4096  # num_predict / max_tokens asked above this (or -1) is capped to it
     lease_ttl_s: float = 30.0  # an in-flight slot of a crashed edge is freed after this long
+    # The seeds' APIs the edge also serves, at their own paths (docs/migration.md), comma-separated:
+    # badges, router, queued, shared, simple. Empty: none (off by default).
+    dialects: str = ""
+    # The model of a request that names none (the simple and queued dialects); empty: the routes
+    # file's default route's model.
+    default_model: str = ""
     log_level: str = "info"
     # json: one JSON object per line; text: short lines for people; auto: text on a terminal, else json.
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -197,7 +203,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "edge": (
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
         "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
-        "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s",
+        "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s", "dialects",
+        "default_model",
     ),
     "local": (
         "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
