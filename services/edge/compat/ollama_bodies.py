@@ -15,6 +15,7 @@ from contracts.embed import Dimensions
 from contracts.tools import Think, Tool, ToolCall
 from services.edge.compat.fields import Refusing, tool_call, unsupported
 
+_IMAGE_GENERATION = "llmbus generates text, not images"
 _OPTION_FIELDS = frozenset(Options.__struct_fields__)
 _KEEP_ALIVE = "the janitor decides how long a model stays loaded (load it with an empty request)"
 
@@ -124,10 +125,16 @@ class GenerateBody(_Common, kw_only=True):
     raw: bool | None = None
     template: str | None = None
     context: list[int] | None = None
+    width: int | None = None  # image generation (experimental in Ollama) ...
+    height: int | None = None
+    steps: int | None = None
 
     REFUSED: ClassVar = _Common.REFUSED | {
         "template": "the backend applies the model's own template (send `raw: true` and a templated prompt)",
         "context": "the deprecated `context`: send the conversation to /api/chat",
+        "width": _IMAGE_GENERATION,
+        "height": _IMAGE_GENERATION,
+        "steps": _IMAGE_GENERATION,
     }
 
     @property

@@ -158,6 +158,8 @@ _EFFORT: dict[str, Think] = {
     "low": "low",
     "medium": "medium",
     "high": "high",
+    "xhigh": "high",
+    "max": "high",
 }
 
 
@@ -233,7 +235,7 @@ class ChatCompletionBody(_Sampling, kw_only=True):
     tools: list[_Tool] | None = None
     tool_choice: str | _ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     audio: Any = None
@@ -243,7 +245,9 @@ class ChatCompletionBody(_Sampling, kw_only=True):
     metadata: dict[str, str] | None = None
     prediction: Any = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: Any = None
     prompt_cache_retention: str | None = None
+    moderation: Any = None
     safety_identifier: str | None = None
     service_tier: str | None = None
     store: bool | None = None
@@ -259,6 +263,8 @@ class ChatCompletionBody(_Sampling, kw_only=True):
         "prediction": "the backends take no predicted output",
         "prompt_cache_key": "the backends cache prompts on their own",
         "prompt_cache_retention": "the backends cache prompts on their own",
+        "prompt_cache_options": "the backends cache prompts on their own",
+        "moderation": "llmbus does no moderation",
         "safety_identifier": _UNUSED,
         "service_tier": "llmbus has one service tier",
         "store": "llmbus does not store completions for later retrieval",
