@@ -59,12 +59,14 @@ async def test_generate_non_streaming(client: ollama.AsyncClient) -> None:
     assert answer.total_duration > 0
 
 
-async def test_unknown_options_are_ignored_like_ollama_does(
+async def test_options_llmbus_cannot_carry_are_refused_the_others_carried(
     client: ollama.AsyncClient, fake_ollama: FakeOllama, settings: Settings
 ) -> None:
-    answer = await client.generate(
-        model="llama3.2:1b", prompt="x", options={"num_thread": 2, "temperature": 0.1}
-    )
+    with pytest.raises(ollama.ResponseError) as refused:  # a runner option: never silently dropped
+        await client.generate(model="llama3.2:1b", prompt="x", options={"num_thread": 2, "temperature": 0.1})
+    assert refused.value.status_code == 400
+    assert "`options.num_thread` is not supported" in refused.value.error
+    answer = await client.generate(model="llama3.2:1b", prompt="x", options={"temperature": 0.1})
     assert answer.done
     calls = await fake_ollama.wait_calls(1, path="/api/generate")
     # (num_predict: no max_tokens asked gets LLMBUS_MAX_OUTPUT_TOKENS)

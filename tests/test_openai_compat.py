@@ -206,11 +206,14 @@ async def test_embeddings_refuse_token_arrays_and_bad_formats_in_openai_shape(
 ) -> None:
     with pytest.raises(openai.BadRequestError) as tokens:
         await sdk.embeddings.create(model=EMBED_MODEL, input=[[1, 2, 3]])
-    assert tokens.value.code == "bad_request"
+    assert tokens.value.code == "unsupported"  # a valid OpenAI input llmbus refuses, naming it
+    assert tokens.value.param == "input"
     assert "token arrays" in tokens.value.message
     with pytest.raises(openai.BadRequestError) as fmt:
         await sdk.embeddings.create(model=EMBED_MODEL, input="x", encoding_format="hex")  # type: ignore[arg-type]
     assert fmt.value.code == "bad_request"
+    assert fmt.value.param == "encoding_format"
+    assert "`data`" not in fmt.value.message
     with pytest.raises(openai.BadRequestError) as empty:
         await sdk.embeddings.create(model=EMBED_MODEL, input=[])
     assert empty.value.code == "bad_request"

@@ -16,14 +16,16 @@ from litestar.openapi import OpenAPIConfig
 from services.edge import models
 from services.edge.auth import Authenticate, admin_only
 from services.edge.classify import classify
+from services.edge.compat.ollama import ollama_error
 from services.edge.compat.ollama import router as ollama_router
+from services.edge.compat.openai import openai_error
 from services.edge.compat.openai import router as openai_router
 from services.edge.contract import ROUTES as CONTRACT_ROUTES
 from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
 from services.edge.dialects import mounted as mounted_dialects
 from services.edge.embed import embed
-from services.edge.errors import exception_handlers, with_retry_after
+from services.edge.errors import by_path, native_error, with_retry_after
 from services.edge.generation import chat, generate
 from services.edge.health import live, ready
 from services.edge.ledger_routes import ROUTES as LEDGER_ROUTES
@@ -98,7 +100,8 @@ def create_app(
         ],
         lifespan=[lifespan],
         dependencies=parts.dependencies(),
-        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        # A 404 or 405 under an API's prefix answers in that API's error shape.
+        exception_handlers=by_path({"/openai/": openai_error, "/ollama/": ollama_error}, native_error),  # type: ignore[arg-type]
         after_request=with_retry_after,  # every 429 and 503 has a Retry-After
         middleware=[DefineMiddleware(Authenticate, keys=parts.keys)],  # API keys: `request.user`
         guards=[parts.connected, admin_only],  # the bus, and the admin scope of admin routes

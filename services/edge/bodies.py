@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from contracts import Format, GenerateRequest, Message, Options
+from contracts.tools import MAX_TOP_LOGPROBS, Think, Tool, ToolChoice
 
 Timeout = Annotated[float, msgspec.Meta(gt=0, description="Seconds; bounded by the server maximum")]
 # true: SSE; false: one JSON answer; "deferred": 202 at once with the id and an events URL to follow.
@@ -19,6 +20,9 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     format: Format | None = None
     stream: Stream = False
     timeout: Timeout | None = None
+    think: Think | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def to_request(self, request_id: str) -> GenerateRequest:
         """The wire request: every field but how to answer (`stream`, `timeout`)."""
@@ -29,8 +33,14 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ChatBody(_Body, kw_only=True):
     messages: list[Message]
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class GenerateBody(_Body, kw_only=True):
     prompt: str
     system: str | None = None
+    images: list[str] | None = None
+    suffix: str | None = None
+    raw: bool | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -85,26 +86,47 @@ class Failure(msgspec.Struct):
     message: str
     status: int
     retry_after: float | None = None
+    param: str | None = None  # the request field at fault, when known (OpenAI's `param`)
+
+
+# An `unsupported` message starts with the field it refuses (services/edge/compat/fields.py and the
+# backends' `unsupported`): "`tools` is not supported ...".
+_FIELD_FIRST = re.compile(r"^`([^`]+)`")
+# Litestar names the whole body after the handler's parameter (`data`): not a field of the API.
+_WHOLE_BODY = frozenset({"data", ""})
 
 
 def describe(request: Request[Any, Any, Any], exc: Exception) -> Failure:
     if isinstance(exc, LlmbusError):
-        return Failure(exc.code, exc.message, exc.code.http_status, exc.retry_after)
+        field = _FIELD_FIRST.match(exc.message) if exc.code is ErrorCode.UNSUPPORTED else None
+        param = field.group(1) if field else None
+        return Failure(exc.code, exc.message, exc.code.http_status, exc.retry_after, param)
     if isinstance(exc, ValidationException):
-        detail = exc.extra if exc.extra else exc.detail
-        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-            detail = "; ".join(
-                f"`{item['key']}`: {item.get('message')}"
-                if item.get("key")
-                else str(item.get("message", item))
-                for item in detail
-            )
-        return Failure(ErrorCode.BAD_REQUEST, f"invalid request body: {detail}", 400)
+        return _invalid_body(exc)
     if isinstance(exc, HTTPException):
         return Failure(code_of(exc), str(exc.detail), exc.status_code)
     rid = request_id_of(request)
     log.error("unhandled error in request %s", rid, exc_info=exc)
     return Failure(ErrorCode.INTERNAL, f"internal error; see the edge log for request {rid}", 500)
+
+
+def _invalid_body(exc: ValidationException) -> Failure:
+    """A body that does not decode: the fields at fault by their names in the API, never by the
+    handler's parameter name."""
+    detail = exc.extra if exc.extra else exc.detail
+    param = None
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        parts = []
+        for item in detail:
+            key = str(item.get("key") or "")
+            message = str(item.get("message", item))
+            if key in _WHOLE_BODY:
+                parts.append(message)
+            else:
+                param = param or key
+                parts.append(f"`{key}`: {message}")
+        detail = "; ".join(parts)
+    return Failure(ErrorCode.BAD_REQUEST, f"invalid request body: {detail}", 400, param=param)
 
 
 Render = Callable[[Failure, str], Response[bytes]]
@@ -147,3 +169,21 @@ def native_error(failure: Failure, request_id: str) -> Response[bytes]:
 
 
 exception_handlers = handlers(native_error)
+
+
+def by_path(
+    renders: dict[str, Render], default: Render
+) -> dict[type[Exception], Callable[[Request[Any, Any, Any], Exception], Response[bytes]]]:
+    """The application's handlers: a failure no router caught (a 404 for an unknown path, a 405)
+    is rendered in the shape of the API whose path prefix it is under."""
+    by_prefix = {prefix: handlers(render)[Exception] for prefix, render in renders.items()}
+    fallback = handlers(default)[Exception]
+
+    def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        path = request.url.path
+        for prefix, handler in by_prefix.items():
+            if path == prefix.rstrip("/") or path.startswith(prefix):
+                return handler(request, exc)
+        return fallback(request, exc)
+
+    return {Exception: handle}

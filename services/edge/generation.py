@@ -16,6 +16,8 @@ from litestar.params import JSONBody
 
 from contracts import Completion, Done, Error, Event, Restart, Routed, Token
 from contracts.base import check_id
+from contracts.messages import Thinking, ToolCallEvent
+from contracts.tools import Logprob, ToolCall
 from services.edge.admission import request_id_for_key
 from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.dispatch import Dispatcher, EventFeed
@@ -85,16 +87,25 @@ def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
 
 
 async def collect(source: Source, model: str) -> Completion | Error:
-    """A request's answer as one `Completion` (text before a `restart` dropped), or its error."""
+    """A request's answer as one `Completion` (what came before a `restart` dropped), or its error."""
     parts: list[str] = []
+    thinking: list[str] = []
+    calls: list[ToolCall] = []
+    logprobs: list[Logprob] = []
     routed: Routed | None = None
     async for batch in source.batches():
         for _, data in batch:
             event = _decode_event(data)
             if isinstance(event, Token):
                 parts.append(event.text)
+                logprobs += event.logprobs or ()
+            elif isinstance(event, Thinking):
+                thinking.append(event.text)
+            elif isinstance(event, ToolCallEvent):
+                calls.append(event.call)
             elif isinstance(event, Restart):
-                parts.clear()  # a new attempt starts the answer over
+                for part in (parts, thinking, calls, logprobs):
+                    part.clear()  # a new attempt starts the answer over
             elif isinstance(event, Routed):
                 routed = event
             elif isinstance(event, Done):
@@ -106,6 +117,9 @@ async def collect(source: Source, model: str) -> Completion | Error:
                     usage=event.usage,
                     timings=event.timings,
                     routed=routed,
+                    thinking="".join(thinking) or None,
+                    tool_calls=calls or None,
+                    logprobs=logprobs or None,
                 )
             elif isinstance(event, Error):
                 return event

@@ -13,6 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from contracts import Done, Error, ErrorCode, Event, Restart, Routed, Token
+from contracts.messages import Thinking, ToolCallEvent
 from services.runtime.events import RawEvent
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -22,12 +23,14 @@ DIVERGED = (
     "retry the request"
 )
 
-Forwarded = Token | Routed | Done | Error
+Forwarded = Token | Thinking | ToolCallEvent | Routed | Done | Error
 
 
 class Seamless:
     """One request's events as a compat stream forwards them, a batch at a time: `Routed` (for
-    `auto`: the model that answers), `Token`s, then one `Done` or `Error`, after which `ended`."""
+    `auto`: the model that answers), `Thinking`, `Token`s and `ToolCallEvent`s, then one `Done` or
+    `Error`, after which `ended`. A new attempt's thinking is not forwarded while its text is
+    checked: the client has the reasoning that led to the text it has."""
 
     __slots__ = ("_at", "_check", "_sent", "ended")
 
@@ -47,7 +50,10 @@ class Seamless:
                     out.append(event)
                 elif (token := self._continued(event)) is not None:
                     out.append(token)
-            elif isinstance(event, Routed):
+            elif isinstance(event, Thinking):
+                if self._check is None:
+                    out.append(event)
+            elif isinstance(event, (Routed, ToolCallEvent)):  # a call is in chat answers (never restarted)
                 out.append(event)
             elif isinstance(event, Restart):
                 self._check, self._at = (self._check if self._check is not None else "".join(self._sent)), 0

@@ -9,31 +9,21 @@ edge's one embed path; `tags`, `ps` and `show` read the janitors' inventory and 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from contracts import (
-    Completion,
-    Done,
-    EmbedRequest,
-    Error,
-    ErrorCode,
-    Format,
-    GenerateRequest,
-    LlmbusError,
-    Message,
-    Options,
-    Routed,
-    Token,
-)
-from contracts.embed import Dimensions, EmbedResponse
+from contracts import Completion, Done, Error, ErrorCode, LlmbusError, Routed, Token
+from contracts.embed import EmbedResponse
+from contracts.messages import Thinking, ToolCallEvent
 from contracts.models import LoadRequest, ModelInfo, ModelRef
+from contracts.tools import Logprob, ToolCall
 from services.edge.admission import Admission
 from services.edge.compat.events import Seamless
+from services.edge.compat.ollama_bodies import ChatBody, EmbedBody, GenerateBody, LegacyEmbeddingsBody
 from services.edge.compat.ollama_models import MODEL_ROUTES, json_answer
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers, request_id_of
@@ -49,69 +39,6 @@ VERSION = "0.12.0"  # the Ollama API version whose shapes these routes follow
 
 _encode = msgspec.json.Encoder().encode
 Admin = NamedDependency[AdminClient]
-_OPTION_FIELDS = frozenset(Options.__struct_fields__)
-
-
-class OllamaMessage(msgspec.Struct):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
-    images: list[str] | None = None
-
-
-class _Common(msgspec.Struct, kw_only=True):
-    model: str
-    stream: bool = True  # Ollama streams unless told not to
-    format: Format | Literal[""] | None = None
-    options: dict[str, Any] | None = None
-    keep_alive: str | int | float | None = None
-
-    def wire_options(self) -> Options:
-        # Ollama ignores options it does not know; so do we, instead of refusing a working client.
-        known = {k: v for k, v in (self.options or {}).items() if k in _OPTION_FIELDS}
-        try:
-            return msgspec.convert(known, Options)
-        except msgspec.ValidationError as exc:
-            raise LlmbusError(ErrorCode.BAD_REQUEST, f"invalid options: {exc}") from exc
-
-    def wire_format(self) -> Format | None:
-        return self.format or None
-
-
-class ChatBody(_Common, kw_only=True):
-    messages: list[OllamaMessage] = []  # none: Ollama's "load the model" (or unload, `keep_alive: 0`)
-
-    @property
-    def empty(self) -> bool:
-        return not self.messages
-
-    def to_request(self, request_id: str) -> GenerateRequest:
-        messages = [Message(role=m.role, content=m.content, images=m.images) for m in self.messages]
-        return GenerateRequest(
-            id=request_id,
-            model=self.model,
-            messages=messages,
-            options=self.wire_options(),
-            format=self.wire_format(),
-        )
-
-
-class GenerateBody(_Common, kw_only=True):
-    prompt: str = ""  # empty: Ollama's "load the model" (or unload, `keep_alive: 0`)
-    system: str | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not self.prompt
-
-    def to_request(self, request_id: str) -> GenerateRequest:
-        return GenerateRequest(
-            id=request_id,
-            model=self.model,
-            prompt=self.prompt,
-            system=self.system,
-            options=self.wire_options(),
-            format=self.wire_format(),
-        )
 
 
 def ollama_error(failure: Failure, request_id: str) -> Response[bytes]:
@@ -123,26 +50,44 @@ class _Shape:
         self.chat = chat
         self.model = model
 
-    def piece(self, text: str) -> dict[str, Any]:
+    def piece(
+        self,
+        text: str,
+        thinking: str | None = None,
+        calls: list[ToolCall] | None = None,
+        logprobs: list[Logprob] | None = None,
+    ) -> dict[str, Any]:
+        """A line: answer text, or thinking (chat: in `message`, generate: top-level), or calls."""
         out: dict[str, Any] = {"model": self.model, "created_at": _now()}
         if self.chat:
-            out["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = [_call(call, i) for i, call in enumerate(calls)]
+            out["message"] = message
         else:
             out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
         out["done"] = False
+        if logprobs is not None:
+            out["logprobs"] = [msgspec.to_builtins(lp) for lp in logprobs]
         return out
 
     def final(self, done: Done | Completion, text: str = "") -> dict[str, Any]:
-        out = self.piece(text)
         if isinstance(done, Completion):
+            out = self.piece(text, done.thinking, done.tool_calls, done.logprobs)
             out["model"] = done.model  # the model that answered (`auto` says which)
+        else:
+            out = self.piece(text)
         total_ns = int(done.timings.total_ms * 1e6)
         speed = done.timings.tokens_per_s
         eval_ns = int(done.usage.completion_tokens / speed * 1e9) if speed else total_ns
         first_ns = int((done.timings.ttft_ms or 0) * 1e6)
         out.update(
             done=True,
-            done_reason=done.finish_reason,
+            done_reason="stop" if done.finish_reason == "tool_calls" else done.finish_reason,
             total_duration=total_ns,
             load_duration=0,
             prompt_eval_count=done.usage.prompt_tokens,
@@ -151,6 +96,12 @@ class _Shape:
             eval_duration=eval_ns,
         )
         return out
+
+
+def _call(call: ToolCall, index: int) -> dict[str, Any]:
+    """Ollama's call: arguments as an object, its place in the answer as `function.index`."""
+    function = {"index": index, "name": call.function.name, "arguments": call.function.arguments}
+    return {"id": call.id, "function": function}
 
 
 def _now() -> str:
@@ -173,7 +124,13 @@ class Ollama(Dialect):
         out: list[bytes] = []
         for event in self.events.events(batch):
             if isinstance(event, Token):
-                out.append(_encode(shape.piece(event.text)) + b"\n")
+                out.append(_encode(shape.piece(event.text, logprobs=event.logprobs)) + b"\n")
+            elif isinstance(event, Thinking):
+                out.append(_encode(shape.piece("", thinking=event.text)) + b"\n")
+            elif isinstance(event, ToolCallEvent):  # each call in a line of its own, as Ollama streams
+                line = shape.piece("")
+                line["message"]["tool_calls"] = [_call(event.call, event.index)]
+                out.append(_encode(line) + b"\n")
             elif isinstance(event, Routed):
                 shape.model = event.model  # lines name the model that answers, as non-streamed ones do
             elif isinstance(event, Done):
@@ -252,22 +209,6 @@ async def root() -> str:
 # -- embeddings: the edge's one embed path (`services/edge/embed.py`)
 
 
-class EmbedBody(msgspec.Struct, kw_only=True):
-    model: str
-    input: str | list[str]
-    truncate: bool | None = None
-    dimensions: Dimensions | None = None
-    options: dict[str, Any] | None = None  # accepted and ignored, as they do not change a vector
-    keep_alive: str | int | float | None = None
-
-
-class LegacyEmbeddingsBody(msgspec.Struct, kw_only=True):
-    model: str
-    prompt: str
-    options: dict[str, Any] | None = None
-    keep_alive: str | int | float | None = None
-
-
 class OllamaEmbedding(Embedding):
     """`/api/embed` (`legacy`: `/api/embeddings`, one text, one vector)."""
 
@@ -292,15 +233,13 @@ class OllamaEmbedding(Embedding):
 
 @post("/api/embed", summary="Ollama-compatible embed", status_code=200)
 async def embed(data: JSONBody[EmbedBody], pipeline: Piped) -> Response[bytes]:
-    fields = msgspec.structs.asdict(data)
-    del fields["options"], fields["keep_alive"]  # accepted and ignored
-    wire = EmbedRequest(id=pipeline.request_id, **fields)
+    wire = data.to_request(pipeline.request_id)
     return await embed_with(pipeline, wire, OllamaEmbedding(pipeline.settings))
 
 
 @post("/api/embeddings", summary="Ollama's legacy single-text embeddings", status_code=200)
 async def embeddings(data: JSONBody[LegacyEmbeddingsBody], pipeline: Piped) -> Response[bytes]:
-    wire = EmbedRequest(id=pipeline.request_id, model=data.model, input=data.prompt)
+    wire = data.to_request(pipeline.request_id)
     return await embed_with(pipeline, wire, OllamaEmbedding(pipeline.settings, legacy=True))
 
 

@@ -11,28 +11,19 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from litestar import Response, Router, post
 from litestar.params import JSONBody
 
-from contracts import (
-    Completion,
-    Done,
-    EmbedRequest,
-    EmbedResponse,
-    Error,
-    ErrorCode,
-    GenerateRequest,
-    LlmbusError,
-    Message,
-    Options,
-    Token,
-)
-from contracts.embed import Dimensions
+from contracts import Completion, Done, EmbedResponse, Error, Token
+from contracts.messages import Thinking, ToolCallEvent
 from contracts.route import Routed
+from contracts.tools import Logprob, ToolCall
 from services.edge.compat.events import Seamless
+from services.edge.compat.fields import dumps
+from services.edge.compat.openai_bodies import ChatCompletionBody, CompletionBody, EmbeddingsBody
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
@@ -41,102 +32,6 @@ from services.runtime.events import RawEvent
 from services.runtime.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
-
-
-class _ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(msgspec.Struct):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_ContentPart] | None = None
-
-
-class JsonSchemaSpec(msgspec.Struct):
-    name: str | None = None
-    schema: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ResponseFormat(msgspec.Struct):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-
-
-class _Sampling(msgspec.Struct, kw_only=True):
-    """Fields both endpoints share. Unknown fields are ignored, as OpenAI's SDKs send many."""
-
-    model: str
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    n: int = 1
-    timeout: float | None = None
-
-    def options(self) -> Options:
-        if self.n != 1:
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "only n=1 is supported")
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return Options(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=stop,
-            num_predict=self.max_completion_tokens or self.max_tokens,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-        )
-
-
-class ChatCompletionBody(_Sampling, kw_only=True):
-    messages: list[ChatMessage]
-    response_format: ResponseFormat | None = None
-
-    def to_request(self, request_id: str) -> GenerateRequest:
-        fmt: Any = None
-        if self.response_format is not None and self.response_format.type == "json_object":
-            fmt = "json"
-        elif self.response_format is not None and self.response_format.type == "json_schema":
-            spec = self.response_format.json_schema
-            if spec is None or spec.schema is None:
-                raise LlmbusError(ErrorCode.BAD_REQUEST, "response_format.json_schema.schema is required")
-            fmt = spec.schema
-        return GenerateRequest(
-            id=request_id,
-            model=self.model,
-            options=self.options(),
-            format=fmt,
-            messages=[Message(role=_role(m.role), content=_text(m.content)) for m in self.messages],
-        )
-
-
-class CompletionBody(_Sampling, kw_only=True):
-    prompt: str
-
-    def to_request(self, request_id: str) -> GenerateRequest:
-        return GenerateRequest(id=request_id, model=self.model, prompt=self.prompt, options=self.options())
-
-
-def _role(role: str) -> Literal["system", "user", "assistant", "tool"]:
-    return "system" if role == "developer" else role  # type: ignore[return-value]
-
-
-def _text(content: str | list[_ContentPart] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.text or "" for part in content if part.type == "text")
 
 
 _ERROR_TYPES = {
@@ -154,7 +49,7 @@ def openai_error(failure: Failure, request_id: str) -> Response[bytes]:
         "error": {
             "message": failure.message,
             "type": _ERROR_TYPES.get(failure.status, "server_error"),
-            "param": None,
+            "param": failure.param,
             "code": failure.code.value,
         }
     }
@@ -169,25 +64,47 @@ def openai_error(failure: Failure, request_id: str) -> Response[bytes]:
 class _Shape:
     """Builds one endpoint's objects: `chat.completion(.chunk)` or `text_completion`."""
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+    def __init__(self, chat: bool, request_id: str, model: str, echo: str = "") -> None:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
+        self.echo = echo  # completions' `echo`: the prompt, before the answer's text
+        self.offset = len(echo)  # a legacy logprobs' `text_offset` of the next token
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> bytes:
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+        """A chat chunk with `delta`, or a completion chunk with `delta["content"]` as its text."""
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text is not None:
-                delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            text = delta.get("content") or ""
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "text_completion"
         return self._data(
             {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
         )
+
+    def token(self, event: Token) -> bytes:
+        logprobs = None if event.logprobs is None else self.logprobs(event.logprobs)
+        return self.chunk({"content": event.text}, logprobs=logprobs)
+
+    def logprobs(self, scored: list[Logprob]) -> dict[str, Any]:
+        """Chat's `{content: [...]}`, or completions' legacy `{tokens, token_logprobs, ...}`."""
+        if self.chat:
+            return {"content": [_chat_logprob(lp) for lp in scored], "refusal": None}
+        offsets = []
+        for lp in scored:
+            offsets.append(self.offset)
+            self.offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in scored],
+            "token_logprobs": [lp.logprob for lp in scored],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs or ()} for lp in scored],
+            "text_offset": offsets,
+        }
 
     def usage_chunk(self, done: Done) -> bytes:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -203,21 +120,21 @@ class _Shape:
         )
 
     def whole(self, answer: Completion) -> dict[str, Any]:
+        logprobs = None if answer.logprobs is None else self.logprobs(answer.logprobs)
+        finish = _finish_reason(answer.finish_reason)
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer.text},
-                "finish_reason": answer.finish_reason,
-                "logprobs": None,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+            if answer.thinking is not None:
+                message["reasoning_content"] = answer.thinking
+            if answer.tool_calls:
+                message["tool_calls"] = [_call(call) for call in answer.tool_calls]
+                message["content"] = answer.text or None
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+            choice["logprobs"] = logprobs
             obj = "chat.completion"
         else:
-            choice = {
-                "index": 0,
-                "text": answer.text,
-                "finish_reason": answer.finish_reason,
-                "logprobs": None,
-            }
+            text = self.echo + answer.text
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
             obj = "text_completion"
         return {
             "id": self.id,
@@ -233,6 +150,26 @@ class _Shape:
         return b"data: " + _encode(obj) + b"\n\n"
 
 
+def _finish_reason(reason: str) -> str:
+    return reason  # the bus's reasons ("stop", "length", "tool_calls") are OpenAI's
+
+
+def _chat_logprob(lp: Logprob) -> dict[str, Any]:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": lp.bytes,
+        "top_logprobs": [msgspec.to_builtins(t) | {"bytes": t.bytes} for t in lp.top_logprobs or ()],
+    }
+
+
+def _call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    fn = call.function
+    function = {"name": fn.name, "arguments": dumps(fn.arguments)}
+    return out | {"id": call.id, "type": "function", "function": function}
+
+
 class OpenAI(Dialect):
     """Chat completions and completions: `data: {chunk}` lines, then `data: [DONE]`."""
 
@@ -244,6 +181,7 @@ class OpenAI(Dialect):
         self.include_usage = include_usage
         self.events = Seamless()
         self.role_sent = not shape.chat  # a chat stream opens with the role, once the model is known
+        self.echo = bool(shape.echo)
 
     def frame(self, batch: list[RawEvent]) -> bytes:
         shape = self.shape
@@ -254,11 +192,20 @@ class OpenAI(Dialect):
                 continue
             if not self.role_sent:
                 self.role_sent = True
-                out.append(shape.chunk(None, first=True))
+                out.append(shape.chunk({"role": "assistant", "content": ""}))
+            elif self.echo and not shape.chat:
+                out.append(shape.chunk({"content": shape.echo}))  # `echo`: the prompt comes first
+            self.echo = False
             if isinstance(event, Token):
-                out.append(shape.chunk(event.text))
+                out.append(shape.token(event))
+            elif isinstance(event, Thinking):
+                if shape.chat:  # completions have no place for reasoning (the text never has it)
+                    out.append(shape.chunk({"reasoning_content": event.text}))
+            elif isinstance(event, ToolCallEvent):
+                out.append(shape.chunk({"tool_calls": [_call(event.call, event.index)]}))
             elif isinstance(event, Done):
-                out.append(shape.chunk(None if shape.chat else "", finish_reason=event.finish_reason))
+                finish = _finish_reason(event.finish_reason)
+                out.append(shape.chunk({} if shape.chat else {"content": ""}, finish_reason=finish))
                 if self.include_usage:
                     out.append(shape.usage_chunk(event))
             elif isinstance(event, Error):
@@ -280,8 +227,10 @@ class OpenAI(Dialect):
 async def _answer(pipeline: Pipeline, body: ChatCompletionBody | CompletionBody, chat: bool) -> Answer:
     request_id = pipeline.request_id
     usage = body.stream_options is not None and body.stream_options.include_usage
-    dialect = OpenAI(_Shape(chat, request_id, body.model), streams=body.stream, include_usage=usage)
-    return await pipeline.serve(body.to_request(request_id), dialect, timeout_s=body.timeout)
+    wire = body.to_request(request_id)
+    echo = wire.prompt or "" if isinstance(body, CompletionBody) and body.echo else ""
+    dialect = OpenAI(_Shape(chat, request_id, body.model, echo), streams=body.stream, include_usage=usage)
+    return await pipeline.serve(wire, dialect, timeout_s=body.timeout)
 
 
 @post("/chat/completions", summary="OpenAI-compatible chat completions", status_code=200)
@@ -292,23 +241,6 @@ async def chat_completions(data: JSONBody[ChatCompletionBody], pipeline: Piped) 
 @post("/completions", summary="OpenAI-compatible completions", status_code=200)
 async def completions(data: JSONBody[CompletionBody], pipeline: Piped) -> Answer:
     return await _answer(pipeline, data, chat=False)
-
-
-class EmbeddingsBody(msgspec.Struct, kw_only=True):
-    model: str
-    input: str | list[Any]  # text or texts; token arrays are refused (the model has its own tokenizer)
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Dimensions | None = None
-    timeout: float | None = None
-
-    def to_request(self, request_id: str) -> EmbedRequest:
-        texts = self.input
-        if isinstance(texts, list) and not all(isinstance(text, str) for text in texts):
-            raise LlmbusError(
-                ErrorCode.BAD_REQUEST,
-                "`input` must be a string or a list of strings; token arrays are not supported",
-            )
-        return EmbedRequest(id=request_id, model=self.model, input=texts, dimensions=self.dimensions)
 
 
 class OpenAIEmbedding(Embedding):
