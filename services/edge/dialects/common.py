@@ -55,8 +55,9 @@ class TextDialect(Dialect):
                 self.model = event.model
             elif isinstance(event, Done):
                 out.append(self.done(event))
-            else:
+            elif isinstance(event, Error):
                 out.append(self.failed(event))
+            # `thinking` and `tool_call` have no place in a seed's shapes; its requests ask for neither.
         self.ended = self._events.ended
         return b"".join(out)
 
