@@ -22,6 +22,7 @@ from services.edge.admission import PUBLIC_PATHS, PUBLIC_PREFIXES, Admission, au
 from services.edge.classify import classify
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import router as openai_router
+from services.edge.compat.openai_batches import router as openai_batches
 from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
 from services.edge.dispatch import Dispatcher
@@ -128,6 +129,7 @@ def create_app(
             *models.ROUTES,
             *LEDGER_ROUTES,
             openai_router,
+            openai_batches(settings),
             ollama_router,
             list_tasks,
             show_task,

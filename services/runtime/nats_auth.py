@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts import route, subjects
+from contracts import batches, route, subjects
 
 REQ, OUT, DLQ = subjects.REQUEST_STREAM, subjects.EVENT_STREAM, subjects.DEAD_LETTER_STREAM
 API = "$JS.API"
@@ -133,6 +133,62 @@ def _ledger() -> Role:
     )
 
 
+def _batches(*, consume: bool) -> list[str]:
+    """Batches (services/runtime/batch_store.py): the files' Object Store, the records' and lines'
+    KV buckets, the work queue `LLM_BATCH`; with `consume`, its durable consumer (`llmbus batcher`)."""
+    files = "OBJ_" + batches.FILES_BUCKET
+    queue = batches.BATCH_STREAM
+    allowed = [
+        *_kv(batches.BATCHES_BUCKET, write=True),
+        *_kv(batches.LINES_BUCKET, write=True),
+        f"{API}.STREAM.INFO.{files}",
+        f"{API}.STREAM.NAMES",  # nats-py finds an object's stream by its chunks' subject
+        f"{API}.STREAM.CREATE.{files}",
+        f"{API}.STREAM.UPDATE.{files}",
+        f"{API}.STREAM.PURGE.{files}",  # an object's chunks, when it is replaced or deleted
+        f"{API}.STREAM.MSG.GET.{files}",
+        f"{API}.DIRECT.GET.{files}",
+        f"{API}.DIRECT.GET.{files}.>",
+        f"{API}.CONSUMER.CREATE.{files}",
+        f"{API}.CONSUMER.CREATE.{files}.>",
+        f"{API}.CONSUMER.DELETE.{files}.*",
+        f"$JS.FC.{files}.>",
+        f"$O.{batches.FILES_BUCKET}.>",
+        f"{API}.STREAM.INFO.{queue}",
+        f"{API}.STREAM.CREATE.{queue}",
+        batches.BATCH_SUBJECT,
+    ]
+    if consume:
+        allowed += [
+            f"{API}.CONSUMER.CREATE.{queue}.batcher",
+            f"{API}.CONSUMER.CREATE.{queue}.batcher.>",
+            f"{API}.CONSUMER.DURABLE.CREATE.{queue}.batcher",
+            f"{API}.CONSUMER.INFO.{queue}.batcher",
+            f"{API}.CONSUMER.MSG.NEXT.{queue}.batcher",
+            f"$JS.ACK.{queue}.batcher.>",
+        ]
+    return allowed
+
+
+def _batcher() -> Role:
+    """`llmbus batcher`: runs each line of a batch as a request, as an edge does (publish it, record
+    it accepted, follow its events, cancel it), and keeps the batch's files and records."""
+    return Role(
+        publish=[
+            *_provision(),
+            *_events_read(),
+            subjects.GENERATE_SUBJECTS,
+            subjects.EMBED_SUBJECTS,
+            route.ROUTE_SUBJECT,
+            subjects.CANCEL_SUBJECTS,
+            subjects.EVENT_SUBJECTS,  # a line's `accepted` record
+            *_batches(consume=True),
+        ],
+        subscribe=[subjects.EVENT_SUBJECTS],
+        deny_publish=_NO_CONSUMING,
+    )
+
+
 def _join(*roles: Role) -> Role:
     return Role(
         publish=[s for r in roles for s in r.publish],
@@ -202,6 +258,7 @@ def roles() -> dict[str, Role]:
                 *_kv(subjects.ADMISSION_BUCKET, write=True),
                 *_kv(subjects.MODELS_BUCKET, write=False),
                 *_ledger_reader(),  # /v1/usage, /v1/stats, /v1/history; budgets
+                *_batches(consume=False),  # /openai/v1/files and /openai/v1/batches
             ],
             subscribe=[subjects.EVENT_SUBJECTS],
             deny_publish=_NO_CONSUMING,
@@ -234,6 +291,7 @@ def roles() -> dict[str, Role]:
             subscribe=[subjects.ADMIN_PREFIX + ">", subjects.USAGE_SUBJECTS, "$SRV.>"],
         ),
         "ledger": _ledger(),
+        "batcher": _batcher(),
         # `llmbus dlq list|replay`: reads and removes dead letters, publishes requests again.
         "dlq": Role(
             publish=[
