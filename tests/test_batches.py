@@ -143,6 +143,8 @@ async def test_files_and_batches_refuse_what_they_cannot_take(
     with pytest.raises(openai.NotFoundError):
         await sdk.files.retrieve("file-nope")
     with pytest.raises(openai.NotFoundError):
+        await sdk.batches.retrieve("a.b*c")  # not a key NATS accepts: not found, not a 500
+    with pytest.raises(openai.NotFoundError):
         await sdk.batches.create(
             input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
         )

@@ -8,6 +8,7 @@ Shared by the edge (the HTTP API, services/edge/compat/openai_batches.py) and `l
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ _decode_batch = msgspec.json.Decoder(Batch).decode
 _decode_line = msgspec.json.Decoder(LineResult).decode
 
 T = TypeVar("T")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what a KV key part may be; anything else: not found
 RETENTION_S = 30 * 24 * 3600  # batch records and files are kept this long (OpenAI: 30 days)
 
 
@@ -115,7 +117,7 @@ class BatchStore:
         return record
 
     async def file(self, file_id: str, tenant: str) -> FileObject:
-        record = await self._get(f"file.{file_id}", _decode_file)
+        record = await self._get(f"file.{file_id}", _decode_file) if _ID.match(file_id) else None
         if record is None or record.tenant != tenant:
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no file {file_id}")
         return record
@@ -143,7 +145,7 @@ class BatchStore:
 
     async def batch(self, batch_id: str, tenant: str | None = None) -> Batch:
         """The batch; with `tenant`, only that tenant's (else `not_found`)."""
-        record = await self._get(f"batch.{batch_id}", _decode_batch)
+        record = await self._get(f"batch.{batch_id}", _decode_batch) if _ID.match(batch_id) else None
         if record is None or (tenant is not None and record.tenant != tenant):
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no batch {batch_id}")
         return record
