@@ -39,7 +39,7 @@ from services.runtime.settings import Settings, unknown_variables
 
 # Every long-running service: `llmbus NAME` runs `services.NAME.main.main(settings)`, and
 # `llmbus up` starts each as its own process, in this order.
-SERVICES = ("generator", "embedder", "classifier", "janitor", "ledger", "edge")
+SERVICES = ("generator", "embedder", "classifier", "janitor", "ledger", "batcher", "edge")
 # Started by `llmbus up` only when needed: the embedded model servers (the `local` extra).
 ON_DEMAND = ("local",)
 

@@ -27,7 +27,9 @@ from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
 from tests.conftest import Edge
 
-USERS = ("edge", "generator", "embedder", "classifier", "janitor", "dlq", "publisher")
+USERS = ("edge", "generator", "embedder", "classifier", "janitor", "dlq", "publisher", "batcher")
+# The edge and the batcher (which runs a batch's lines as an edge would) publish and follow requests.
+EDGES = {"edge", "batcher"}
 WORKERS = {"generator", "embedder", "classifier"}
 API = "$JS.API"
 REQUEST_ID = "victim-request-0001"
@@ -42,7 +44,7 @@ MATRIX: dict[str, tuple[str, str, set[str]]] = {
     "purge LLM_REQ": ("pub", f"{API}.STREAM.PURGE.LLM_REQ", set()),
     "delete the stream LLM_DLQ": ("pub", f"{API}.STREAM.DELETE.LLM_DLQ", set()),
     "delete a consumer": ("pub", f"{API}.CONSUMER.DELETE.LLM_REQ.generator", set()),
-    "create LLM_OUT when missing": ("pub", f"{API}.STREAM.CREATE.LLM_OUT", {"edge", "dlq"} | WORKERS),
+    "create LLM_OUT when missing": ("pub", f"{API}.STREAM.CREATE.LLM_OUT", EDGES | {"dlq"} | WORKERS),
     "read a dead letter": ("pub", f"{API}.STREAM.MSG.GET.LLM_DLQ", {"dlq"}),
     "delete a dead letter": ("pub", f"{API}.STREAM.MSG.DELETE.LLM_DLQ", {"dlq"}),
     "pull from the generator's consumer": (
@@ -57,16 +59,24 @@ MATRIX: dict[str, tuple[str, str, set[str]]] = {
         {"classifier"},
     ),
     "ack on the embedder's consumer": ("pub", "$JS.ACK.LLM_REQ.embedder.1.1.1.1.0", {"embedder"}),
-    "read a request's stored events": ("pub", f"{API}.DIRECT.GET.LLM_OUT", {"edge"} | WORKERS),
-    "publish an event on llm.out.<id>": ("pub", f"llm.out.{REQUEST_ID}", {"edge"} | WORKERS),
-    "forge an accepted record llm.out.<id>.accepted": ("pub", f"llm.out.{REQUEST_ID}.accepted", {"edge"}),
+    "read a request's stored events": ("pub", f"{API}.DIRECT.GET.LLM_OUT", EDGES | WORKERS),
+    "publish an event on llm.out.<id>": ("pub", f"llm.out.{REQUEST_ID}", EDGES | WORKERS),
+    "forge an accepted record llm.out.<id>.accepted": ("pub", f"llm.out.{REQUEST_ID}.accepted", EDGES),
     "publish into the edge's inbox": ("pub", "_INBOX.edge.x", {"janitor"}),
     "publish into the dlq tool's inbox": ("pub", "_INBOX.dlq.x", set()),
     "publish into a direct publisher's inbox": ("pub", "_INBOX.publisher.x", WORKERS),
-    "publish a generate request": ("pub", "llm.req.generate.m", {"edge", "classifier", "dlq", "publisher"}),
-    "publish an embed request": ("pub", "llm.req.embed.m", {"edge", "dlq", "publisher"}),
+    "publish a generate request": ("pub", "llm.req.generate.m", EDGES | {"classifier", "dlq", "publisher"}),
+    "publish an embed request": ("pub", "llm.req.embed.m", EDGES | {"dlq", "publisher"}),
     "write the model inventory": ("pub", "$KV.llm_models.host.model", {"janitor"}),
-    "subscribe to every request's events": ("sub", "llm.out.>", {"edge"}),
+    "subscribe to every request's events": ("sub", "llm.out.>", EDGES),
+    "pull from the batch queue": ("pub", f"{API}.CONSUMER.MSG.NEXT.LLM_BATCH.batcher", {"batcher"}),
+    "ack a batch": ("pub", "$JS.ACK.LLM_BATCH.batcher.1.1.1.1.0", {"batcher"}),
+    "update the batch queue": ("pub", f"{API}.STREAM.UPDATE.LLM_BATCH", set()),
+    "purge the batch queue": ("pub", f"{API}.STREAM.PURGE.LLM_BATCH", set()),
+    "delete the batch queue": ("pub", f"{API}.STREAM.DELETE.LLM_BATCH", set()),
+    "update the batch files' store": ("pub", f"{API}.STREAM.UPDATE.OBJ_llm_files", set()),
+    "delete the batch files' store": ("pub", f"{API}.STREAM.DELETE.OBJ_llm_files", set()),
+    "subscribe to the batcher's inbox": ("sub", "_INBOX.batcher.>", {"batcher"}),
     "subscribe to the edge's inbox": ("sub", "_INBOX.edge.>", {"edge"}),
     "subscribe to JetStream advisories": ("sub", "$JS.EVENT.ADVISORY.>", set()),
 }

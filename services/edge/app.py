@@ -20,6 +20,7 @@ from services.edge.compat.ollama import ollama_error
 from services.edge.compat.ollama import router as ollama_router
 from services.edge.compat.openai import openai_error
 from services.edge.compat.openai import router as openai_router
+from services.edge.compat.openai_batches import router as openai_batches
 from services.edge.contract import ROUTES as CONTRACT_ROUTES
 from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
@@ -89,6 +90,7 @@ def create_app(
             *models.ROUTES,
             *LEDGER_ROUTES,
             openai_router,
+            openai_batches(settings),
             ollama_router,
             list_tasks,
             show_task,

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts import route, subjects
+from contracts import batches, route, subjects
 
 REQ, OUT, DLQ = subjects.REQUEST_STREAM, subjects.EVENT_STREAM, subjects.DEAD_LETTER_STREAM
 API = "$JS.API"
@@ -157,6 +157,63 @@ def _ledger() -> Role:
     )
 
 
+def _batches(*, consume: bool) -> list[str]:
+    """Batches (services/runtime/batch_store.py): the files' Object Store, the records' and lines'
+    KV buckets, the work queue `LLM_BATCH` (each created when missing, never updated); with
+    `consume`, its durable consumer `batcher` (`llmbus batcher`), fetched from and acked only."""
+    files = "OBJ_" + batches.FILES_BUCKET
+    queue, durable = batches.BATCH_STREAM, "batcher"
+    allowed = [
+        *_kv(batches.BATCHES_BUCKET, write=True),
+        *_kv(batches.LINES_BUCKET, write=True),
+        *_streams(files, queue),
+        f"{API}.STREAM.NAMES",  # nats-py finds an object's stream by its chunks' subject
+        # The one purge a service may do: an object's own chunks, when it is replaced or deleted
+        # (NATS deletes an object so, by subject); never the batch queue or another stream.
+        f"{API}.STREAM.PURGE.{files}",
+        f"{API}.STREAM.MSG.GET.{files}",
+        f"{API}.DIRECT.GET.{files}",
+        f"{API}.DIRECT.GET.{files}.>",
+        # Reading an object is an ordered (ephemeral) consumer of its chunks, with flow control.
+        f"{API}.CONSUMER.CREATE.{files}",
+        f"{API}.CONSUMER.CREATE.{files}.>",
+        f"{API}.CONSUMER.DELETE.{files}.*",
+        f"$JS.FC.{files}.>",
+        f"$O.{batches.FILES_BUCKET}.>",
+        batches.BATCH_SUBJECT,
+    ]
+    if consume:
+        allowed += [
+            f"{API}.CONSUMER.CREATE.{queue}.{durable}",
+            f"{API}.CONSUMER.CREATE.{queue}.{durable}.{batches.BATCH_SUBJECT}",
+            f"{API}.CONSUMER.DURABLE.CREATE.{queue}.{durable}",
+            f"{API}.CONSUMER.INFO.{queue}.{durable}",
+            f"{API}.CONSUMER.MSG.NEXT.{queue}.{durable}",
+            f"$JS.ACK.{queue}.{durable}.>",
+        ]
+    return allowed
+
+
+def _batcher() -> Role:
+    """`llmbus batcher`: runs each line of a batch as a request, as an edge does (publish it, record
+    it accepted, follow its events, cancel it), and keeps the batch's files and records. Like the
+    edge, it never touches a consumer of the request stream."""
+    return Role(
+        publish=[
+            *_streams(REQ, OUT, DLQ),  # `bus.provision` at start, as every service
+            *_events_read(),
+            subjects.GENERATE_SUBJECTS,
+            subjects.EMBED_SUBJECTS,
+            route.ROUTE_SUBJECT,
+            subjects.CANCEL_SUBJECTS,
+            subjects.EVENT_SUBJECTS,  # a line's `accepted` record
+            *_batches(consume=True),
+        ],
+        subscribe=[subjects.EVENT_SUBJECTS],
+        deny_publish=_NO_CONSUMING,
+    )
+
+
 def _join(*roles: Role) -> Role:
     return Role(
         publish=[s for r in roles for s in r.publish],
@@ -216,6 +273,7 @@ def roles() -> dict[str, Role]:
                 *_kv(subjects.ADMISSION_BUCKET, write=True),
                 *_kv(subjects.MODELS_BUCKET, write=False),
                 *_ledger_reader(),  # /v1/usage, /v1/stats, /v1/history; budgets
+                *_batches(consume=False),  # /openai/v1/files and /openai/v1/batches
             ],
             subscribe=[subjects.EVENT_SUBJECTS],
             deny_publish=_NO_CONSUMING,
@@ -249,6 +307,7 @@ def roles() -> dict[str, Role]:
             subscribe=[subjects.ADMIN_PREFIX + ">", subjects.USAGE_SUBJECTS, "$SRV.>"],
         ),
         "ledger": _ledger(),
+        "batcher": _batcher(),
         # `llmbus dlq list|replay`: reads and removes dead letters, publishes requests again.
         "dlq": Role(
             publish=[

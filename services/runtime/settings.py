@@ -121,6 +121,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = ""
     ledger_batch: int = 512
     usage_max_age_s: float = 7 * 86400.0
+    # Batches (docs/batches.md): lines per input file, bytes per uploaded file, lines a batcher
+    # runs at once, and batches one tenant may have unfinished.
+    batch_max_lines: int = 50_000
+    batch_max_file_bytes: int = 64 * 1024 * 1024
+    batch_concurrency: int = 16
+    batch_max_active: int = 10
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -211,12 +217,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "local_embed_port",
     ),
     "ledger": ("database_url", "ledger_batch", "usage_max_age_s"),
+    "batches": ("batch_max_lines", "batch_max_file_bytes", "batch_concurrency", "batch_max_active"),
     "up": ("nats_port",),
 }  # fmt: skip
 _WORKER = ("bus", "process", "worker", "backend")
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "up": tuple(GROUPS),
-    "edge": ("bus", "process", "edge", "routing", "worker"),
+    "edge": ("bus", "process", "edge", "routing", "worker", "batches"),
+    "batcher": ("bus", "process", "worker", "batches"),
     "generator": (*_WORKER, "generator"),
     "embedder": (*_WORKER, "embedder"),
     "classifier": (*_WORKER, "routing"),

@@ -1,0 +1,222 @@
+"""OpenAI's Files and Batch API under `/openai/v1`: upload a JSONL of requests, run it as a batch,
+download the answers. The edge only keeps records (services/runtime/batch_store.py); `llmbus
+batcher` runs the batches (services/batcher/). docs/batches.md describes it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, delete, get, post
+from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody
+from nats.aio.client import Client
+
+from contracts import ErrorCode, LlmbusError
+from contracts.batches import ACTIVE, ENDPOINTS, Batch, public
+from services.batcher.lines import count
+from services.edge.auth import tenant_of
+from services.edge.compat.openai import openai_error
+from services.edge.errors import handlers
+from services.runtime.batch_store import BatchStore, new_id
+from services.runtime.settings import Settings
+
+_encode = msgspec.json.Encoder().encode
+COMPLETION_WINDOW_S = {"24h": 24 * 3600}
+MULTIPART_ROOM = 64 * 1024  # the form's own bytes around the file
+
+
+class CreateBatchBody(msgspec.Struct, kw_only=True):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+
+
+async def _store(
+    request: Request[Any, Any, Any], nc: NamedDependency[Client], settings: NamedDependency[Settings]
+) -> BatchStore:
+    """Opened on first use, so an edge that never sees a batch never creates its buckets (two
+    requests opening it at once both succeed: creating a bucket or stream is idempotent)."""
+    state = request.app.state
+    if getattr(state, "batch_store", None) is None:
+        state.batch_store = await BatchStore.open(nc.jetstream(), settings)
+    store: BatchStore = state.batch_store
+    return store
+
+
+Store = NamedDependency[BatchStore]
+
+
+def _json(obj: Any, status: int = 200) -> Response[bytes]:
+    return Response(_encode(obj), status_code=status, media_type="application/json")
+
+
+def _tenant(request: Request[Any, Any, Any]) -> str:
+    """Who owns the files and batches: the caller's tenant (services/edge/auth.py)."""
+    return tenant_of(request).name
+
+
+async def upload_file(
+    request: Request[Any, Any, Any], store: Store, settings: NamedDependency[Settings]
+) -> Response[bytes]:
+    form = await request.form()
+    purpose, upload = form.get("purpose"), form.get("file")
+    if purpose != "batch":
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "only `purpose=batch` files are accepted")
+    if not isinstance(upload, UploadFile):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "a multipart `file` field is required")
+    data = await upload.read()
+    if len(data) > settings.batch_max_file_bytes:
+        raise LlmbusError(
+            ErrorCode.REQUEST_TOO_LARGE,
+            f"a batch file may have at most {settings.batch_max_file_bytes} bytes",
+        )
+    try:
+        data.decode()
+    except UnicodeDecodeError as exc:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "a batch file must be UTF-8 JSONL") from exc
+    lines = count(data)
+    if lines == 0:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "the file has no lines")
+    if lines > settings.batch_max_lines:
+        raise LlmbusError(
+            ErrorCode.BAD_REQUEST, f"a batch file may have at most {settings.batch_max_lines} lines"
+        )
+    record = await store.put_file(_tenant(request), upload.filename or "batch.jsonl", "batch", data)
+    return _json(public(record))
+
+
+@get("/files/{file_id:str}", summary="A file's record")
+async def show_file(request: Request[Any, Any, Any], store: Store, file_id: FromPath[str]) -> Response[bytes]:
+    return _json(public(await store.file(file_id, _tenant(request))))
+
+
+@get("/files/{file_id:str}/content", summary="A file's content")
+async def file_content(
+    request: Request[Any, Any, Any], store: Store, file_id: FromPath[str]
+) -> Response[bytes]:
+    data = await store.content(file_id, _tenant(request))
+    return Response(data, media_type="application/octet-stream")
+
+
+@delete("/files/{file_id:str}", summary="Delete a file", status_code=200)
+async def delete_file(
+    request: Request[Any, Any, Any], store: Store, file_id: FromPath[str]
+) -> Response[bytes]:
+    await store.delete_file(file_id, _tenant(request))
+    return _json({"id": file_id, "object": "file", "deleted": True})
+
+
+@post("/batches", summary="Create a batch", status_code=200)
+async def create_batch(
+    request: Request[Any, Any, Any],
+    store: Store,
+    settings: NamedDependency[Settings],
+    data: JSONBody[CreateBatchBody],
+) -> Response[bytes]:
+    if data.endpoint not in ENDPOINTS:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"`endpoint` must be one of {', '.join(ENDPOINTS)}")
+    window = COMPLETION_WINDOW_S.get(data.completion_window)
+    if window is None:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "`completion_window` must be 24h")
+    tenant = _tenant(request)
+    source = await store.file(data.input_file_id, tenant)
+    if source.purpose != "batch":
+        raise LlmbusError(ErrorCode.BAD_REQUEST, f"file {source.id} is not a `purpose=batch` file")
+    active = [batch for batch in await store.batches(tenant) if batch.status in ACTIVE]
+    if len(active) >= settings.batch_max_active:
+        raise LlmbusError(
+            ErrorCode.RATE_LIMITED,
+            f"at most {settings.batch_max_active} unfinished batches at once; wait for one to end",
+            retry_after=60,
+        )
+    now = int(time.time())
+    batch = Batch(
+        id=new_id("batch"),
+        endpoint=data.endpoint,
+        input_file_id=source.id,
+        completion_window=data.completion_window,
+        created_at=now,
+        expires_at=now + window,
+        metadata=data.metadata,
+        tenant=tenant,
+    )
+    await store.create_batch(batch)
+    return _json(public(batch))
+
+
+@get("/batches/{batch_id:str}", summary="A batch")
+async def show_batch(
+    request: Request[Any, Any, Any], store: Store, batch_id: FromPath[str]
+) -> Response[bytes]:
+    return _json(public(await store.batch(batch_id, _tenant(request))))
+
+
+@get("/batches", summary="The caller's batches, newest first")
+async def list_batches(
+    request: Request[Any, Any, Any],
+    store: Store,
+    after: FromQuery[str | None] = None,
+    limit: FromQuery[int] = 20,
+) -> Response[bytes]:
+    if not 1 <= limit <= 100:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "`limit` must be between 1 and 100")
+    batches = await store.batches(_tenant(request))
+    if after is not None:
+        ids = [batch.id for batch in batches]
+        batches = batches[ids.index(after) + 1 :] if after in ids else []
+    page = batches[:limit]
+    return _json(
+        {
+            "object": "list",
+            "data": [public(batch) for batch in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(batches) > limit,
+        }
+    )
+
+
+@post("/batches/{batch_id:str}/cancel", summary="Cancel a batch", status_code=200)
+async def cancel_batch(
+    request: Request[Any, Any, Any], store: Store, batch_id: FromPath[str]
+) -> Response[bytes]:
+    await store.batch(batch_id, _tenant(request))
+    now = int(time.time())
+
+    def cancelling(batch: Batch) -> Batch | None:
+        if batch.status not in ("validating", "in_progress"):
+            return None  # ending or ended: a cancel changes nothing
+        return msgspec.structs.replace(batch, status="cancelling", cancelling_at=now)
+
+    return _json(public(await store.update_batch(batch_id, cancelling)))
+
+
+def router(settings: Settings) -> Router:
+    """The routes; the upload's body limit is the batch file limit, not the edge's JSON one."""
+    upload = post(
+        "/files",
+        summary="Upload a batch input file (multipart, purpose=batch)",
+        status_code=200,
+        request_max_body_size=settings.batch_max_file_bytes + MULTIPART_ROOM,
+    )(upload_file)
+    return Router(
+        path="/openai/v1",
+        route_handlers=[
+            upload,
+            show_file,
+            file_content,
+            delete_file,
+            create_batch,
+            show_batch,
+            list_batches,
+            cancel_batch,
+        ],
+        tags=["OpenAI-compatible batches"],
+        dependencies={"store": Provide(_store, use_cache=False)},
+        exception_handlers=handlers(openai_error),  # type: ignore[arg-type]
+    )
