@@ -15,7 +15,7 @@ import msgspec
 
 from contracts import Completion, EmbedRequest, EmbedResponse, Error, ErrorCode, GenerateRequest, LlmbusError
 from contracts.batches import InputLine, LineResult
-from services.edge.compat.openai import ChatCompletionBody, CompletionBody, EmbeddingsBody
+from services.edge.compat.openai_bodies import ChatCompletionBody, CompletionBody, EmbeddingsBody
 
 _decode_line = msgspec.json.Decoder(InputLine).decode
 _BODIES: dict[str, type[ChatCompletionBody | CompletionBody | EmbeddingsBody]] = {
