@@ -149,7 +149,8 @@ async def test_a_request_nested_too_deeply_on_the_bus_is_refused_by_the_worker(
     nc = await nats.connect(nats_server.url)
     try:
         events = await nc.subscribe(subjects.event_subject(request_id))
-        reply = {headers.REPLY: subjects.event_subject(request_id)}
+        # As the contract asks: the id again as `Nats-Msg-Id` (the worker trusts a reply to that id).
+        reply = {headers.REPLY: subjects.event_subject(request_id), headers.MSG_ID: request_id}
         await nc.jetstream().publish(subjects.generate_subject("llama3.2:1b"), body, headers=reply)
         error = msgspec.json.decode((await events.next_msg(5)).data)
         assert error["type"] == "error" and error["code"] == "bad_request"

@@ -62,8 +62,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def scrape_until(url: str, ready: Callable[[Samples], bool]) -> Samples:
-    """Scrapes until `ready` holds: a request's metrics are recorded just after its last byte."""
-    async with asyncio.timeout(5):
+    """Scrapes until `ready` holds: a request's metrics are recorded just after its last byte (the
+    janitor's gauges after its next look at the host: seconds on a loaded machine)."""
+    async with asyncio.timeout(15):
         while not ready(samples := await scrape(url)):
             await asyncio.sleep(0.02)
     return samples
@@ -356,8 +357,12 @@ async def test_the_janitor_serves_its_own_metrics(
         url = f"http://{settings.http_host}:{port}/metrics"
         before = await scrape(url)
         await use(fake_ollama, "qwen2.5:0.5b")  # a request loads it; the janitor sees it in /api/ps
-        loaded = await scrape_until(
-            url, lambda s: value(s, "llmbus_janitor_models_loaded", host="local") == 1
+        loaded = await scrape_until(  # loaded, and the first reconcile (which runs beside it) timed
+            url,
+            lambda s: (
+                value(s, "llmbus_janitor_models_loaded", host="local") == 1
+                and value(s, "llmbus_janitor_reconcile_duration_seconds_count") >= 1
+            ),
         )
         assert value(loaded, "llmbus_janitor_loaded_bytes", host="local", memory="total") > 0
         assert value(loaded, "llmbus_janitor_host_memory_bytes", state="total") > 0

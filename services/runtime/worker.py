@@ -530,7 +530,9 @@ class Worker(Generic[R]):
         """Poison: tell the sender where it listens, dead-letter it, terminate it (no redelivery)."""
         message = exc.message if isinstance(exc, LlmbusError) else f"malformed request: {exc}"
         reply = hdrs.get(headers.REPLY)
-        request_id = dlq.request_id_of(msg.data)
+        # The body's id, or the `Nats-Msg-Id` it was published under when the body cannot be read
+        # (the contract makes them the same): the sender listens on that request's subject.
+        request_id = dlq.request_id_of(msg.data) or hdrs.get(headers.MSG_ID)
         if not reply or not subjects.valid_reply(reply, request_id):
             # The sender listens on its request's default subject (or named one nobody could hear).
             default = subjects.event_subject(request_id) if request_id is not None else ""
