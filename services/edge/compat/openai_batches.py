@@ -63,6 +63,10 @@ def _tenant(request: Request[Any, Any, Any]) -> str:
 async def upload_file(
     request: Request[Any, Any, Any], store: Store, settings: NamedDependency[Settings]
 ) -> Response[bytes]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise LlmbusError(
+            ErrorCode.BAD_REQUEST, "upload the file as multipart/form-data with `purpose=batch` and `file`"
+        )
     form = await request.form()
     purpose, upload = form.get("purpose"), form.get("file")
     if purpose != "batch":
