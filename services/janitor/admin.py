@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from contracts import ErrorBody, ErrorCode, ErrorDetail, LlmbusError, subjects
+from contracts import ErrorCode, LlmbusError, subjects
 from contracts.models import (
     ADMIN_VERBS,
     CopyRequest,
@@ -32,6 +32,7 @@ from contracts.models import (
     canonical_model,
 )
 from services.janitor.janitor import Janitor
+from services.runtime.micro import respond_error
 
 log = logging.getLogger("llmbus.janitor")
 
@@ -110,20 +111,15 @@ def _endpoint(verb: str, call: Verb) -> Callable[[Request], Awaitable[None]]:
         try:
             result = await call(request.data)
         except LlmbusError as exc:
-            await _respond_error(request, exc.code, exc.message)
+            await respond_error(request, exc.code, exc.message)
             return
         except Exception as exc:
             log.error("admin %s failed", verb, exc_info=exc)
-            await _respond_error(request, ErrorCode.INTERNAL, f"internal error in the janitor's {verb}")
+            await respond_error(request, ErrorCode.INTERNAL, f"internal error in the janitor's {verb}")
             return
         await request.respond(_encode(result))
 
     return handle
-
-
-async def _respond_error(request: Request, code: ErrorCode, message: str) -> None:
-    body = ErrorBody(ErrorDetail(code=code, message=message))
-    await request.respond_error(str(code.http_status), message, data=_encode(body))
 
 
 async def serve(nc: Client, janitor: Janitor) -> Service:

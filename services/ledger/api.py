@@ -18,9 +18,10 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from contracts import ErrorBody, ErrorCode, ErrorDetail, LlmbusError, subjects
+from contracts import ErrorCode, LlmbusError, subjects
 from contracts.ledger import LEDGER_VERBS, HistoryQuery, RecordRef, StatsQuery, UsageQuery
 from services.ledger import queries
+from services.runtime.micro import respond_error
 
 log = logging.getLogger("llmbus.ledger")
 
@@ -45,22 +46,17 @@ def _endpoint(engine: AsyncEngine, verb: str) -> Callable[[Request], Awaitable[N
                 raise LlmbusError(ErrorCode.BAD_REQUEST, f"malformed {verb} query: {exc}") from None
             result = await run(engine, query)
         except LlmbusError as exc:
-            await _respond_error(request, exc.code, exc.message)
+            await respond_error(request, exc.code, exc.message)
             return
         except Exception as exc:  # the database is down, most likely: say so, no stack trace
             log.error("ledger %s failed: %s", verb, exc)
-            await _respond_error(
+            await respond_error(
                 request, ErrorCode.LEDGER_UNAVAILABLE, f"the ledger's database failed: {verb}"
             )
             return
         await request.respond(_encode(result))
 
     return handle
-
-
-async def _respond_error(request: Request, code: ErrorCode, message: str) -> None:
-    body = ErrorBody(ErrorDetail(code=code, message=message))
-    await request.respond_error(str(code.http_status), message, data=_encode(body))
 
 
 async def serve(nc: Client, engine: AsyncEngine, database: str) -> Service:

@@ -17,17 +17,16 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.micro.request import ERROR_HEADER
 
-from contracts import ErrorBody, ErrorCode, LlmbusError, subjects
+from contracts import ErrorCode, LlmbusError, subjects
 from contracts.models import ModelEvent, OpAccepted, OpDone, OpError, validate_host
 from services.runtime.inventory import InventoryView
+from services.runtime.micro import read_reply
 
 T = TypeVar("T")
 
 _encode = msgspec.json.Encoder().encode
 _decode_event = msgspec.json.Decoder(ModelEvent).decode
-_decode_error = msgspec.json.Decoder(ErrorBody).decode
 
 # How long an admin call may take: `load` reads a whole model from disk.
 CALL_TIMEOUT_S = {"load": 600.0, "delete": 60.0, "copy": 60.0}
@@ -80,13 +79,7 @@ class AdminClient:
             raise LlmbusError(
                 ErrorCode.DEADLINE_EXCEEDED, f"the janitor did not answer {verb} in time"
             ) from None
-        if msg.headers and ERROR_HEADER in msg.headers:
-            try:
-                detail = _decode_error(msg.data).error
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                raise LlmbusError(ErrorCode.INTERNAL, msg.headers[ERROR_HEADER]) from None
-            raise LlmbusError(detail.code, detail.message, retry_after=detail.retry_after)
-        return msgspec.json.decode(msg.data, type=reply)
+        return read_reply(msg, reply)
 
     async def operate(self, verb: str, body: dict[str, Any], host: str | None) -> AsyncIterator[ModelEvent]:
         """Starts a pull or create; returns its events, the last of which is `done` or `error`.

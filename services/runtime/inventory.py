@@ -7,18 +7,17 @@ KV read.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
 from contracts.models import ModelInfo, canonical_model
 from services.runtime import bus
+from services.runtime.kv_view import KVView
 
 log = logging.getLogger(__name__)
 
@@ -38,46 +37,30 @@ async def open_bucket(js: JetStreamContext) -> KeyValue:
     )
 
 
-class InventoryView:
+class InventoryView(KVView):
     """Every host's models, kept current by a KV watch."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.entries: dict[str, ModelInfo] = {}  # KV key -> entry
         self._by_model: dict[str, dict[str, ModelInfo]] = {}  # canonical model -> host -> entry
-        self.synced = asyncio.Event()  # the initial values have arrived
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self, js: JetStreamContext) -> InventoryView:
-        kv = await open_bucket(js)
-        self._watcher = await kv.watchall()
-        self._task = asyncio.create_task(self._follow())
-        return self
+    async def open(self, js: JetStreamContext) -> KeyValue:
+        return await open_bucket(js)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
+    def delete(self, key: str) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self._by_model.get(canonical_model(old.model), {}).pop(old.host, None)
 
-    async def _follow(self) -> None:
-        async for entry in self._watcher:
-            if entry is None:  # the watch has delivered every current value
-                self.synced.set()
-                continue
-            old = self.entries.pop(entry.key, None)
-            if old is not None:
-                self._by_model.get(canonical_model(old.model), {}).pop(old.host, None)
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                continue
-            try:
-                info = decode_info(entry.value)
-            except msgspec.DecodeError:
-                log.warning("ignoring a malformed inventory entry %s", entry.key)
-                continue
-            self.entries[entry.key] = info
-            self._by_model.setdefault(canonical_model(info.model), {})[info.host] = info
+    def put(self, key: str, value: bytes) -> None:
+        try:
+            info = decode_info(value)
+        except msgspec.DecodeError:
+            log.warning("ignoring a malformed inventory entry %s", key)
+            return
+        self.entries[key] = info
+        self._by_model.setdefault(canonical_model(info.model), {})[info.host] = info
 
     @property
     def populated(self) -> bool:

@@ -8,14 +8,13 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.micro.request import ERROR_HEADER
 
-from contracts import ErrorBody, ErrorCode, LlmbusError, subjects
+from contracts import ErrorCode, LlmbusError, subjects
+from services.runtime.micro import read_reply
 
 T = TypeVar("T")
 
 _encode = msgspec.json.Encoder().encode
-_decode_error = msgspec.json.Decoder(ErrorBody).decode
 TIMEOUT_S = 15.0
 
 
@@ -30,10 +29,4 @@ async def call(nc: Client, verb: str, query: msgspec.Struct, reply: type[T]) -> 
         raise LlmbusError(
             ErrorCode.LEDGER_UNAVAILABLE, f"the ledger did not answer {verb} in time", retry_after=5
         ) from None
-    if msg.headers and ERROR_HEADER in msg.headers:
-        try:
-            detail = _decode_error(msg.data).error
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise LlmbusError(ErrorCode.INTERNAL, msg.headers[ERROR_HEADER]) from None
-        raise LlmbusError(detail.code, detail.message, retry_after=detail.retry_after)
-    return msgspec.json.decode(msg.data, type=reply)
+    return read_reply(msg, reply)

@@ -8,20 +8,19 @@ they use.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
-import contextlib
 import logging
 import time
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
 from contracts.ledger import Spend
 from services.runtime import bus
+from services.runtime.kv_view import KVView
 
 log = logging.getLogger(__name__)
 
@@ -64,38 +63,24 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True):
         return bool(self.tokens_per_day or self.tokens_per_month or self.cost_per_day or self.cost_per_month)
 
 
-class SpendView:
+class SpendView(KVView):
     """Every tenant's totals, kept current by a KV watch."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.spend: dict[str, Spend] = {}
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self, js: JetStreamContext) -> SpendView:
-        kv = await open_bucket(js)
-        self._watcher = await kv.watchall()
-        self._task = asyncio.create_task(self._follow())
-        return self
+    async def open(self, js: JetStreamContext) -> KeyValue:
+        return await open_bucket(js)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
+    def delete(self, key: str) -> None:
+        self.spend.pop(key, None)
 
-    async def _follow(self) -> None:
-        async for entry in self._watcher:
-            if entry is None:
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                self.spend.pop(entry.key, None)
-                continue
-            try:
-                self.spend[entry.key] = _decode(entry.value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                log.warning("ignoring a malformed spend entry %s", entry.key)
+    def put(self, key: str, value: bytes) -> None:
+        try:
+            self.spend[key] = _decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignoring a malformed spend entry %s", key)
 
     def check(self, tenant: str, budget: Budget, now: float | None = None) -> None:
         """Raises 429 `budget_exceeded` (Retry-After: the next period) once a budget is spent."""
