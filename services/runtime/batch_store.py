@@ -183,19 +183,20 @@ class BatchStore:
         values = await self._values(self.lines, f"{batch_id}.*")
         return {int(key.rsplit(".", 1)[1]): _decode_line(value) for key, value in values.items()}
 
-    @staticmethod
-    async def _values(bucket: KeyValue, keys: str) -> dict[str, bytes]:
-        """Every stored value under `keys` (a subject pattern), read by one watch."""
+    async def _values(self, bucket: KeyValue, keys: str) -> dict[str, bytes]:
+        """Every stored value under `keys` (a subject pattern). The stream lists the keys it holds and
+        each is read by a direct get: a KV watch can say "no more" before its first value when the
+        bucket is busy, which listed a tenant's batches as none."""
+        name = bucket._name  # nats-py keeps the bucket's name only here
+        prefix = f"$KV.{name}."
+        info = await self.js.stream_info(f"KV_{name}", subjects_filter=prefix + keys)
         found: dict[str, bytes] = {}
-        watcher = await bucket.watch(keys, ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored
-                    break
+        for subject in info.state.subjects or {}:
+            key = subject.removeprefix(prefix)
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await bucket.get(key)
                 if entry.value:
-                    found[entry.key] = entry.value
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+                    found[key] = entry.value
         return found
 
     async def _get(self, key: str, decode: Callable[[bytes], T]) -> T | None:
