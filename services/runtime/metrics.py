@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -34,7 +33,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from contracts import Error, subjects
+from contracts import subjects
+from services.runtime.request_ended import RequestEnded
 
 log = logging.getLogger(__name__)
 
@@ -205,41 +205,9 @@ def http_request_ended(endpoint: str, model: str, code: str, duration_s: float, 
         HTTP_TTFT.labels(endpoint, model).observe(ttft_s)
 
 
-class _Job(Protocol):
-    """What `worker_request_ended` reads from a worker's `Job` (no import of the worker here)."""
-
-    @property
-    def request(self) -> object: ...
-
-    @property
-    def msg(self) -> object: ...
-
-    @property
-    def started(self) -> float: ...
-
-    @property
-    def attempt(self) -> int: ...
-
-
-_worker_log = logging.getLogger("llmbus.worker")
-
-
-def worker_request_ended(job: _Job, event: object) -> None:
+def worker_request_ended(ended: RequestEnded) -> None:
     """Called once per request, when the worker publishes its terminal event."""
-    code = str(event.code) if isinstance(event, Error) else "ok"
-    subject = subjects.request_family(str(getattr(job.msg, "subject", "")))
-    model = str(getattr(job.request, "model", None) or "")
-    WORKER_REQUESTS.labels(subject, model_label(model), code).inc()
-    _worker_log.debug(
-        "request ended",
-        extra={
-            "subject": subject,
-            "model": model,
-            "code": code,
-            "attempt": job.attempt,
-            "duration_ms": round((time.perf_counter() - job.started) * 1000, 3),
-        },
-    )
+    WORKER_REQUESTS.labels(ended.family, model_label(ended.model), ended.code).inc()
 
 
 def worker_request_rejected(subject: str) -> None:
