@@ -165,6 +165,7 @@ class Call:
     disconnected_at: float | None = None
     aborted: bool = False  # the fake dropped the connection (disconnect_after, stop())
     tokens_sent: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-case, as ASGI gives them
 
 
 # ---------------------------------------------------------------------------- constants
@@ -863,6 +864,7 @@ class FakeOllama:
         path: str = scope["path"]
         method: str = scope["method"]
         call = Call(method=method, path=path, body=None, started_at=time.monotonic())
+        call.headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         if not path.startswith("/_fake/"):
             self.calls.append(call)
             self._notify()
