@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Options, subjects
-from contracts.export import _normalised
+from contracts.schema_form import normalised as _normalised
 from contracts.export import main as export_main
 
 

@@ -5,7 +5,7 @@ worker first reads what was already published in `LLM_OUT`: a request that ended
 that did not continues after its events (`Job.prior_text`, numbering after the last `seq`, no
 second `start`). The delivery after `max_deliver` is not run again but dead-lettered, and its client
 gets one `error` (the worker counts deliveries itself, so it never reads or deletes a message it
-was not handed: its NATS user may not, services/runtime/nats_auth.py).
+was not handed: its NATS user may not, services/runtime/nats_roles.py).
 """
 
 from __future__ import annotations
