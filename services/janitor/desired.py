@@ -25,6 +25,7 @@ modelfile = "models/badges.Modelfile"   # created from it, relative to this file
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _NEVER = ("never", "off", "-1")
 _BACKENDS = ("ollama", "openai")
+
+log = logging.getLogger("llmbus.janitor")
 
 
 class DesiredStateError(ValueError):
@@ -76,6 +79,31 @@ class Desired:
     def pinned(self, model: str) -> bool:
         spec = self.models.get(model)
         return spec is not None and spec.pinned
+
+
+class DesiredFile:
+    """models.toml read again and again: the new state when it changed, its errors logged once."""
+
+    def __init__(self, path: Path, host: str, backend: str) -> None:
+        self.path, self.host, self.backend = path, host, backend
+        self._error: str | None = None  # the last error in the file, logged once
+
+    def read(self, current: Desired) -> Desired | None:
+        """The desired state if it differs from `current`; None when unchanged or broken (a broken
+        edit keeps the previous state, and says why in the log)."""
+        try:
+            new = load(self.path, self.host, self.backend)
+        except DesiredStateError as exc:
+            if self._error != str(exc):
+                log.error("ignoring %s: %s", self.path, exc)
+                self._error = str(exc)
+            return None
+        self._error = None
+        if new.fingerprint == current.fingerprint:
+            return None
+        if current.fingerprint or new.models:
+            log.info("desired state: %d models from %s", len(new.models), self.path)
+        return new
 
 
 def parse_duration(value: Any, where: str) -> float | None:
