@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, Options, subjects
-from contracts.schema_form import normalised as _normalised
 from contracts.export import main as export_main
+from contracts.schema_form import normalised as _normalised
 
 
 @pytest.mark.parametrize(
