@@ -49,7 +49,7 @@ def show_config(settings: Settings) -> int:
     """Every setting, its effective value and its source; then the unknown `LLMBUS_*` variables."""
     sources = Settings.sources()
     for name in Settings.__struct_fields__:
-        value = getattr(settings, name)
+        value = settings.text(name)
         shown = "***" if value and (name.endswith("password") or name.endswith("api_key")) else value
         print(f"{PREFIX}{name.upper():<34} {shown!s:<32} {sources[name]}")
     for warning in unknown_variables():

@@ -315,7 +315,7 @@ async def test_cors_is_closed_by_default_and_open_to_configured_origins(
     async with running(settings) as http:
         answer = await http.options("/v1/chat", headers=preflight)
         assert "access-control-allow-origin" not in answer.headers
-    settings = msgspec.structs.replace(settings, http_port=free_port(), cors_origins="https://app.example")
+    settings = msgspec.structs.replace(settings, http_port=free_port(), cors_origins=["https://app.example"])
     async with running(settings) as http:
         answer = await http.options("/v1/chat", headers=preflight)
         assert answer.headers["access-control-allow-origin"] == "https://app.example"

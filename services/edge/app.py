@@ -53,7 +53,7 @@ def create_app(
     tests watch; handlers get their parts by dependency injection (services/edge/wiring.py).
     """
     parts = Parts(settings, load_tasks(settings.tasks_dir or None))  # a broken task file stops it here
-    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    origins = settings.cors_origins
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

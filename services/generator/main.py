@@ -16,14 +16,14 @@ from services.runtime.worker import Worker
 log = logging.getLogger("llmbus.generator")
 
 
-def consumer(models: str) -> tuple[str, list[str]]:
-    """The durable name and filter subjects for `LLMBUS_GENERATE_MODELS` (comma-separated).
+def consumer(models: list[str]) -> tuple[str, list[str]]:
+    """The durable name and filter subjects for `LLMBUS_GENERATE_MODELS`.
 
     Every model: the shared `generator` consumer on `llm.req.generate.>`. A set of models (one
     backend host's): a durable of its own, named after them, since consumers of the work-queue
     request stream must not overlap.
     """
-    names = sorted({m.strip() for m in models.split(",") if m.strip()})
+    names = sorted(set(models))
     if not names:
         return "generator", [subjects.GENERATE_SUBJECTS]
     for name in names:

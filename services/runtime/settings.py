@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_origin
 
 import msgspec
 
@@ -37,7 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     backend_api_key: str = ""  # sent as a bearer token to OpenAI-compatible servers that want one
     backend_stream: bool = True  # false: one JSON answer per call, for servers that cannot stream
     embed_backend_url: str = ""  # where embeddings go, same kind; empty: the backend URL
-    generate_models: str = ""  # comma-separated models this generator serves; empty: every model
+    generate_models: list[str] = []  # the models this generator serves (comma-separated); none: every model
     local: Literal["auto", "on", "off"] = "auto"  # `llmbus up`: embedded llama.cpp when Ollama is down
     local_max_tokens: int = 256  # the embedded server's answer limit for requests that set none
     local_model: str = ""  # a GGUF file for the embedded llama.cpp; empty: SmolLM2-135M-Instruct
@@ -95,15 +95,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # edge replica through the `llm_admission` KV bucket; overload refused before it queues.
     auth: Literal["on", "off"] = "off"  # on: every API route wants `Authorization: Bearer <key>`
     tenants_file: str = "infra/tenants.toml"  # tenants, their limits and hashed keys
-    cors_origins: str = ""  # comma-separated origins allowed by CORS ("*": any); empty: CORS closed
+    cors_origins: list[str] = []  # origins allowed by CORS, comma-separated ("*": any); none: CORS closed
     max_queue: int = 1000  # a model's backlog (queued + running) above this: 503 queue_full; 0 = off
     queue_check_s: float = 0.5  # how old the edge's view of the backlog may get
     context_tokens: int = 8192  # a prompt's estimated tokens above this (or num_ctx): prompt_too_large
     max_output_tokens: int = 4096  # num_predict / max_tokens asked above this (or -1) is capped to it
     lease_ttl_s: float = 30.0  # an in-flight slot of a crashed edge is freed after this long
     # The seeds' APIs the edge also serves, at their own paths (docs/migration.md), comma-separated:
-    # badges, router, queued, shared, simple. Empty: none (off by default).
-    dialects: str = ""
+    # badges, router, queued, shared, simple. None by default.
+    dialects: list[str] = []
     # The model of a request that names none (the simple and queued dialects); empty: the routes
     # file's default route's model.
     default_model: str = ""
@@ -138,6 +138,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if key.startswith(PREFIX) and key[len(PREFIX) :].lower() in fields
         }
         raw.update(overrides)
+        for name in LIST_SETTINGS:  # the environment's form of a list: comma-separated
+            if isinstance(value := raw.get(name), str):
+                raw[name] = [item.strip() for item in value.split(",") if item.strip()]
         try:
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
@@ -160,9 +163,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def embed_url(self) -> str:
         return self.embed_backend_url or self.generate_url
 
+    def text(self, name: str) -> str:
+        """A setting's value as its environment variable spells it (a list comma-separated)."""
+        value = getattr(self, name)
+        return ",".join(value) if isinstance(value, list) else str(value)
+
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
-        return {PREFIX + name.upper(): str(getattr(self, name)) for name in self.__struct_fields__}
+        return {PREFIX + name.upper(): self.text(name) for name in self.__struct_fields__}
+
+
+# Settings that are lists: an environment variable gives one comma-separated.
+LIST_SETTINGS = frozenset(f.name for f in msgspec.structs.fields(Settings) if get_origin(f.type) is list)
 
 
 # `LLMBUS_*` variables that are not settings but are known: compose's inputs, one per service, that
