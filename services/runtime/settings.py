@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -116,6 +116,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
     # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.
     metrics_port: int = 0
+    # Which process of its role this is (0: the first); `llmbus up` numbers the extra edges and
+    # generators it starts, which picks their metrics ports (services/runtime/scrape_targets.py).
+    replica: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # `llmbus up`: edge processes sharing the HTTP port (SO_REUSEPORT: the kernel spreads the
+    # connections) and generator processes sharing the request queue (docs/operations.md, sizing).
+    edge_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    generators: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # The ledger (docs/ledger.md): its database (empty: SQLite at <data_dir>/ledger.db; or
     # postgresql://user:password@host/db), rows per transaction, and how long LLM_USAGE keeps events.
     database_url: str = ""
@@ -192,7 +199,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "nats_url", "nats_user", "nats_password", "nats_credentials", "nats_tls_ca", "nats_tls_cert",
         "nats_tls_key", "data_dir", "stream_replicas", "dedupe_window_s", "event_max_age_s", "dlq_max_age_s",
     ),
-    "process": ("log_level", "log_format", "instance_id", "metrics_port", "shutdown_grace_s"),
+    "process": ("log_level", "log_format", "instance_id", "metrics_port", "replica", "shutdown_grace_s"),
     "worker": ("concurrency", "ack_wait_s", "max_deliver", "request_timeout_s"),
     "backend": (
         "ollama_url", "backend", "backend_url", "backend_api_key", "backend_stream", "embed_backend_url",
@@ -210,7 +217,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
         "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
         "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s", "dialects",
-        "default_model",
+        "default_model", "edge_workers",
     ),
     "local": (
         "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
@@ -218,7 +225,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "ledger": ("database_url", "ledger_batch", "usage_max_age_s"),
     "batches": ("batch_max_lines", "batch_max_file_bytes", "batch_concurrency", "batch_max_active"),
-    "up": ("nats_port",),
+    "up": ("nats_port", "generators"),
 }  # fmt: skip
 _WORKER = ("bus", "process", "worker", "backend")
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {

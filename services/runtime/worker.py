@@ -304,7 +304,7 @@ class Worker(Generic[R]):
         self._keeper = asyncio.create_task(self._keep_alive())
         self._tasks.append(self._keeper)
         self._unsubscribe_reconnects = bus.reconnects(self.nc).subscribe(self._after_reconnect)
-        metrics.watch_worker(self, self.settings.http_host, self.settings.metrics_port)
+        metrics.watch_worker(self, self.settings.http_host, self.settings.metrics_port, self.settings.replica)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop pulling, let in-flight jobs finish within `grace`, nak the rest."""
