@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import psutil
 
-from scripts.bench import litellm
+from scripts.bench import litellm, spread
 from scripts.bench.load import (
     LevelResult,
     LlmbusSseParser,
@@ -106,6 +106,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=MODULE",
         help="also measure llmbus with an edge started by `python -m MODULE` (same NATS and generator), "
         "as contender llmbus-NAME; repeatable, for A/B of edge changes in one run",
+    )
+    p.add_argument("--edges", type=int, default=1, help="llmbus edge processes sharing the port (1)")
+    p.add_argument("--generators", type=int, default=1, help="llmbus generator processes (1)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measure every level this many times, contenders alternating; prints each figure's spread",
     )
     p.add_argument("--cache-dir", type=Path, default=_cache_dir(), help="where LiteLLM's virtualenv lives")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -213,19 +221,20 @@ class Stack:
             "LLMBUS_LOG_LEVEL": "warning",
             "OTEL_SDK_DISABLED": "true",
         }
-        generator = self._start(
-            Proc("generator", [PYTHON, "-m", "services.cli", "generator"], self.work, env=env, cwd=REPO)
-        )
-        edge = self._start(Proc("edge", [PYTHON, "-m", "services.cli", "edge"], self.work, env=env, cwd=REPO))
-        edge.wait_port(http_port)
+        # Several processes of a role as `llmbus up` runs them (LLMBUS_EDGE_WORKERS, LLMBUS_GENERATORS).
+        env["LLMBUS_EDGE_WORKERS"] = str(a.edges)
+        generators = [self._replica("generator", i, env) for i in range(a.generators)]
+        edges = [self._replica("edge", i, env) for i in range(a.edges)]
+        edges[0].wait_port(http_port)
         url = f"http://127.0.0.1:{http_port}"
-        _wait_http(f"{url}/health/ready", [edge, generator])
+        _wait_http(f"{url}/health/ready", [*edges, *generators])
+        edge, generator = edges[0], generators[0]
         self.llmbus_env, self.llmbus_url, self.edge, self.generator = env, url, edge, generator
-        self.edge_group = Group([edge])
-        self.generator_group = Group([generator])
+        self.edge_group = Group(edges)
+        self.generator_group = Group(generators)
         if a.profile:
             a.profile.mkdir(parents=True, exist_ok=True)
-            for proc in (edge, generator):
+            for proc in (*edges, *generators):
                 self._start(_py_spy(proc, a.profile, self.work))
         self.contenders["llmbus"] = self._llmbus_contender("llmbus", url, edge, body)
         for alt in a.edge:
@@ -249,14 +258,20 @@ class Stack:
                 f"llmbus-{name}", alt_url, alt_edge, body
             )
 
+    def _replica(self, role: str, replica: int, env: dict[str, str]) -> Proc:
+        name = role if replica == 0 else f"{role}-{replica + 1}"
+        own = {**env, "LLMBUS_REPLICA": str(replica)}
+        return self._start(Proc(name, [PYTHON, "-m", "services.cli", role], self.work, env=own, cwd=REPO))
+
     def _llmbus_contender(self, name: str, url: str, edge: Proc, body: dict[str, Any]) -> Contender:
         nats = [self.nats.proc.pid] if self.nats is not None and self.nats.proc else []
+        edges = self.edge_group.procs if edge is self.edge else [edge]
         return Contender(
             name,
             Target(name, f"{url}/v1/chat", body, LlmbusSseParser),
-            Group([edge, self.generator], extra_pids=nats),
+            Group([*edges, *self.generator_group.procs], extra_pids=nats),
             parts={
-                "edge": Group([edge]),
+                "edge": Group(edges),
                 "generator": self.generator_group,
                 "nats": Group([], extra_pids=nats),
             },
@@ -380,7 +395,7 @@ async def levels(stack: Stack, report: Report) -> None:
         if result.errors:  # counted: the run goes on, prints what it has, and exits non-zero
             report.errors += result.errors
             print(f"{contender.name} failed its warm-up: {result.error_samples}", flush=True)
-    for concurrency in a.levels:
+    for concurrency in [level for _ in range(a.runs) for level in a.levels]:
         requests = max(a.requests, a.rounds * concurrency)
         direct: Row | None = None
         for contender in stack.contenders.values():
@@ -720,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.token_interval * 1000:g} ms, {args.tokens} tokens per answer"
     )
     print(table(report))
+    print()
+    print(spread.table(report.rows))
     if "idle_streams" in report.extra:
         idle = report.extra["idle_streams"]
         print(
