@@ -231,27 +231,6 @@ class Dispatcher:
         async def publish() -> PubAck:
             return await self.js.publish(subject, payload, headers=hdrs, timeout=2)
 
-        try:
-            with tracing.publish_span(subject, request.id, hdrs):
-                # Retried through a leader election or a reconnect: safe, `Nats-Msg-Id` de-duplicates.
-                ack = await with_backoff(
-                    publish,
-                    backoff=PUBLISH_BACKOFF,
-                    retryable=lambda exc: isinstance(exc, PUBLISH_ERRORS),
-                    deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S),
-                )
-        except PUBLISH_ERRORS as exc:
-            feed.finished = True
-            feed.close()
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
-            ) from exc
-        self._accepted_hook(feed, request.model)
-        if not ack.duplicate:
-            slot.stored(ack.seq)
-        if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
-            feed.replay = True
-            return feed
         accepted = Accepted(
             request_id=request.id,
             model=request.model,
@@ -259,9 +238,40 @@ class Dispatcher:
             fingerprint=fingerprint(request) if idempotent else "",
             tenant=tenant,
         )
-        # Stored before the 202 (or the first event) goes out: the client's own follow or cancel,
-        # on any edge, reads it from LLM_OUT at once.
-        await self._record(accepted, deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S))
+        patience = min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S)
+        # The `accepted` record is stored before the 202 (or the first event) goes out, so the
+        # client's own follow or cancel, on any edge, reads it from LLM_OUT at once. It is sent
+        # alongside the request, not after its ack: one round trip instead of two. Not for an
+        # idempotent request: a retry with its key follows the record, so it must name a request
+        # that was stored. (When the request cannot be stored, its caller gets 503 and a follower
+        # of the orphan record `deadline_exceeded` at its deadline.)
+        record = None if idempotent else asyncio.ensure_future(self._record(accepted, deadline=patience))
+        try:
+            with tracing.publish_span(subject, request.id, hdrs):
+                # Retried through a leader election or a reconnect: safe, `Nats-Msg-Id` de-duplicates.
+                ack = await with_backoff(
+                    publish,
+                    backoff=PUBLISH_BACKOFF,
+                    retryable=lambda exc: isinstance(exc, PUBLISH_ERRORS),
+                    deadline=patience,
+                )
+        except PUBLISH_ERRORS as exc:
+            feed.finished = True
+            feed.close()
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
+            ) from exc
+        finally:
+            if record is not None:
+                await record  # never raises: a record that cannot be stored is only logged
+        self._accepted_hook(feed, request.model)
+        if not ack.duplicate:
+            slot.stored(ack.seq)
+        if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
+            feed.replay = True  # (its record, if sent again above, was de-duplicated too)
+            return feed
+        if record is None:
+            await self._record(accepted, deadline=patience)
         self._remember(accepted, feed.deadline)
         if guard is not None:
             guard.start(feed, ack.seq)
