@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Protocol
-
 
 
 class _Row(Protocol):
@@ -20,18 +20,18 @@ class _Row(Protocol):
 
 
 def _spread(values: list[float], digits: int = 2) -> str:
-    values = [v for v in values if v == v]  # not NaN
+    values = [v for v in values if not math.isnan(v)]
     if not values:
         return "—"
     median = f"{statistics.median(values):.{digits}f}"
     if len(values) == 1:
         return median
-    return f"{median} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+    return f"{median} ({min(values):.{digits}f}..{max(values):.{digits}f})"
 
 
 def table(rows: Sequence[_Row]) -> str:
     """One line per level and gateway: added TTFT, tokens/s as a share of `direct` in the same
-    run, and the gateway's CPU per request, split by process; median (min–max) over the runs."""
+    run, and the gateway's CPU per request, split by process; median (min..max) over the runs."""
     direct_tps: dict[int, list[float]] = defaultdict(list)
     runs: dict[tuple[int, str], list[tuple[_Row, float]]] = defaultdict(list)
     for row in rows:
@@ -66,4 +66,3 @@ def table(rows: Sequence[_Row]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
