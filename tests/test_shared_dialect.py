@@ -12,10 +12,12 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import nats
 import pytest
 from PIL import Image
 
-from contracts import ErrorCode, GenerateRequest, LlmbusError, Message
+from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, subjects
+from contracts.models import UsageEvent
 from services.edge.app import create_app
 from services.edge.dialects import DialectConflict
 from services.edge.images import ImagePolicy, shrink
@@ -236,6 +238,31 @@ async def test_models_list_ps_show_create_and_copy_go_through_the_janitor(
     assert create["model"] == "custom-model:latest" and create["system"] == "You are a helpful assistant."
     [copy] = [c.body for c in seed_models.calls if c.path == "/api/copy"]
     assert copy["source"].startswith("custom-model") and copy["destination"].startswith("custom-copy")
+
+
+async def test_x_project_name_is_the_tenant_the_ledger_records_with_auth_off(
+    settings: Settings, generator: object, seed_models: FakeOllama
+) -> None:
+    nc = await nats.connect(settings.nats_url)
+    usage = await nc.subscribe(subjects.USAGE_SUBJECTS)
+    async with seed_edge(settings, "shared", default_model=TEXT_MODEL) as http:
+        # API_REFERENCE's example: `-H "X-Project-Name: MyProject"`
+        answered = await http.post(
+            "/api/v1/generate", json={"prompt": "hi"}, headers={"X-Project-Name": "MyProject"}
+        )
+        refused = await http.post(
+            "/api/v1/generate", json={"prompt": "hi"}, headers={"X-Project-Name": "a b"}
+        )
+        try:
+            event = msgspec.json.decode((await usage.next_msg(timeout=5)).data, type=UsageEvent)
+        finally:
+            await nc.close()
+    assert answered.status_code == 200 and refused.status_code == 400, refused.text
+    assert (event.tenant, event.api, event.request_id) == (
+        "MyProject",
+        "shared",
+        answered.json()["request_id"],
+    )
 
 
 # --- errors and headers, as the seed documents them --------------------------------------------

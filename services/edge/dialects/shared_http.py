@@ -3,7 +3,6 @@ its `X-Project-Name`, and the route decorators that attach them."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
@@ -14,12 +13,12 @@ from contracts import ErrorCode, LlmbusError
 from contracts.usage import Origin
 from services.edge.auth import origin_of
 from services.edge.errors import Failure, describe, request_id_of, with_retry_after
+from services.edge.tenants import TENANT_NAME
 
 _encode = msgspec.json.Encoder().encode
 
 REQUEST_ID_HEADER = "X-Shared-Ollama-Request-Id"  # the seed's; llmbus's X-Request-Id is there too
 RETRY_AFTER_S = 2.0  # the seed's QUEUE_RETRY_AFTER_SECONDS, for a 429/503 that carries no hint
-_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ERROR_TYPES = {422: "ValidationError", 429: "RateLimitExceeded", 500: "InternalServerError"}
 
 
@@ -87,6 +86,6 @@ def origin(request: Request[Any, Any, Any]) -> Origin:
     project = request.headers.get("x-project-name")
     if project is None or found.key_id:
         return msgspec.structs.replace(found, api="shared")
-    if not _PROJECT.match(project):
-        raise LlmbusError(ErrorCode.BAD_REQUEST, "X-Project-Name: letters, digits, `_.-`, at most 64")
+    if not TENANT_NAME.match(project):  # it becomes the ledger's tenant
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "X-Project-Name: 1 to 64 letters, digits, `_` or `-`")
     return msgspec.structs.replace(found, api="shared", tenant=project)
