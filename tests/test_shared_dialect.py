@@ -274,6 +274,11 @@ async def test_a_request_that_waits_past_its_time_is_503_request_timeout_with_re
     # No generator: the request waits in the queue until its deadline (here 1 s, not the seed's 120 s).
     async with seed_edge(settings, "shared", request_timeout_s=1.0) as http:
         response = await http.post("/api/v1/chat", json={"messages": [{"role": "user", "content": "hi"}]})
+        streamed = await http.post(
+            "/api/v1/chat", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+    [end] = [json.loads(line) for line in data_lines(streamed.text)]  # the stream had begun: in-stream
+    assert end["done"] is True and end["code"] == "request_timeout" and end["chunk"] == ""
     assert response.status_code == 503, response.text
     body = response.json()
     assert body["code"] == "request_timeout" and body["retry_after"] == 2.0

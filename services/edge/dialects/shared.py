@@ -40,7 +40,7 @@ from services.edge.compat.openai import OpenAI, _Shape
 from services.edge.compat.openai_bodies import ChatCompletionBody, ResponseFormat
 from services.edge.dialects.common import TextDialect, default_model, sse_data
 from services.edge.dialects.shared_admin import ROUTES as ADMIN_ROUTES
-from services.edge.dialects.shared_http import origin, shared_post
+from services.edge.dialects.shared_http import origin, seed_code, shared_post
 from services.edge.embed import Embedding
 from services.edge.serve import Answer, Piped, Pipeline
 
@@ -156,7 +156,7 @@ class Native(TextDialect):
 
     def failed(self, event: Error) -> bytes:
         """The seed's in-stream error chunk, with the code and hint its error bodies carry."""
-        extra = {"error": event.message, "error_type": "HTTPException", "code": event.code.value}
+        extra = {"error": event.message, "error_type": "HTTPException", "code": seed_code(event.code)}
         return sse_data(self._chunk("", done=True, retry_after=event.retry_after, **extra))
 
     def answer(self, result: Completion, request_id: str) -> Response[bytes]:

@@ -25,10 +25,15 @@ _ERROR_TYPES = {422: "ValidationError", 429: "RateLimitExceeded", 500: "Internal
 # -- errors and headers
 
 
+def seed_code(code: ErrorCode) -> str:
+    """The seed's name for a code: a request that ran out of time is its `request_timeout`."""
+    return "request_timeout" if code is ErrorCode.DEADLINE_EXCEEDED else code.value
+
+
 def shared_error(failure: Failure, request_id: str) -> Response[bytes]:
-    code, status, retry = failure.code.value, failure.status, failure.retry_after
+    code, status, retry = seed_code(failure.code), failure.status, failure.retry_after
     if failure.code is ErrorCode.DEADLINE_EXCEEDED:  # the seed: a timeout is 503 `request_timeout`
-        code, status = "request_timeout", 503
+        status = 503
     if status in (429, 503) and retry is None:
         retry = RETRY_AFTER_S
     body = {
