@@ -24,6 +24,7 @@ from services.edge.images import ImagePolicy, shrink
 from services.embedder.main import Embedder
 from services.runtime.settings import Settings
 from tests.fakes.ollama import DEFAULT_MODELS, FakeOllama
+from tests.test_admission import bearer, with_auth
 from tests.test_dialects import data_lines, replay, seed_edge
 from tests.test_janitor import janitor
 
@@ -323,6 +324,38 @@ async def test_validation_is_422_batch_and_agents_are_501_naming_the_feature(
             and stats.json()["queued"] == 0
             and stats.json()["max_queue_size"] == 1000
         )
+
+
+async def test_with_keys_a_project_is_a_tenant_whose_concurrency_answers_429_with_retry_after(
+    settings: Settings, seed_models: FakeOllama, tmp_path: Path
+) -> None:
+    # The seed's "per-tenant concurrency ... 429 with Retry-After": the tenant's `max_inflight`.
+    keyed = with_auth(settings, tmp_path, a="max_inflight = 1")
+    chat = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}]}
+    async with seed_edge(keyed, "shared") as http:
+        health = await http.get("/api/v1/health")  # public, as the seed's was
+        anonymous = await http.post("/api/v1/chat", json=chat)
+        first = asyncio.create_task(
+            http.post("/api/v1/chat", json=chat | {"stream": True}, headers=bearer("a"))
+        )
+        try:
+            async with asyncio.timeout(5):
+                while (await http.get("/api/v1/queue/stats", headers=bearer("a"))).json()["queued"] < 1:
+                    await asyncio.sleep(0.05)
+            second = await http.post("/api/v1/chat", json=chat, headers=bearer("a"))
+        finally:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        create = await http.post(
+            "/api/v1/models/create", json={"name": "x", "modelfile": "FROM llama3.2:1b"}, headers=bearer("a")
+        )
+    assert health.status_code == 200 and health.json()["status"] == "unhealthy"  # no generator here
+    assert (
+        anonymous.status_code == 401 and anonymous.json()["code"] == "unauthorized" and _request_id(anonymous)
+    )
+    assert second.status_code == 429 and second.json()["code"] == "rate_limited", second.text
+    assert second.json()["error_type"] == "RateLimitExceeded" and int(second.headers["Retry-After"]) >= 1
+    assert create.status_code == 403 and create.json()["code"] == "forbidden"  # an admin key's
 
 
 def test_shared_claims_the_badges_and_simple_paths_and_refuses_to_start_beside_them() -> None:

@@ -105,12 +105,15 @@ async def copy(
 
 
 @shared_get("/api/v1/health", "health (a generator answers)")
-async def health(request: Request[Any, Any, Any], nc: Nats) -> Response[bytes]:
-    try:
-        await nc.request("$SRV.PING.llmbus-generator", b"", timeout=0.5)  # a live generator
-        healthy, service = True, "healthy"
-    except (NoRespondersError, NatsTimeoutError):
-        healthy, service = False, "unhealthy: no generator answers"
+async def health(request: Request[Any, Any, Any], nc: NamedDependency[Client | None]) -> Response[bytes]:
+    """Public, as the seed's was; `nc` is None while the edge is still connecting to NATS."""
+    healthy, service = False, "unhealthy: the edge is not connected to NATS yet"
+    if nc is not None:
+        try:
+            await nc.request("$SRV.PING.llmbus-generator", b"", timeout=0.5)  # a live generator
+            healthy, service = True, "healthy"
+        except (NoRespondersError, NatsTimeoutError):
+            service = "unhealthy: no generator answers"
     body = {
         "status": "healthy" if healthy else "unhealthy",
         "ollama_status": "running" if healthy else "unavailable",  # the seed's README
