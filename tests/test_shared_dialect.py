@@ -326,6 +326,18 @@ async def test_validation_is_422_batch_and_agents_are_501_naming_the_feature(
         )
 
 
+async def test_the_readme_size_limits_are_400_prompt_too_large_and_413_request_too_large(
+    settings: Settings, seed_models: FakeOllama
+) -> None:
+    seed_limits = {"max_body_bytes": 1_500_000, "context_tokens": 4096, "default_model": TEXT_MODEL}
+    async with seed_edge(settings, "shared", **seed_limits) as http:
+        long = await http.post("/api/v1/generate", json={"prompt": "word " * 5000})  # ~6 000 tokens
+        huge = await http.post("/api/v1/generate", json={"prompt": "x" * 1_600_000})
+    assert long.status_code == 400 and long.json()["code"] == "prompt_too_large", long.text
+    assert huge.status_code == 413 and huge.json()["code"] == "request_too_large", huge.text
+    assert _request_id(long) and _request_id(huge)
+
+
 async def test_with_keys_a_project_is_a_tenant_whose_concurrency_answers_429_with_retry_after(
     settings: Settings, seed_models: FakeOllama, tmp_path: Path
 ) -> None:
