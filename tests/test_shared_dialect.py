@@ -151,6 +151,8 @@ async def test_the_seed_quickstart_runs_unchanged(
         profile = await replay(http, PROFILE)  # the quickstart's third check: no llmbus counterpart
         assert profile.status_code == 501 and profile.json()["code"] == "not_implemented"
         assert "hardware model profile" in profile.json()["error"]
+        docs = await http.get("/api/docs")  # "Open in your browser: http://0.0.0.0:8000/api/docs"
+        assert docs.status_code in (301, 302, 307) and docs.headers["location"] == "/schema/swagger"
     [sent] = [c.body for c in seed_models.calls if c.path == "/api/chat" and c.body["model"] == VLM_MODEL]
     assert base64.b64decode(sent["messages"][-1]["images"][0]) == jpeg  # compression off: as sent
 
