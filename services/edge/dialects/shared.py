@@ -191,7 +191,7 @@ async def _serve(
 
 @shared_post("/api/v1/generate", "text generation")
 async def generate(data: JSONBody[GenerateBody], pipeline: Piped) -> Answer:
-    if data.tools:  # the seed passed them to Ollama's generate, which has no tools: refused, not dropped
+    if data.tools:  # a prompt request (Ollama's generate) takes no tools: refused, never dropped
         raise LlmbusError(ErrorCode.UNSUPPORTED, "`tools` needs a chat: send them to /api/v1/chat")
     model = data.model or default_model(pipeline.settings)
     fields = data.fields(pipeline.request_id, model)
