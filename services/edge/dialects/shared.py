@@ -176,11 +176,13 @@ class Native(TextDialect):
 
 
 class Vision(Native):
+    def __init__(self, model: str, request_id: str, *, streams: bool, images: int) -> None:
+        super().__init__(model, request_id, chat=True, streams=streams)
+        self.images = images
+
     def extra(self) -> dict[str, Any]:
         saved = self.shrunk.saved_bytes  # what LLMBUS_IMAGE_* saved, as the seed reported its own
         return {"images_processed": self.images, "compression_savings_bytes": saved or None}
-
-    images = 0
 
 
 async def _serve(
@@ -226,8 +228,7 @@ async def vlm(data: JSONBody[VlmBody], pipeline: Piped) -> Answer:
         )
     messages[last_user] = msgspec.structs.replace(messages[last_user], images=images)
     wire = GenerateRequest(messages=messages, tools=data.tools, **data.fields(pipeline.request_id, model))
-    dialect = Vision(model, wire.id, chat=True, streams=data.stream)
-    dialect.images = len(images)
+    dialect = Vision(model, wire.id, streams=data.stream, images=len(images))
     return await _serve(pipeline, wire, dialect, VLM_TIMEOUT_S)
 
 
