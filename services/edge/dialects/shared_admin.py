@@ -264,17 +264,10 @@ def _refusals() -> list[Any]:
         "/api/v1/analytics": _ANALYTICS,
     }
     handlers = []
-    for path, message in post_paths.items():
-        refuse = _not_implemented(message)
-        handlers.append(
-            shared_post(path, "not implemented (501)", name=path, include_in_schema=False)(refuse)
-        )
-    for path, message in get_paths.items():
-        handlers.append(
-            shared_get(path, "not implemented (501)", name=path, include_in_schema=False)(
-                _not_implemented(message)
-            )
-        )
+    for route, paths in ((shared_post, post_paths), (shared_get, get_paths)):
+        for path, message in paths.items():
+            refuse = _not_implemented(message)
+            handlers.append(route(path, "not implemented (501)", name=path, include_in_schema=False)(refuse))
     return handlers
 
 
