@@ -22,11 +22,13 @@ from services.edge.app import create_app
 from services.edge.dialects import DialectConflict
 from services.edge.images import ImagePolicy, shrink
 from services.embedder.main import Embedder
+from services.ledger.store import database_url
 from services.runtime.settings import Settings
 from tests.fakes.ollama import DEFAULT_MODELS, FakeOllama
 from tests.test_admission import bearer, with_auth
 from tests.test_dialects import data_lines, replay, seed_edge
 from tests.test_janitor import janitor
+from tests.test_ledger import ledger
 
 TEXT_MODEL = "qwen3:14b-q4_K_M"  # the seed's models, served by the fake Ollama under their names
 VLM_MODEL = "qwen3-vl:8b-instruct-q4_K_M"
@@ -266,6 +268,23 @@ async def test_x_project_name_is_the_tenant_the_ledger_records_with_auth_off(
         "shared",
         answered.json()["request_id"],
     )
+
+
+async def test_metrics_are_the_ledgers_stats_in_the_seed_shape(
+    settings: Settings, generator: object, seed_models: FakeOllama, tmp_path: Path
+) -> None:
+    recorded = msgspec.structs.replace(settings, database_url=database_url("", str(tmp_path / "data")))
+    async with ledger(recorded), seed_edge(recorded, "shared", default_model=TEXT_MODEL) as http:
+        for prompt in ("one", "two"):
+            assert (await http.post("/api/v1/generate", json={"prompt": prompt})).status_code == 200
+        async with asyncio.timeout(10):
+            while (metrics := (await http.get("/api/v1/metrics")).json())["total_requests"] < 2:
+                await asyncio.sleep(0.1)
+        windowed = await http.get("/api/v1/metrics?window_minutes=5")
+    assert metrics["successful_requests"] == 2 and metrics["failed_requests"] == 0
+    assert metrics["requests_by_model"] == {TEXT_MODEL: 2} and metrics["errors_by_type"] == {}
+    assert 0 < metrics["p50_latency_ms"] <= metrics["p95_latency_ms"] <= metrics["p99_latency_ms"]
+    assert windowed.status_code == 200 and windowed.json()["total_requests"] == 2
 
 
 # --- errors and headers, as the seed documents them --------------------------------------------
