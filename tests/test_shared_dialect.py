@@ -396,6 +396,7 @@ def test_shared_claims_the_badges_and_simple_paths_and_refuses_to_start_beside_t
         create_app(Settings(dialects="badges,shared"))
     with pytest.raises(DialectConflict, match="'shared' and 'simple' both claim POST /api/v1/generate"):
         create_app(Settings(dialects="shared,simple"))
+    assert "/api/v1/vlm" in create_app(Settings(dialects="router,queued,shared")).route_handler_method_map
     with pytest.raises(ValueError, match="LLMBUS_IMAGE_QUALITY"):
         create_app(Settings(image_quality=101))
 
