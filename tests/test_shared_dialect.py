@@ -455,6 +455,11 @@ async def test_shrinking_keeps_the_bound_never_grows_an_image_and_refuses_what_i
     upright = Image.open(io.BytesIO(ImagePolicy(max_side=150).image(rotated.getvalue(), "x")))
     assert upright.size == (100, 150)  # orientation applied, since re-encoding drops the EXIF tag
 
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(bomb, "PNG")  # 100 Mpixels in a few kB
+    with pytest.raises(LlmbusError, match="x: the image has too many pixels"):
+        ImagePolicy(max_side=500).image(bomb.getvalue(), "x")
+
     policy = msgspec.structs.replace(settings, image_max_side=64)
     wire = GenerateRequest(
         id="r1", model="m", messages=[Message(role="user", content="?", images=["bm90IGFuIGltYWdl"])]

@@ -15,7 +15,6 @@ import asyncio
 import base64
 import binascii
 import io
-import warnings
 
 import msgspec
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,24 +48,25 @@ class ImagePolicy(msgspec.Struct, frozen=True):
     def image(self, data: bytes, where: str) -> bytes:
         """One image's bytes, shrunk (or the same bytes when that would not make them smaller)."""
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img: Image.Image = Image.open(io.BytesIO(data))
-                fmt = img.format or "PNG"
-                if self.max_side and fmt == "JPEG":
-                    img.draft("RGB", (self.max_side, self.max_side))  # decode at a fraction of the size
-                img = ImageOps.exif_transpose(img)
-                resized = bool(self.max_side) and max(img.size) > self.max_side
-                if resized:
-                    img.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
-                if not resized and not self.quality:
-                    return data
-                candidates: list[bytes] = []
-                if self.quality or fmt not in _LOSSLESS:
-                    candidates.append(_encoded(_flat(img), "JPEG", quality=self.quality or 85, optimize=True))
-                if resized and fmt in _LOSSLESS:  # a screenshot's PNG may beat its JPEG
-                    candidates.append(_encoded(img, fmt))
-        except Image.DecompressionBombWarning:
+            img: Image.Image = Image.open(io.BytesIO(data))  # reads the header only
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:  # a decompression bomb: never decoded
+                raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: the image has too many pixels")
+            fmt = img.format or "PNG"
+            if self.max_side and fmt == "JPEG":
+                img.draft("RGB", (self.max_side, self.max_side))  # decode at a fraction of the size
+            img = ImageOps.exif_transpose(img)
+            resized = bool(self.max_side) and max(img.size) > self.max_side
+            if resized:
+                img.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
+            if not resized and not self.quality:
+                return data
+            candidates: list[bytes] = []
+            if self.quality or fmt not in _LOSSLESS:
+                candidates.append(_encoded(_flat(img), "JPEG", quality=self.quality or 85, optimize=True))
+            if resized and fmt in _LOSSLESS:  # a screenshot's PNG may beat its JPEG
+                candidates.append(_encoded(img, fmt))
+        except Image.DecompressionBombWarning:  # Pillow's own check, where warnings are errors
             raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: the image has too many pixels") from None
         except _PILLOW_FAILURES as exc:
             raise LlmbusError(ErrorCode.BAD_REQUEST, f"{where}: not a readable image ({exc})") from None
