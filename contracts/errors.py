@@ -30,6 +30,8 @@ class ErrorCode(enum.StrEnum):
     # A field the backend or model cannot honour (an image for a text-only model, tools for a model
     # without tool support): refused, never silently dropped. The message names the field.
     UNSUPPORTED = "unsupported"
+    # A route of a seed's API that llmbus has no counterpart for (yet): the message names the feature.
+    NOT_IMPLEMENTED = "not_implemented"
 
     @property
     def http_status(self) -> int:
@@ -61,6 +63,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.LEDGER_UNAVAILABLE: 503,
     ErrorCode.UNSUPPORTED: 400,
+    ErrorCode.NOT_IMPLEMENTED: 501,
 }
 
 _RETRYABLE = frozenset({ErrorCode.BACKEND_UNAVAILABLE})

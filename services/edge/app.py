@@ -29,6 +29,7 @@ from services.edge.embed import embed
 from services.edge.errors import by_path, native_error, retry_after_hook
 from services.edge.generation import chat, generate
 from services.edge.health import live, ready
+from services.edge.images import ImagePolicy
 from services.edge.ledger_routes import ROUTES as LEDGER_ROUTES
 from services.edge.observability import Observability
 from services.edge.requests import cancel_request, request_events
@@ -53,6 +54,7 @@ def create_app(
     tests watch; handlers get their parts by dependency injection (services/edge/wiring.py).
     """
     parts = Parts(settings, load_tasks(settings.tasks_dir or None))  # a broken task file stops it here
+    ImagePolicy.of(settings)  # so does a bad LLMBUS_IMAGE_MAX_SIDE or LLMBUS_IMAGE_QUALITY
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
     @asynccontextmanager

@@ -107,6 +107,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The model of a request that names none (the simple and queued dialects); empty: the routes
     # file's default route's model.
     default_model: str = ""
+    # Images for vision models, shrunk at the edge before the request is queued (every API):
+    # the longest side bounded to this many pixels (0: any size), and, with a quality (1-95; 0: off),
+    # re-encoded as JPEG. A result is kept only when it is smaller (docs/operations.md "Images").
+    image_max_side: int = 0
+    image_quality: int = 0
     log_level: str = "info"
     # json: one JSON object per line; text: short lines for people; auto: text on a terminal, else json.
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -217,7 +222,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
         "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
         "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s", "dialects",
-        "default_model", "edge_workers",
+        "default_model", "image_max_side", "image_quality", "edge_workers",
     ),
     "local": (
         "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
