@@ -19,7 +19,7 @@ from nats.micro.service import Service
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import ErrorCode, LlmbusError, subjects
-from contracts.ledger import LEDGER_VERBS, HistoryQuery, RecordRef, StatsQuery, UsageQuery
+from contracts.ledger import LEDGER_VERBS, ForgetQuery, HistoryQuery, RecordRef, StatsQuery, UsageQuery
 from services.ledger import queries
 from services.runtime.micro import respond_error
 
@@ -32,6 +32,7 @@ _QUERIES: dict[str, tuple[type[Any], Callable[[AsyncEngine, Any], Awaitable[msgs
     "history": (HistoryQuery, queries.history),
     "record": (RecordRef, queries.record),
     "erase": (RecordRef, queries.erase),
+    "forget": (ForgetQuery, queries.forget),
 }
 
 

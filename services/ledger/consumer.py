@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -24,7 +25,7 @@ from contracts import subjects
 from contracts.ledger import Spend
 from contracts.models import UsageEvent
 from services.ledger.costs import Costs
-from services.ledger.store import Store, row
+from services.ledger.store import Store, content_row, row
 from services.runtime.retry import Backoff
 from services.runtime.settings import Settings
 
@@ -38,14 +39,18 @@ _decode = msgspec.json.Decoder(UsageEvent).decode
 
 def stream_config(settings: Settings) -> StreamConfig:
     """Usage events, kept `usage_max_age_s` whether or not the ledger read them (limits retention:
-    a second reader, e.g. billing export, may have its own consumer)."""
+    a second reader, e.g. billing export, may have its own consumer). With content on, no longer
+    than its retention: the events carry the prompts and answers too."""
+    max_age = settings.usage_max_age_s
+    if settings.ledger_content == "on":
+        max_age = min(max_age, settings.ledger_content_retention_s)
     return StreamConfig(
         name=subjects.USAGE_STREAM,
         subjects=[subjects.USAGE_SUBJECTS],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=settings.usage_max_age_s,
-        duplicate_window=settings.dedupe_window_s,
+        max_age=max_age,
+        duplicate_window=min(settings.dedupe_window_s, max_age),
         discard=DiscardPolicy.OLD,
         num_replicas=settings.stream_replicas,
     )
@@ -78,12 +83,15 @@ class Consumer:
         costs: Costs,
         batch: int,
         on_spend: Callable[[list[Spend]], Awaitable[None]],
+        *,
+        keep_content: bool = False,
     ) -> None:
         self.js = js
         self.store = store
         self.costs = costs
         self.batch = batch
         self.on_spend = on_spend
+        self.keep_content = keep_content  # LLMBUS_LEDGER_CONTENT=on: store prompts and answers
         self.recorded = 0  # new rows written by this process
         self.lag_s = 0.0  # the last batch's newest event: its end to its commit
 
@@ -102,7 +110,7 @@ class Consumer:
 
     async def write(self, msgs: list[Msg]) -> None:
         self.costs.refresh()
-        rows, now = [], time.time()
+        rows, contents, now = [], [], time.time()
         for msg in msgs:
             try:
                 event = _decode(msg.data)
@@ -113,8 +121,10 @@ class Consumer:
                 continue
             cost = self.costs.of(event.model, event.prompt_tokens, event.completion_tokens)
             rows.append(row(event, cost, now))
+            if self.keep_content and (said := content_row(event)) is not None:
+                contents.append(said)
         if rows:
-            new, spent = await self._commit(rows, msgs)
+            new, spent = await self._commit(rows, contents, msgs)
             self.recorded += new
             self.lag_s = time.time() - max(r["ended_at"] for r in rows)
             if spent:
@@ -123,11 +133,13 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await msg.ack()
 
-    async def _commit(self, rows: list[dict[str, object]], msgs: list[Msg]) -> tuple[int, list[Spend]]:
+    async def _commit(
+        self, rows: list[dict[str, Any]], contents: list[dict[str, Any]], msgs: list[Msg]
+    ) -> tuple[int, list[Spend]]:
         attempt = 0
         while True:
             try:
-                return await self.store.record(rows)
+                return await self.store.record(rows, contents)
             except Exception as exc:
                 delay = RETRY.delay(min(attempt, 8))
                 attempt += 1

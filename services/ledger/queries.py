@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import ErrorCode, LlmbusError
 from contracts.ledger import (
     Erased,
+    ForgetQuery,
+    Forgotten,
     HistoryPage,
     HistoryQuery,
     ModelStats,
@@ -29,11 +31,12 @@ from contracts.ledger import (
     UsageReport,
     UsageRow,
 )
-from services.ledger.schema import requests
+from contracts.models import UsageContent
+from services.ledger.schema import content, requests
 
 MAX_PAGE = 500
 MAX_STATS_ROWS = 200_000  # the newest rows of a window that statistics are computed over
-_RECORD_FIELDS = RequestRecord.__struct_fields__
+_RECORD_FIELDS = [name for name in RequestRecord.__struct_fields__ if name != "content"]
 
 
 async def usage(engine: AsyncEngine, query: UsageQuery) -> UsageReport:
@@ -131,23 +134,52 @@ async def record(engine: AsyncEngine, ref: RecordRef) -> RequestRecord:
     stmt = select(requests).where(requests.c.request_id == ref.request_id)
     if ref.tenant is not None:
         stmt = stmt.where(requests.c.tenant == ref.tenant)
+    c = content.c
     async with engine.connect() as conn:
         found = (await conn.execute(stmt)).mappings().first()
+        said = None
+        if found is not None:
+            query = select(c.prompt, c.answer, c.truncated).where(c.request_id == ref.request_id)
+            said = (await conn.execute(query)).first()
     if found is None:
         raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {ref.request_id!r} in the ledger")
-    return _record(found)
+    out = _record(found)
+    if said is not None:
+        out.content = UsageContent(prompt=said[0], answer=said[1], truncated=bool(said[2]))
+    return out
 
 
 async def erase(engine: AsyncEngine, ref: RecordRef) -> Erased:
-    """Deletes the request's row (its totals stay: what was spent was spent)."""
-    stmt = delete(requests).where(requests.c.request_id == ref.request_id)
-    if ref.tenant is not None:
-        stmt = stmt.where(requests.c.tenant == ref.tenant)
+    """Deletes the request's prompt and answer and, unless `content_only`, its row (its totals
+    stay: what was spent was spent)."""
+    erased = 0
     async with engine.begin() as conn:
-        result = await conn.execute(stmt)
-    if not result.rowcount:
-        raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {ref.request_id!r} in the ledger")
+        for table in (content,) if ref.content_only else (content, requests):
+            stmt = delete(table).where(table.c.request_id == ref.request_id)
+            if ref.tenant is not None:
+                stmt = stmt.where(table.c.tenant == ref.tenant)
+            erased += (await conn.execute(stmt)).rowcount
+    if not erased:
+        what = "content" if ref.content_only else "request"
+        raise LlmbusError(ErrorCode.NOT_FOUND, f"no {what} {ref.request_id!r} in the ledger")
     return Erased(request_id=ref.request_id, erased=True)
+
+
+async def forget(engine: AsyncEngine, query: ForgetQuery) -> Forgotten:
+    """Deletes every prompt and answer, and unless `content_only` every row, of a tenant or an
+    API key; the totals stay."""
+    if not query.tenant and not query.key_id:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "name a `tenant` or a `key_id` to erase")
+    counts = {}
+    async with engine.begin() as conn:
+        for table in (content,) if query.content_only else (content, requests):
+            stmt = delete(table)
+            if query.tenant:
+                stmt = stmt.where(table.c.tenant == query.tenant)
+            if query.key_id:
+                stmt = stmt.where(table.c.key_id == query.key_id)
+            counts[table.name] = (await conn.execute(stmt)).rowcount
+    return Forgotten(requests=counts.get(requests.name, 0), contents=counts[content.name])
 
 
 def _range(stmt: Select[Any], tenant: str | None, since: float | None, until: float | None) -> Select[Any]:

@@ -81,6 +81,7 @@ async def publish(nc: Client, job: Any, event: object, host: str = "") -> None:
         tokens_per_s=getattr(timings, "tokens_per_s", None),
         trace_id=_trace_id(hdrs),
         accepted_at=accepted,
+        content=getattr(job, "recorded", None),  # LLMBUS_LEDGER_CONTENT=on (services/runtime/transcript.py)
     )
     with contextlib.suppress(Exception):
         await nc.publish(
