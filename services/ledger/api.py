@@ -60,13 +60,17 @@ def _endpoint(engine: AsyncEngine, verb: str) -> Callable[[Request], Awaitable[N
     return handle
 
 
-async def serve(nc: Client, engine: AsyncEngine, database: str) -> Service:
+async def serve(
+    nc: Client, engine: AsyncEngine, database: str, stats: Callable[[], dict[str, Any]] | None = None
+) -> Service:
+    """`stats`: the ledger's own figures, in each endpoint's `data` of `$SRV.STATS.llmbus-ledger`."""
     service = await nats.micro.add_service(
         nc,
         name="llmbus-ledger",
         version="0.1.0",
         description="llmbus ledger: usage, statistics and history of every request",
         metadata={"database": database},
+        stats_handler=(lambda _endpoint: stats()) if stats is not None else None,
     )
     for verb in LEDGER_VERBS:
         await service.add_endpoint(

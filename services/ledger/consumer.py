@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ log = logging.getLogger("llmbus.ledger")
 
 DURABLE = "ledger"
 RETRY = Backoff(base_s=0.25, max_s=5.0)  # retried without limit: the database may be down for long
+LAG_SAMPLES = 100_000  # the newest rows' lags kept for `lag_stats` (`$SRV.STATS.llmbus-ledger`)
 
 _decode = msgspec.json.Decoder(UsageEvent).decode
 
@@ -94,6 +96,7 @@ class Consumer:
         self.keep_content = keep_content  # LLMBUS_LEDGER_CONTENT=on: store prompts and answers
         self.recorded = 0  # new rows written by this process
         self.lag_s = 0.0  # the last batch's newest event: its end to its commit
+        self.lags: deque[float] = deque(maxlen=LAG_SAMPLES)  # each row: its request's end to its commit
 
     async def run(self) -> None:
         psub = await self.js.pull_subscribe_bind(DURABLE, subjects.USAGE_STREAM)
@@ -125,8 +128,10 @@ class Consumer:
                 contents.append(said)
         if rows:
             new, spent = await self._commit(rows, contents, msgs)
+            committed = time.time()
             self.recorded += new
-            self.lag_s = time.time() - max(r["ended_at"] for r in rows)
+            self.lags.extend(committed - r["ended_at"] for r in rows)
+            self.lag_s = committed - max(r["ended_at"] for r in rows)
             if spent:
                 await self.on_spend(spent)
         for msg in msgs:
@@ -150,6 +155,23 @@ class Consumer:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
                 await asyncio.sleep(delay)
+
+
+def lag_stats(consumer: Consumer) -> dict[str, Any]:
+    """Rows written and the lag from a request's end to its row's commit (ms) over the newest
+    rows: what the benchmark reports (`python -m scripts.bench --ledger`)."""
+    lags = sorted(consumer.lags)
+
+    def at(q: float) -> float | None:
+        return round(lags[min(len(lags) - 1, int(q * len(lags)))] * 1000, 2) if lags else None
+
+    return {
+        "recorded": consumer.recorded,
+        "lag_samples": len(lags),
+        "lag_p50_ms": at(0.50),
+        "lag_p99_ms": at(0.99),
+        "lag_max_ms": at(1.0),
+    }
 
 
 def _brief(exc: BaseException) -> str:

@@ -66,7 +66,9 @@ class LedgerService:
             self._publish,
             keep_content=settings.ledger_content == "on",
         )
-        self._micro = await api.serve(self.nc, self.store.engine, self.store.dialect)
+        self._micro = await api.serve(
+            self.nc, self.store.engine, self.store.dialect, lambda: consumer.lag_stats(self.consumer)
+        )
         await self.nc.flush()
         await self._publish(await self.store.spend_of(await self.store.tenants()))  # a fresh bucket
         self._tasks = [asyncio.create_task(self.consumer.run()), asyncio.create_task(self._purge())]
