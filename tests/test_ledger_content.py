@@ -10,26 +10,32 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 from alembic import command
 from alembic.config import Config
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from contracts import GenerateRequest, Message
+from contracts import GenerateRequest, Message, subjects
 from contracts.ledger import ForgetQuery, RecordRef
-from contracts.models import UsageContent
+from contracts.models import UsageContent, UsageEvent
 from services.generator.main import Generator
 from services.ledger import queries
 from services.ledger.store import MIGRATIONS, Store, content_row, database_url, row
 from services.runtime.settings import Settings
 from services.runtime.transcript import content
-from tests import test_ledger
+from tests import test_delivery, test_ledger
+from tests.answers import full_answer
 from tests.conftest import Edge
+from tests.fakes.ollama import FakeOllama
 from tests.sse import sse_events
 from tests.test_ledger import (
     CHAT,
@@ -235,3 +241,34 @@ async def test_the_ledger_purges_expired_content_periodically(settings: Settings
             assert (await http.get(f"/v1/history/{item['request_id']}")).status_code == 200  # row kept
     finally:
         await generator.stop(grace=0)
+
+
+nc = test_delivery.nc  # the fixture: a NATS connection with the streams provisioned
+
+
+async def test_an_answer_taken_over_after_a_crash_is_kept_whole(
+    settings: Settings, nc: Client, fake_ollama: FakeOllama
+) -> None:
+    settings = test_delivery.fast(settings, ledger_content="on")
+    fake_ollama.config.tokens = 12
+    answer = await full_answer(fake_ollama.url, MODEL, test_delivery.MESSAGES)
+    usage: asyncio.Queue[UsageEvent] = asyncio.Queue()
+
+    async def put(msg: Msg) -> None:
+        usage.put_nowait(msgspec.json.decode(msg.data, type=UsageEvent))
+
+    await nc.subscribe(subjects.USAGE_SUBJECTS, cb=put)
+    body: dict[str, Any] = {"id": uuid.uuid4().hex, **test_delivery.CHAT}
+    events = await test_delivery.follow(nc, body["id"])
+    await test_delivery.crashed_first_attempt(nc, settings, body, answer[:5])
+    gen = await test_delivery.running(settings)
+    try:
+        await test_delivery.until_terminal(events)
+        async with asyncio.timeout(10):
+            event = await usage.get()
+    finally:
+        await gen.stop(grace=0)
+    assert event.attempt == 2
+    assert event.content is not None
+    assert event.content.answer == "".join(answer)  # the first attempt's 5 tokens and the rest
+    assert '"content":"tell me about rivers"' in event.content.prompt
