@@ -30,6 +30,7 @@ from contracts.models import UsageContent, UsageEvent
 from services.generator.main import Generator
 from services.ledger import queries
 from services.ledger.store import MIGRATIONS, Store, content_row, database_url, row
+from services.runtime import bus
 from services.runtime.settings import Settings
 from services.runtime.transcript import content
 from tests import test_delivery, test_ledger
@@ -272,3 +273,31 @@ async def test_an_answer_taken_over_after_a_crash_is_kept_whole(
     assert event.content is not None
     assert event.content.answer == "".join(answer)  # the first attempt's 5 tokens and the rest
     assert '"content":"tell me about rivers"' in event.content.prompt
+
+
+async def test_content_too_big_for_one_message_is_left_out_and_the_row_still_comes(
+    settings: Settings, nc: Client
+) -> None:
+    settings = msgspec.structs.replace(
+        settings, ledger_content="on", ledger_content_max_bytes=4 << 20, max_body_bytes=1 << 20
+    )
+    await bus.provision(nc.jetstream(), settings, update=True)  # LLM_REQ takes the big request
+    usage: asyncio.Queue[UsageEvent] = asyncio.Queue()
+
+    async def put(msg: Msg) -> None:
+        usage.put_nowait(msgspec.json.decode(msg.data, type=UsageEvent))
+
+    await nc.subscribe(subjects.USAGE_SUBJECTS, cb=put)
+    # 300,000 quotes: 600 kB as a request, twice that as the usage event's (JSON in JSON) prompt.
+    body = {"id": uuid.uuid4().hex, "model": MODEL, "messages": [{"role": "user", "content": '"' * 300_000}]}
+    events = await test_delivery.follow(nc, body["id"])
+    gen = await test_delivery.running(settings)
+    try:
+        await test_delivery.publish(nc, body)
+        await test_delivery.until_terminal(events)
+        async with asyncio.timeout(10):
+            event = await usage.get()
+    finally:
+        await gen.stop(grace=0)
+    assert event.outcome == "done" and event.completion_tokens > 0
+    assert event.content == UsageContent(prompt="", answer="", truncated=True)
