@@ -43,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "erase", help="erase a request's record, or all of a tenant's or an API key's (the ledger)"
     )
     erase.add_argument("request_id", nargs="?", help="the request to erase")
-    erase.add_argument("--tenant", help="every request of this tenant (with a request id: that request, if the tenant's)")
+    erase.add_argument(
+        "--tenant", help="every request of this tenant (with a request id: that request, if the tenant's)"
+    )
     erase.add_argument("--key-id", help="every request of this API key (12 hex digits, as rows show it)")
     erase.add_argument(
         "--content-only", action="store_true", help="only the prompts and answers; keep the usage rows"
