@@ -86,7 +86,8 @@ async def test_content_is_kept_with_its_row_purged_after_retention_and_erased(da
         kept = await queries.record(store.engine, RecordRef(request_id="old"))
         assert kept.content is None
         # One request's content only: the usage row stays.
-        await queries.erase(store.engine, RecordRef(request_id="r2", content_only=True))
+        _, seqs = await queries.erase(store.engine, RecordRef(request_id="r2", content_only=True))
+        assert seqs == []  # stored without a stream sequence
         assert (await queries.record(store.engine, RecordRef(request_id="r2"))).content is None
         with pytest.raises(Exception, match="no content"):
             await queries.erase(store.engine, RecordRef(request_id="r2", content_only=True))
@@ -97,11 +98,11 @@ async def test_content_is_kept_with_its_row_purged_after_retention_and_erased(da
         await queries.erase(store.engine, RecordRef(request_id="r1"))
         assert await _store(store, [said("r4")]) == 1
         # Per API key, then per tenant.
-        gone = await queries.forget(store.engine, ForgetQuery(tenant="a", key_id="k1"))
+        gone, _ = await queries.forget(store.engine, ForgetQuery(tenant="a", key_id="k1"))
         assert (gone.requests, gone.contents) == (2, 1)  # old (content purged) and r4
-        gone = await queries.forget(store.engine, ForgetQuery(tenant="a"))
+        gone, _ = await queries.forget(store.engine, ForgetQuery(tenant="a"))
         assert (gone.requests, gone.contents) == (1, 0)  # r2
-        gone = await queries.forget(store.engine, ForgetQuery(tenant="b", content_only=True))
+        gone, _ = await queries.forget(store.engine, ForgetQuery(tenant="b", content_only=True))
         assert (gone.requests, gone.contents) == (0, 1)
         assert (await queries.record(store.engine, RecordRef(request_id="r3"))).content is None
         with pytest.raises(Exception, match="tenant"):
@@ -188,9 +189,11 @@ async def test_the_gateway_keeps_streamed_answers_whole_and_erases_them(
             assert "truncated" not in record["content"]
             listed = (await http.get("/v1/history", headers=bearer("a"))).json()["items"]
             assert "content" not in listed[0]  # pages stay small: content on the record only
+            assert await _usage_events(settings) == 2
             # Tenant a erases its content, keeping the rows; it cannot reach b's.
             gone = await http.delete("/v1/history?content_only=true&tenant=b", headers=bearer("a"))
             assert gone.json() == {"requests": 0, "contents": 1}  # its own tenant, whatever it names
+            assert await _usage_events(settings) == 1  # its usage event, which held the prompt too
             record = (await http.get(f"/v1/history/{start['request_id']}", headers=bearer("a"))).json()
             assert "content" not in record
             b_items = (await http.get("/v1/history", headers=bearer("b"))).json()["items"]
@@ -208,10 +211,20 @@ async def test_the_gateway_keeps_streamed_answers_whole_and_erases_them(
             assert result.returncode == 0, result.stderr
             assert "erased 1 usage rows, 1 prompts and answers" in result.stdout
             assert (await http.get("/v1/history", headers=bearer("b"))).json()["items"] == []
+            assert await _usage_events(settings) == 0
             bad = await http.delete("/v1/history", headers=bearer("admin"))
             assert bad.status_code == 400
     finally:
         await generator.stop(grace=0)
+
+
+async def _usage_events(settings: Settings) -> int:
+    """How many usage events LLM_USAGE holds."""
+    nc = await bus.connect(settings, "llmbus-admin", role="admin")
+    try:
+        return int((await nc.jetstream().stream_info(subjects.USAGE_STREAM)).state.messages)
+    finally:
+        await nc.close()
 
 
 async def test_the_ledger_purges_expired_content_periodically(settings: Settings, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 
 from contracts import subjects
 from contracts.ledger import Spend
@@ -124,7 +125,7 @@ class Consumer:
                 continue
             cost = self.costs.of(event.model, event.prompt_tokens, event.completion_tokens)
             rows.append(row(event, cost, now))
-            if self.keep_content and (said := content_row(event)) is not None:
+            if self.keep_content and (said := content_row(event, _stream_seq(msg))) is not None:
                 contents.append(said)
         if rows:
             new, spent = await self._commit(rows, contents, msgs)
@@ -172,6 +173,28 @@ def lag_stats(consumer: Consumer) -> dict[str, Any]:
         "lag_p99_ms": at(0.99),
         "lag_max_ms": at(1.0),
     }
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    with contextlib.suppress(Exception):
+        return int(msg.metadata.sequence.stream)
+    return None
+
+
+async def forget_events(js: JetStreamContext, seqs: list[int]) -> None:
+    """Deletes erased requests' usage events from LLM_USAGE: they carry the prompt and answer too.
+    Best effort: an event already gone (aged out) is fine; one that could not be deleted is logged
+    and still goes with the stream's max age (at most the retention)."""
+    failed = 0
+    for seq in seqs:
+        try:
+            await js.delete_msg(subjects.USAGE_STREAM, seq)
+        except NotFoundError:
+            pass
+        except Exception:
+            failed += 1
+    if failed:
+        log.warning("could not delete %d erased usage events from %s", failed, subjects.USAGE_STREAM)
 
 
 def _brief(exc: BaseException) -> str:

@@ -149,37 +149,47 @@ async def record(engine: AsyncEngine, ref: RecordRef) -> RequestRecord:
     return out
 
 
-async def erase(engine: AsyncEngine, ref: RecordRef) -> Erased:
+async def erase(engine: AsyncEngine, ref: RecordRef) -> tuple[Erased, list[int]]:
     """Deletes the request's prompt and answer and, unless `content_only`, its row (its totals
-    stay: what was spent was spent)."""
-    erased = 0
+    stay: what was spent was spent). Also returns the erased content's LLM_USAGE sequences."""
     async with engine.begin() as conn:
-        for table in (content,) if ref.content_only else (content, requests):
-            stmt = delete(table).where(table.c.request_id == ref.request_id)
+        stmt = delete(content).where(content.c.request_id == ref.request_id)
+        if ref.tenant is not None:
+            stmt = stmt.where(content.c.tenant == ref.tenant)
+        seqs = [r[0] for r in await conn.execute(stmt.returning(content.c.stream_seq))]
+        erased = len(seqs)
+        if not ref.content_only:
+            rows = delete(requests).where(requests.c.request_id == ref.request_id)
             if ref.tenant is not None:
-                stmt = stmt.where(table.c.tenant == ref.tenant)
-            erased += (await conn.execute(stmt)).rowcount
+                rows = rows.where(requests.c.tenant == ref.tenant)
+            erased += (await conn.execute(rows)).rowcount
     if not erased:
         what = "content" if ref.content_only else "request"
         raise LlmbusError(ErrorCode.NOT_FOUND, f"no {what} {ref.request_id!r} in the ledger")
-    return Erased(request_id=ref.request_id, erased=True)
+    return Erased(request_id=ref.request_id, erased=True), [s for s in seqs if s is not None]
 
 
-async def forget(engine: AsyncEngine, query: ForgetQuery) -> Forgotten:
+async def forget(engine: AsyncEngine, query: ForgetQuery) -> tuple[Forgotten, list[int]]:
     """Deletes every prompt and answer, and unless `content_only` every row, of a tenant or an
-    API key; the totals stay."""
+    API key; the totals stay. Also returns the erased content's LLM_USAGE sequences."""
     if not query.tenant and not query.key_id:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "name a `tenant` or a `key_id` to erase")
-    counts = {}
+    rows = 0
     async with engine.begin() as conn:
-        for table in (content,) if query.content_only else (content, requests):
-            stmt = delete(table)
+        stmt = delete(content)
+        if query.tenant:
+            stmt = stmt.where(content.c.tenant == query.tenant)
+        if query.key_id:
+            stmt = stmt.where(content.c.key_id == query.key_id)
+        seqs = [r[0] for r in await conn.execute(stmt.returning(content.c.stream_seq))]
+        if not query.content_only:
+            gone = delete(requests)
             if query.tenant:
-                stmt = stmt.where(table.c.tenant == query.tenant)
+                gone = gone.where(requests.c.tenant == query.tenant)
             if query.key_id:
-                stmt = stmt.where(table.c.key_id == query.key_id)
-            counts[table.name] = (await conn.execute(stmt)).rowcount
-    return Forgotten(requests=counts.get(requests.name, 0), contents=counts[content.name])
+                gone = gone.where(requests.c.key_id == query.key_id)
+            rows = (await conn.execute(gone)).rowcount
+    return Forgotten(requests=rows, contents=len(seqs)), [s for s in seqs if s is not None]
 
 
 def _range(stmt: Select[Any], tenant: str | None, since: float | None, until: float | None) -> Select[Any]:

@@ -79,6 +79,8 @@ content = Table(
     Column("prompt", Text, nullable=False),
     Column("answer", Text, nullable=False),
     Column("truncated", Boolean, nullable=False, default=False),
+    # Where its usage event is in LLM_USAGE: an erasure deletes that copy of the prompt too.
+    Column("stream_seq", BigInteger),
     Index("ix_ledger_content_ended", "ended_at"),
     Index("ix_ledger_content_tenant_key", "tenant", "key_id"),
 )

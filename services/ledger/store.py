@@ -95,8 +95,9 @@ def row(event: UsageEvent, cost: float, recorded_at: float) -> dict[str, Any]:
     }
 
 
-def content_row(event: UsageEvent) -> dict[str, Any] | None:
-    """The prompt and answer of a request, if its usage event carries them."""
+def content_row(event: UsageEvent, stream_seq: int | None = None) -> dict[str, Any] | None:
+    """The prompt and answer of a request, if its usage event carries them (`stream_seq`: the
+    event's sequence in LLM_USAGE, deleted with the content when it is erased)."""
     if event.content is None:
         return None
     return {
@@ -107,6 +108,7 @@ def content_row(event: UsageEvent) -> dict[str, Any] | None:
         "prompt": event.content.prompt,
         "answer": event.content.answer,
         "truncated": event.content.truncated,
+        "stream_seq": stream_seq,
     }
 
 

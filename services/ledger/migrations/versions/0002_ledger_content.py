@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("prompt", sa.Text, nullable=False),
         sa.Column("answer", sa.Text, nullable=False),
         sa.Column("truncated", sa.Boolean, nullable=False),
+        sa.Column("stream_seq", sa.BigInteger),
     )
     op.create_index("ix_ledger_content_ended", "ledger_content", ["ended_at"])
     op.create_index("ix_ledger_content_tenant_key", "ledger_content", ["tenant", "key_id"])
