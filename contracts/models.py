@@ -68,6 +68,17 @@ class ModelInfo(msgspec.Struct, kw_only=True):
         return self.state in READY_STATES
 
 
+class UsageContent(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What was asked and answered, on a `UsageEvent` only with `LLMBUS_LEDGER_CONTENT=on`.
+
+    Each field is cut to `LLMBUS_LEDGER_CONTENT_MAX_BYTES` of UTF-8 (`truncated` then says so).
+    """
+
+    prompt: str  # JSON: the messages (`system` first, a `prompt` as one user message), images counted
+    answer: str  # the answer's text as the client got it (across take-overs)
+    truncated: bool = False
+
+
 class UsageEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Published on `llm.evt.usage.<model>` after every request's terminal event.
 
@@ -96,6 +107,7 @@ class UsageEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
     tokens_per_s: float | None = None
     trace_id: str = ""
     accepted_at: float | None = None  # Unix seconds, when the edge accepted it
+    content: UsageContent | None = None  # prompt and answer (generation, LLMBUS_LEDGER_CONTENT=on)
 
 
 class _ModelEvent(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):

@@ -43,6 +43,16 @@ def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contende
     assert "llmbus:" in out and "llmbus-granian:" in out and "tokens/s relayed" in out
 
 
+def test_quick_benchmark_with_the_ledger_reports_its_row_lag() -> None:
+    args = ["--quick", "--no-litellm", "--concurrency", "2", "--requests", "4", "--rounds", "1"]
+    args += ["--tokens", "3", "--idle-streams", "0", "--ceiling-requests", "0", "--ledger"]
+    out = _run("scripts.bench", *args).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[2].strip() for r in rows] == ["direct", "llmbus", "llmbus-ledger"]
+    assert all(r.split("|")[4].strip() == "0" for r in rows)
+    assert "2 streams: 4 rows, lag p50 " in out
+
+
 def test_a_run_with_errors_exits_non_zero_and_says_it_is_not_a_result() -> None:
     args = ["--quick", "--no-litellm", "--contenders", "direct", "--fail-upstream", "--concurrency", "1"]
     args += ["--requests", "2", "--rounds", "1", "--idle-streams", "0", "--ceiling-requests", "0"]

@@ -24,6 +24,7 @@ import httpx
 import psutil
 
 from scripts.bench import litellm, spread
+from scripts.bench.ledger import Ledger, attach, print_lags
 from scripts.bench.load import (
     LevelResult,
     LlmbusSseParser,
@@ -49,6 +50,7 @@ class Contender:
     group: Group  # the gateway's processes (none for direct)
     parts: dict[str, Group] = field(default_factory=dict)  # the same, one by one, for the breakdown
     last_parts: dict[str, float] = field(default_factory=dict)  # CPU seconds of each in the last run
+    ledger: bool = False  # runs with the ledger started (scripts/bench/ledger.py)
 
 
 @dataclass
@@ -114,6 +116,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="measure every level this many times, contenders alternating; prints each figure's spread",
+    )
+    p.add_argument(
+        "--ledger",
+        action="store_true",
+        help="also measure llmbus with the ledger running (contender llmbus-ledger, started and stopped "
+        "around its run at each level): latency with the ledger on vs off, and its row lag p50/p99",
+    )
+    p.add_argument(
+        "--ledger-database", metavar="URL", help="the ledger's LLMBUS_DATABASE_URL (default: SQLite)"
     )
     p.add_argument("--cache-dir", type=Path, default=_cache_dir(), help="where LiteLLM's virtualenv lives")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -237,6 +248,11 @@ class Stack:
             for proc in (*edges, *generators):
                 self._start(_py_spy(proc, a.profile, self.work))
         self.contenders["llmbus"] = self._llmbus_contender("llmbus", url, edge, body)
+        if a.ledger:
+            self.ledger = Ledger(env, self.work, REPO, self.nats.url, url)
+            with_ledger = self._llmbus_contender("llmbus-ledger", url, edge, body)
+            with_ledger.ledger = True
+            self.contenders["llmbus-ledger"] = with_ledger
         for alt in a.edge:
             name, _, module = alt.partition("=")
             port = free_port()
@@ -399,6 +415,10 @@ async def levels(stack: Stack, report: Report) -> None:
         requests = max(a.requests, a.rounds * concurrency)
         direct: Row | None = None
         for contender in stack.contenders.values():
+            if contender.ledger:
+                proc = await stack.ledger.start(a.ledger_database)
+                stack.procs.append(proc)
+                attach(contender.group, contender.parts, proc)
             stack.check_alive()
             level, before, after, client_cpu = await measure(
                 contender,
@@ -423,6 +443,12 @@ async def levels(stack: Stack, report: Report) -> None:
             report.rows.append(row)
             report.errors += level.errors
             print(_progress(row), flush=True)
+            if contender.ledger:
+                lag = await stack.ledger.lag(level.requests)
+                await stack.ledger.stop()
+                stack.procs.remove(proc)
+                report.extra.setdefault("ledger", {})[str(concurrency)] = lag
+                print(f"c={concurrency:<4} ledger: {lag}", flush=True)
 
 
 async def idle_streams(stack: Stack, report: Report) -> None:
@@ -510,6 +536,8 @@ async def ceiling(stack: Stack, report: Report) -> None:
     out: dict[str, Any] = {"tokens_per_answer": a.ceiling_tokens, "concurrency": a.ceiling_concurrency}
     try:
         for contender in stack.contenders.values():
+            if contender.ledger:  # the same edge as `llmbus`; the ledger is measured in the levels
+                continue
             edge = contender.parts.get("edge", Group([]))
             e0, g0 = edge.usage(), stack.generator_group.usage()
             level, before, after, client_cpu = await measure(
@@ -757,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"over {fig['wall_s']} s = {fig['tokens_per_edge_cpu_s']} tokens per edge CPU-second"
                     )
                 print(f"  {name}: {fig['tokens_per_s']} tokens/s relayed{extra}")
+    if "ledger" in report.extra:
+        print_lags(report.extra["ledger"])
     before, after = report.extra["load_average_before"], report.extra["load_average_after"]
     print(f"\nload average before/after: {before} / {after}")
     print("other processes during the run (average CPU, 100% = one core):")

@@ -133,6 +133,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = ""
     ledger_batch: int = 512
     usage_max_age_s: float = 7 * 86400.0
+    # Prompts and answers in the ledger (docs/ledger.md "Content"): on makes the generators put them
+    # on usage events and the ledger store them, each cut to max_bytes, deleted after retention_s.
+    ledger_content: Literal["on", "off"] = "off"
+    ledger_content_max_bytes: int = 64 * 1024
+    ledger_content_retention_s: float = 30 * 86400.0
     # Batches (docs/batches.md): lines per input file, bytes per uploaded file, lines a batcher
     # runs at once, and batches one tenant may have unfinished.
     batch_max_lines: int = 50_000
@@ -229,6 +234,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "local_embed_port",
     ),
     "ledger": ("database_url", "ledger_batch", "usage_max_age_s"),
+    "content": ("ledger_content", "ledger_content_max_bytes", "ledger_content_retention_s"),
     "batches": ("batch_max_lines", "batch_max_file_bytes", "batch_concurrency", "batch_max_active"),
     "up": ("nats_port", "generators"),
 }  # fmt: skip
@@ -237,11 +243,12 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "up": tuple(GROUPS),
     "edge": ("bus", "process", "edge", "routing", "worker", "batches"),
     "batcher": ("bus", "process", "worker", "batches"),
-    "generator": (*_WORKER, "generator"),
+    "generator": (*_WORKER, "generator", "content"),
     "embedder": (*_WORKER, "embedder"),
     "classifier": (*_WORKER, "routing"),
     "janitor": (*_WORKER, "janitor"),
-    "ledger": ("bus", "process", "ledger"),
+    "ledger": ("bus", "process", "ledger", "content"),
+    "erase": ("bus",),
     "usage": ("bus",),
     "stats": ("bus",),
     "local": ("process", "local"),
