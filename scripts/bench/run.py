@@ -731,32 +731,8 @@ async def _run(stack: Stack, report: Report) -> None:
         await ceiling(stack, report)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    report = Report()
-    report.extra["machine"] = machine()
-    report.extra["load_average_before"] = os.getloadavg()
-    command = "python -m scripts.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"{command}\nmachine: {report.extra['machine']}\nload average: {os.getloadavg()}", flush=True)
-    neighbours = Neighbours()
-    with work_dir(args.keep) as work:
-        stack = Stack(args, work)
-        try:
-            stack.up()
-            try:
-                import uvloop
-            except ImportError:
-                asyncio.run(_run(stack, report))
-            else:
-                uvloop.run(_run(stack, report))
-        except Exception:
-            for proc in stack.procs:
-                print(f"--- {proc.name} log ({proc.log_path}) ---\n{proc.tail()}", file=sys.stderr)
-            raise
-        finally:
-            stack.down()
-    report.extra["load_average_after"] = os.getloadavg()
-    report.extra["other_processes"] = neighbours.report()
+def print_results(report: Report, args: argparse.Namespace) -> None:
+    """The tables and every phase's figures, after the run."""
     print()
     print(
         f"upstream: first token after {args.first_token_delay * 1000:g} ms, then a token every "
@@ -787,6 +763,35 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: {fig['tokens_per_s']} tokens/s relayed{extra}")
     if "ledger" in report.extra:
         print_lags(report.extra["ledger"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = Report()
+    report.extra["machine"] = machine()
+    report.extra["load_average_before"] = os.getloadavg()
+    command = "python -m scripts.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"{command}\nmachine: {report.extra['machine']}\nload average: {os.getloadavg()}", flush=True)
+    neighbours = Neighbours()
+    with work_dir(args.keep) as work:
+        stack = Stack(args, work)
+        try:
+            stack.up()
+            try:
+                import uvloop
+            except ImportError:
+                asyncio.run(_run(stack, report))
+            else:
+                uvloop.run(_run(stack, report))
+        except Exception:
+            for proc in stack.procs:
+                print(f"--- {proc.name} log ({proc.log_path}) ---\n{proc.tail()}", file=sys.stderr)
+            raise
+        finally:
+            stack.down()
+    report.extra["load_average_after"] = os.getloadavg()
+    report.extra["other_processes"] = neighbours.report()
+    print_results(report, args)
     before, after = report.extra["load_average_before"], report.extra["load_average_after"]
     print(f"\nload average before/after: {before} / {after}")
     print("other processes during the run (average CPU, 100% = one core):")
