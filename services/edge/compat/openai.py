@@ -1,6 +1,7 @@
 """OpenAI-compatible routes under `/openai/v1`: chat completions, completions and embeddings.
 
-(`GET /openai/v1/models` is served with `/v1/models`, in services/edge/models.py.)
+(`GET /openai/v1/models` is served with `/v1/models`, in services/edge/models.py; `GET
+/openai/v1/models/{id}` here, so an unknown model is a 404 in OpenAI's error shape.)
 
 Streaming answers are `data: {chunk}` lines ending with `data: [DONE]`, as the OpenAI SDKs expect;
 errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
@@ -14,10 +15,11 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Response, Router, post
-from litestar.params import JSONBody
+from litestar import Response, Router, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
-from contracts import Completion, Done, EmbedResponse, Error, Token
+from contracts import Completion, Done, EmbedResponse, Error, ErrorCode, LlmbusError, Token
 from contracts.messages import Thinking, ToolCallEvent
 from contracts.route import Routed
 from contracts.tools import Logprob, ToolCall
@@ -27,11 +29,14 @@ from services.edge.compat.openai_bodies import ChatCompletionBody, CompletionBod
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
+from services.edge.models import ModelEntry, model_entry
 from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 from services.runtime.events import RawEvent
+from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
+Inventory = NamedDependency[InventoryView]
 
 
 _ERROR_TYPES = {
@@ -273,6 +278,15 @@ async def embeddings(data: JSONBody[EmbeddingsBody], pipeline: Piped) -> Respons
     return await embed_with(pipeline, data.to_request(pipeline.request_id), dialect, data.timeout)
 
 
+@get("/models/{model_id:path}", summary="OpenAI-compatible model (`models.retrieve`)")
+async def retrieve_model(inventory: Inventory, model_id: FromPath[str]) -> ModelEntry:
+    name = model_id.lstrip("/")  # a `path` parameter keeps its leading slash
+    entry = model_entry(inventory, name) if name else None
+    if entry is None:
+        raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"The model `{name}` does not exist")
+    return entry
+
+
 def _base64(vector: list[float]) -> str:
     """OpenAI's base64 encoding: the vector's little-endian float32 bytes (exact: vectors are float32)."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -280,7 +294,7 @@ def _base64(vector: list[float]) -> str:
 
 router = Router(
     path="/openai/v1",
-    route_handlers=[chat_completions, completions, embeddings],
+    route_handlers=[chat_completions, completions, embeddings, retrieve_model],
     tags=["OpenAI-compatible"],
     exception_handlers=handlers(openai_error),  # type: ignore[arg-type]
 )
