@@ -239,6 +239,7 @@ class ModelDetails(msgspec.Struct, omit_defaults=True, kw_only=True):
     capabilities: list[str] = msgspec.field(default_factory=list)
     details: dict[str, Any] = msgspec.field(default_factory=dict)
     model_info: dict[str, Any] = msgspec.field(default_factory=dict)
+    modified_at: str = ""  # RFC 3339: when the model last changed on the host (as the host says)
     info: ModelInfo | None = None
 
 

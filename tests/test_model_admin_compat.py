@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -208,3 +209,20 @@ async def test_ollama_model_management_needs_an_admin_key_when_auth_is_on(
                     assert refused.value.status_code == status and "admin key" in refused.value.error
             finally:
                 await api._client.aclose()
+
+
+async def test_ollama_show_has_the_hosts_modified_at_capabilities_and_context_length(
+    ol: ollama.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.config.models.append("qwen3:4b")
+    await _has(ol, "qwen3:4b")
+    async with httpx.AsyncClient(base_url=fake_ollama.url) as http:
+        upstream = (await http.post("/api/show", json={"model": "qwen3:4b"})).json()
+    shown = await ol.show("qwen3:4b")
+    assert shown.modified_at is not None
+    assert shown.modified_at == datetime.fromisoformat(upstream["modified_at"])  # the host's, not ours
+    assert shown.capabilities == ["completion", "tools", "thinking"] == upstream["capabilities"]
+    assert shown.modelinfo is not None and shown.modelinfo["qwen3.context_length"] == 131072
+    await ol.create("derived", from_="qwen3:4b", system="x")
+    later = await ol.show("derived")
+    assert later.modified_at is not None and later.modified_at > shown.modified_at

@@ -77,6 +77,7 @@ class Admin:
             capabilities=list(raw.get("capabilities") or []),
             details=dict(raw.get("details") or {}),
             model_info=dict(raw.get("model_info") or {}),
+            modified_at=str(raw.get("modified_at") or ""),
             info=info,
         )
 
