@@ -20,6 +20,7 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from services.edge import images
 from services.edge.auth import origin_of
 from services.edge.dispatch import Dispatcher
 from services.edge.errors import native_error, request_id_of
@@ -110,6 +111,7 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         after); the tenant is the authenticated caller (`request.user`)."""
         request = self.request
         wire.validate()  # the request's one check before anything is queued
+        images.check_sizes(wire, self.settings.max_image_bytes)
         dialect.check(wire)
         caller = {"tenant": request.user, "origin": origin_of(request)}
         source = await dialect.open(self.dispatcher, wire, caller | submit)

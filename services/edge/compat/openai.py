@@ -25,10 +25,16 @@ from contracts.route import Routed
 from contracts.tools import Logprob, ToolCall
 from services.edge.compat.events import Seamless
 from services.edge.compat.fields import dumps
-from services.edge.compat.openai_bodies import ChatCompletionBody, CompletionBody, EmbeddingsBody
+from services.edge.compat.openai_bodies import (
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingsBody,
+    remote_images,
+)
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
+from services.edge.images import ImageFetcher
 from services.edge.models import ModelEntry, model_entry
 from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 from services.runtime.events import RawEvent
@@ -232,10 +238,25 @@ class OpenAI(Dialect):
 async def _answer(pipeline: Pipeline, body: ChatCompletionBody | CompletionBody, chat: bool) -> Answer:
     request_id = pipeline.request_id
     usage = body.stream_options is not None and body.stream_options.include_usage
+    if isinstance(body, ChatCompletionBody):
+        await _fetch_images(pipeline, body)
     wire = body.to_request(request_id)
     echo = wire.prompt or "" if isinstance(body, CompletionBody) and body.echo else ""
     dialect = OpenAI(_Shape(chat, request_id, body.model, echo), streams=body.stream, include_usage=usage)
     return await pipeline.serve(wire, dialect, timeout_s=body.timeout)
+
+
+async def _fetch_images(pipeline: Pipeline, body: ChatCompletionBody) -> None:
+    """http(s) image URLs become `data:` URLs when the operator allows their hosts; otherwise they
+    stay and `to_request` refuses them, naming the field."""
+    remote = remote_images(body.messages)
+    if not remote:
+        return
+    fetcher = ImageFetcher(pipeline.settings, int(pipeline.request.headers.get("content-length") or 0))
+    if fetcher.enabled:
+        fetched = await fetcher.fetch_all((where, image.url) for where, image in remote)
+        for where, image in remote:
+            image.url = fetched[where]
 
 
 @post("/chat/completions", summary="OpenAI-compatible chat completions", status_code=200)
