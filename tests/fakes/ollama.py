@@ -141,6 +141,7 @@ class FakeConfig:
     embed_call_cost: float = 0.0  # seconds per /api/embed call ...
     embed_item_cost: float = 0.0  # ... plus seconds per input item (Ollama on CPU)
     embed_dim: int = 64
+    embed_dimensions: bool = True  # False: an older Ollama, which ignores `dimensions` (full-size vectors)
     parallel: int | None = None  # max concurrent generations/embed calls (OLLAMA_NUM_PARALLEL); others queue
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     pullable: set[str] | None = None  # names /api/pull can fetch; None = any name
@@ -1367,7 +1368,8 @@ class FakeOllama:
             _embed_tokens(text) > _CONTEXT_LENGTH for text in inputs
         ):
             raise _HTTPError(400, "the input length exceeds the context length")
-        result = await self._embed_all(ex, req, model, inputs, dimensions or self.config.embed_dim)
+        size = dimensions if dimensions and self.config.embed_dimensions else self.config.embed_dim
+        result = await self._embed_all(ex, req, model, inputs, size)
         if result is not None:
             await ex.json(result if inputs else {"model": model, "embeddings": []})
 
