@@ -226,3 +226,13 @@ async def test_ollama_show_has_the_hosts_modified_at_capabilities_and_context_le
     await ol.create("derived", from_="qwen3:4b", system="x")
     later = await ol.show("derived")
     assert later.modified_at is not None and later.modified_at > shown.modified_at
+
+
+async def test_ollama_blob_uploads_are_refused_naming_where_to_upload(
+    ol: ollama.AsyncClient, tmp_path: Path
+) -> None:
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF fake weights")
+    with pytest.raises(ollama.ResponseError) as refused:
+        await ol.create_blob(weights)
+    assert refused.value.status_code == 400 and "`blobs` is not supported" in refused.value.error

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, post
+from litestar import HttpMethod, Request, Response, delete, post, route
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from contracts import ErrorCode, LlmbusError
@@ -181,4 +181,16 @@ async def _lines(events: AsyncIterator[ModelEvent]) -> AsyncIterator[bytes]:
         yield _encode({"error": exc.message}) + b"\n"
 
 
-MANAGE_ROUTES = [pull, create, copy, delete_model]
+@route(
+    "/api/blobs/{digest:str}", http_method=[HttpMethod.POST, HttpMethod.HEAD], summary="Ollama's blob upload"
+)
+async def blobs(digest: FromPath[str]) -> None:
+    """Refused without reading the upload: the edge relays no model files over the bus."""
+    _unsupported(
+        "blobs",
+        "llmbus does not relay model files; upload to the model host's own /api/blobs, "
+        "then give the digest in `files`",
+    )
+
+
+MANAGE_ROUTES = [pull, create, copy, delete_model, blobs]
