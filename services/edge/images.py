@@ -70,9 +70,8 @@ class ImageFetcher:
     def allowed(self, url: str) -> bool:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
-        return parts.scheme in ("http", "https") and (
-            host in self.hosts or f"{host}:{parts.port}" in self.hosts
-        )
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return parts.scheme in ("http", "https") and (host in self.hosts or f"{host}:{port}" in self.hosts)
 
     async def fetch_all(self, urls: Iterable[tuple[str, str]]) -> dict[str, str]:
         """`where` -> the image's `data:` URL, for each `(where, url)`; raises on the first failure."""
