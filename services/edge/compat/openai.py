@@ -29,12 +29,12 @@ from services.edge.compat.openai_bodies import (
     ChatCompletionBody,
     CompletionBody,
     EmbeddingsBody,
-    remote_images,
+    image_urls,
 )
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
-from services.edge.images import ImageFetcher
+from services.edge.images import ImageFetcher, decoded_size, too_large
 from services.edge.models import ModelEntry, model_entry
 from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 from services.runtime.events import RawEvent
@@ -239,21 +239,27 @@ async def _answer(pipeline: Pipeline, body: ChatCompletionBody | CompletionBody,
     request_id = pipeline.request_id
     usage = body.stream_options is not None and body.stream_options.include_usage
     if isinstance(body, ChatCompletionBody):
-        await _fetch_images(pipeline, body)
+        await _images(pipeline, body)
     wire = body.to_request(request_id)
     echo = wire.prompt or "" if isinstance(body, CompletionBody) and body.echo else ""
     dialect = OpenAI(_Shape(chat, request_id, body.model, echo), streams=body.stream, include_usage=usage)
     return await pipeline.serve(wire, dialect, timeout_s=body.timeout)
 
 
-async def _fetch_images(pipeline: Pipeline, body: ChatCompletionBody) -> None:
-    """http(s) image URLs become `data:` URLs when the operator allows their hosts; otherwise they
-    stay and `to_request` refuses them, naming the field."""
-    remote = remote_images(body.messages)
-    if not remote:
+async def _images(pipeline: Pipeline, body: ChatCompletionBody) -> None:
+    """Each `data:` image within the per-image limit, named as the API names it; http(s) URLs become
+    `data:` URLs when the operator allows their hosts, else they stay and `to_request` refuses them."""
+    found = image_urls(body.messages)
+    if not found:
         return
+    limit = pipeline.settings.max_image_bytes
+    for where, image in found:
+        head, _, payload = image.url.partition(",")
+        if head.startswith("data:") and (size := decoded_size(payload)) > limit:
+            raise too_large(where, size, limit)
+    remote = [(where, image) for where, image in found if image.url.startswith(("http://", "https://"))]
     fetcher = ImageFetcher(pipeline.settings, int(pipeline.request.headers.get("content-length") or 0))
-    if fetcher.enabled:
+    if remote and fetcher.enabled:
         fetched = await fetcher.fetch_all((where, image.url) for where, image in remote)
         for where, image in remote:
             image.url = fetched[where]

@@ -86,14 +86,13 @@ class ChatMessage(msgspec.Struct, Refusing):
         return tool_call(call.id, call.function.name, arguments)
 
 
-def remote_images(messages: list[ChatMessage]) -> list[tuple[str, _ImageUrl]]:
-    """The `image_url` parts with an http(s) URL, each with where it is (the edge may fetch them)."""
+def image_urls(messages: list[ChatMessage]) -> list[tuple[str, _ImageUrl]]:
+    """The `image_url` parts, each with where it is (the edge checks their size, may fetch them)."""
     found = []
     for i, message in enumerate(messages):
         for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
-            url = part.image_url
-            if part.type == "image_url" and url is not None and url.url.startswith(("http://", "https://")):
-                found.append((f"messages[{i}].content[{j}].image_url", url))
+            if part.type == "image_url" and part.image_url is not None:
+                found.append((f"messages[{i}].content[{j}].image_url", part.image_url))
     return found
 
 
