@@ -16,6 +16,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     NOT_FOUND = "not_found"
     REQUEST_TOO_LARGE = "request_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"  # one image over LLMBUS_MAX_IMAGE_BYTES (the message names it)
     RATE_LIMITED = "rate_limited"
     BUDGET_EXCEEDED = "budget_exceeded"  # the tenant spent its tokens (or money) for the day or month
     CANCELLED = "cancelled"
@@ -51,6 +52,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.IMAGE_TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.BUDGET_EXCEEDED: 429,
     ErrorCode.CANCELLED: 499,

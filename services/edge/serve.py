@@ -20,6 +20,7 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from services.edge import image_fetch
 from services.edge.auth import origin_of
 from services.edge.dispatch import Dispatcher
 from services.edge.errors import native_error, request_id_of
@@ -112,6 +113,7 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         after); the tenant is the authenticated caller (`request.user`)."""
         request = self.request
         wire.validate()  # the request's one check before anything is queued
+        image_fetch.check_sizes(wire, self.settings.max_image_bytes)
         dialect.check(wire)
         if isinstance(wire, GenerateRequest):  # every API's images, shrunk before they are queued
             wire, dialect.shrunk = await shrink(self.settings, wire)

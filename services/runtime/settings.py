@@ -55,6 +55,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_max_age_s: float = 600.0  # how long request events stay replayable in LLM_OUT
     request_timeout_s: float = 600.0  # upper bound of any request's deadline
     max_body_bytes: int = 1_048_576
+    max_image_bytes: int = 10_485_760  # one image, decoded (data: URL, Ollama's images, fetched): else 413
+    # OpenAI `image_url` with an http(s) URL: fetched by the edge only from these hosts (comma-separated
+    # `host` or `host:port`); empty: refused with 400 unsupported. Never from a non-public address ...
+    image_fetch_hosts: str = ""
+    image_fetch_allow_private: bool = False  # ... unless this says so (tests, a trusted local server)
+    image_fetch_timeout_s: float = 10.0  # a whole fetch, redirects included
     http_header_timeout_s: float = 10.0  # a request's headers must arrive within this (else 408)
     http_body_timeout_s: float = 30.0  # ... and its body within this after them (else 408)
     tasks_dir: str = ""  # task definitions (`*.toml`) the edge serves; empty: infra/tasks in the source tree
@@ -225,6 +231,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
+        "max_image_bytes", "image_fetch_hosts", "image_fetch_allow_private", "image_fetch_timeout_s",
         "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
         "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s", "dialects",
         "default_model", "image_max_side", "image_quality", "edge_workers",

@@ -87,7 +87,9 @@ async def details(name: str, inventory: InventoryView, admin: AdminClient) -> di
         "model_info": shown.model_info,
         "capabilities": shown.capabilities,
     }
-    if shown.info is not None:
+    if shown.modified_at:  # the host's own time of the model's last change
+        body["modified_at"] = shown.modified_at
+    elif shown.info is not None:  # a host that does not say: when the inventory last saw it change
         body["modified_at"] = _iso(shown.info.updated_at)
     return body
 
