@@ -6,7 +6,7 @@ from services.runtime.settings import LIST_SETTINGS, Settings
 
 
 def test_list_settings_are_comma_separated_in_the_environment_and_back() -> None:
-    assert {"generate_models", "cors_origins", "dialects"} <= LIST_SETTINGS
+    assert {"generate_models", "cors_origins", "dialects", "image_fetch_hosts"} <= LIST_SETTINGS
     settings = Settings.from_env(
         {"LLMBUS_CORS_ORIGINS": " https://a.example ,https://b.example,", "LLMBUS_DIALECTS": ""}
     )

@@ -29,7 +29,7 @@ from services.janitor import desired as desired_state
 from services.janitor import metrics, policy
 from services.janitor.operations import Operations, busy
 from services.janitor.record import Context, Failure, ModelRecord, Operation, context_length, observe
-from services.runtime.backends.model_admin import ModelAdmin, Running, cannot
+from services.runtime.backends.model_admin import CreateSpec, ModelAdmin, Running, cannot
 from services.runtime.inventory import decode_info, encode_info
 
 log = logging.getLogger("llmbus.janitor")
@@ -322,9 +322,14 @@ class Janitor:
         return self.operations.start_pull(model, progress)
 
     def start_create(
-        self, model: str, text: str, path: Path | None = None, progress: str | None = None
+        self,
+        model: str,
+        text: str,
+        path: Path | None = None,
+        progress: str | None = None,
+        spec: CreateSpec | None = None,  # already parsed (admin.py), `text` then names it
     ) -> Operation:
-        return self.operations.start_create(model, text, path, progress)
+        return self.operations.start_create(model, text, path, progress, spec)
 
     async def event(self, event: ModelEvent, operation: Operation | None = None) -> None:
         data = _encode(event)

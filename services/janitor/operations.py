@@ -19,7 +19,17 @@ from typing import Protocol
 import msgspec
 
 from contracts import ErrorCode, LlmbusError
-from contracts.models import ModelEvent, ModelInfo, Op, OpDone, OpError, OpProgress, Progress, canonical_model
+from contracts.models import (
+    ModelEvent,
+    ModelInfo,
+    Op,
+    OpDone,
+    OpError,
+    OpProgress,
+    Progress,
+    StatusLine,
+    canonical_model,
+)
 from services.janitor import desired as desired_state
 from services.janitor import metrics, modelfile
 from services.janitor.record import Failure, ModelRecord, Operation
@@ -62,13 +72,18 @@ class Operations:
         return self._start("pull", canonical_model(model), progress, lambda: self._pull_steps(model))
 
     def start_create(
-        self, model: str, text: str, path: Path | None = None, progress: str | None = None
+        self,
+        model: str,
+        text: str,
+        path: Path | None = None,
+        progress: str | None = None,
+        spec: CreateSpec | None = None,  # already parsed (admin.py), `text` then names it
     ) -> Operation:
         admin = self.keeper.admin
         if not admin.supports("create"):
             raise cannot("create", admin.url)
         name = canonical_model(model)
-        spec = modelfile.parse(text, path.parent if path is not None else None)  # bad input fails now
+        spec = spec or modelfile.parse(text, path.parent if path is not None else None)  # bad input fails now
         digest = desired_state.ModelSpec(name=name, modelfile=text).modelfile_digest
         assert digest is not None
         return self._start("create", name, progress, lambda: self._create_steps(name, spec, digest))
@@ -112,7 +127,10 @@ class Operations:
                 now = time.monotonic()
                 if now - last_sent >= _PROGRESS_EVERY_S or status.completed in (0, status.total):
                     last_sent = now
-                    progress = OpProgress(host=host, model=name, op=op, progress=operation.progress)
+                    line = StatusLine(status.status, status.digest, status.total, status.completed)
+                    progress = OpProgress(
+                        host=host, model=name, op=op, progress=operation.progress, line=line
+                    )
                     await keeper.event(progress, operation)
             record.failed = None
             async with keeper.lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from contracts import subjects
+from contracts.models import UsageContent
 
 
 class RequestEnded(msgspec.Struct, frozen=True):
@@ -26,6 +27,7 @@ class RequestEnded(msgspec.Struct, frozen=True):
     tokens_per_s: float | None = None
     headers: dict[str, str] = {}  # the request's (origin, trace context)
     stored_at: float | None = None  # when JetStream stored the request, Unix seconds
+    content: UsageContent | None = None  # prompt and answer, for the ledger (a `RecordingJob`'s)
 
     @property
     def code(self) -> str:

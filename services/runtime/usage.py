@@ -15,12 +15,13 @@ import msgspec
 from nats.aio.client import Client
 
 from contracts import headers, subjects
-from contracts.models import UsageEvent
+from contracts.models import UsageContent, UsageEvent
 from contracts.usage import Origin
 from services.runtime.request_ended import RequestEnded
 
 _encode = msgspec.json.Encoder().encode
 _decode_origin = msgspec.json.Decoder(Origin).decode
+_TOO_BIG = UsageContent(prompt="", answer="", truncated=True)
 
 
 def host_of(url: str) -> str:
@@ -72,10 +73,14 @@ async def publish(nc: Client, ended: RequestEnded) -> None:
         tokens_per_s=ended.tokens_per_s,
         trace_id=_trace_id(ended.headers),
         accepted_at=accepted,
+        content=ended.content,  # LLMBUS_LEDGER_CONTENT=on (services/runtime/transcript.py)
     )
+    data = _encode(report)
+    if report.content is not None and len(data) > nc.max_payload - 1024:
+        # Prompt and answer too big for one message (LLMBUS_LEDGER_CONTENT_MAX_BYTES set above
+        # NATS's limit): the row matters more, so it goes without them.
+        data = _encode(msgspec.structs.replace(report, content=_TOO_BIG))
     with contextlib.suppress(Exception):
         await nc.publish(
-            subjects.usage_subject(ended.model),
-            _encode(report),
-            headers={headers.MSG_ID: f"{ended.request_id}.usage"},
+            subjects.usage_subject(ended.model), data, headers={headers.MSG_ID: f"{ended.request_id}.usage"}
         )

@@ -206,6 +206,7 @@ def ended(job: Job[R], event: object) -> RequestEnded:
         tokens_per_s=getattr(timings, "tokens_per_s", None),
         headers=job.msg.headers or {},
         stored_at=_stored_at(job.msg),
+        content=getattr(job, "recorded", None),  # LLMBUS_LEDGER_CONTENT=on (services/runtime/transcript.py)
     )
 
 
