@@ -27,6 +27,7 @@ from contracts import TERMINAL_TYPES, Error, ErrorCode, EventHead, headers, subj
 from services.edge.outcome import Outcome
 from services.runtime import events
 from services.runtime.events import RawEvent, Sequencer
+from services.runtime.retry import Backoff
 
 __all__ = ["EventFeed", "Outcome", "RawEvent"]
 
@@ -52,6 +53,10 @@ IDLE_PROBE_S = 2.0
 IDLE_PROBE_MAX_S = 30.0
 STORE_ERRORS = (NatsTimeoutError, NoRespondersError, TimeoutError, OSError)
 PUBLISH_ERRORS = (NoStreamResponseError, NoRespondersError, NatsTimeoutError, TimeoutError)
+# How the edge retries a publish JetStream must acknowledge (a request, its `accepted` record), and
+# how long it keeps trying before it answers 503.
+PUBLISH_BACKOFF = Backoff(retries=6, base_s=0.2, max_s=2.0)
+PUBLISH_PATIENCE_S = 6.0
 
 
 class Hold(Protocol):
