@@ -38,8 +38,9 @@ from services.edge.backlog import Slot
 from services.edge.feed import PUBLISH_ERRORS, STORE_ERRORS, TERMINAL_GRACE_S, EventFeed, in_background
 from services.edge.routing import RouteFallback, RouteGuard
 from services.edge.tenants import ANONYMOUS, Tenant
-from services.runtime import bus, events, tracing, usage
+from services.runtime import bus, events, queue_stats, tracing, usage
 from services.runtime.inventory import InventoryView
+from services.runtime.queue_stats import Waiting
 from services.runtime.retry import Backoff, with_backoff
 
 __all__ = ["Dispatcher", "EventFeed"]
@@ -249,6 +250,8 @@ class Dispatcher:
         self._accepted_hook(feed, request.model)
         if not ack.duplicate:
             slot.stored(ack.seq)
+            if subject.startswith(subjects.GENERATE_PREFIX):  # its place can be shown (`queued`)
+                feed.waiting = Waiting(queue_stats.of(self.nc), subject, ack.seq)
         if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
             feed.replay = True
             return feed

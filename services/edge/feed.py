@@ -27,6 +27,7 @@ from contracts import TERMINAL_TYPES, Error, ErrorCode, EventHead, headers, subj
 from services.edge.outcome import Outcome
 from services.runtime import events
 from services.runtime.events import RawEvent, Sequencer
+from services.runtime.queue_stats import Waiting
 
 __all__ = ["EventFeed", "Outcome", "RawEvent"]
 
@@ -145,6 +146,7 @@ class EventFeed:
         self.routed: _Routed | None = None  # a routed request's model that answers, and its route
         self._sub: Any = None
         self._replayed: list[RawEvent] | None = None  # read by `prefetch`, not yet delivered
+        self.waiting: Waiting | None = None  # where it waits in LLM_REQ (set by the dispatcher)
 
     async def subscribe(self) -> None:
         first = self.first_event
