@@ -21,6 +21,7 @@ from contracts.queue import Queued
 from contracts.tools import Logprob, ToolCall
 from services.edge.admission import request_id_for_key
 from services.edge.bodies import ChatBody, GenerateBody
+from services.edge.defaults import default_model
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import set_request_id
 from services.edge.requests import deferred, last_event_id, no_more_events
@@ -69,6 +70,8 @@ class Native(Dialect):
 async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer:
     request = pipeline.request
     key = idempotency_key(request)
+    if not body.model:
+        body.model = default_model(pipeline.settings)
     wire = body.to_request(key or set_request_id(request))
     detached = body.stream == "deferred"
     streams = not detached and (body.stream is True or pipeline.accepts_events)
