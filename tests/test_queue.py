@@ -17,6 +17,7 @@ import pytest
 from contracts.queue import QueueReport
 from services.generator.main import Generator
 from services.runtime.settings import Settings
+from tests import queue_burst
 from tests.conftest import Edge
 from tests.fakes.ollama import FakeOllama
 
@@ -164,3 +165,16 @@ async def test_llmbus_queue_prints_a_table(
     assert code == 0
     out = capsys.readouterr().out
     assert "model" in out and "waiting" in out and MODEL in out
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+async def test_the_position_under_a_burst_in_known_order(
+    settings: Settings, fake_ollama: FakeOllama, mixed: bool
+) -> None:
+    """tests/queue_burst.py, small: every waiting request's first `queued` event is right, and
+    each event matches the truth of the last look's age (`python -m tests.queue_burst 20`)."""
+    fake_ollama.config.first_token_delay = 0.6
+    fake_ollama.config.tokens = 2
+    result = await queue_burst.measure(settings, 5, mixed=mixed)
+    assert result.first_events == 4 and result.first_right == 4, result.lines()
+    assert result.right_recently == result.events, result.lines()

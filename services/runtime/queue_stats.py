@@ -29,7 +29,7 @@ import json
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -47,10 +47,12 @@ from services.runtime import ledger_client
 
 log = logging.getLogger(__name__)
 
-FRESH_S = 0.5  # a look younger than this is shared
+FRESH_S = 0.25  # a look younger than this is shared
+WALK_LIMIT = 256  # messages stepped through to make a bounded position exact
 LOOK_TIMEOUT_S = 2.0
 GATHER_S = 0.3  # how long micro service INFO answers are collected
 WINDOW_S = 60.0
+REQUESTS = subjects.REQUEST_STREAM
 _DIRECT_GET_OUT = "$JS.API.DIRECT.GET." + subjects.EVENT_STREAM
 _ACCEPTED = subjects.EVENT_PREFIX + "*.accepted"
 _decode_accepted = msgspec.json.Decoder(Accepted).decode
@@ -90,6 +92,8 @@ class Snapshot:
     last_seq: int
     consumers: list[ConsumerInfo]
     taken: float  # monotonic
+    # filter -> (sequences of its messages found after the consumer's delivered one, next to ask)
+    walks: dict[str, tuple[list[int], int]] = field(default_factory=dict)
 
     def consumer_for(self, subject: str) -> ConsumerInfo | None:
         for info in self.consumers:
@@ -133,15 +137,25 @@ class QueueStats:
         self.ledger = ledger  # ask the ledger for completed per minute
         self._snapshot: Snapshot | None = None
         self._look: asyncio.Task[Snapshot] | None = None
+        self._walking = asyncio.Lock()
 
-    async def snapshot(self) -> Snapshot:
-        """A look at most `FRESH_S` old, shared with concurrent callers."""
-        now = time.monotonic()
-        if self._snapshot is not None and now - self._snapshot.taken < FRESH_S:
-            return self._snapshot
-        if self._look is None or self._look.done():
-            self._look = asyncio.get_running_loop().create_task(self._take())
-        return await asyncio.shield(self._look)
+    async def snapshot(self, holding: int = 0) -> Snapshot:
+        """A look at most `FRESH_S` old (and one that saw the stream's sequence `holding`), shared
+        with concurrent callers."""
+        for _ in range(2):  # a look in flight may have been sent before `holding` was stored
+            cached = self._snapshot
+            if (
+                cached is not None
+                and time.monotonic() - cached.taken < FRESH_S
+                and cached.last_seq >= holding
+            ):
+                return cached
+            if self._look is None or self._look.done():
+                self._look = asyncio.get_running_loop().create_task(self._take())
+            snapshot = await asyncio.shield(self._look)
+            if snapshot.last_seq >= holding:
+                return snapshot
+        return snapshot
 
     async def _take(self) -> Snapshot:
         taken = time.monotonic()
@@ -163,8 +177,44 @@ class QueueStats:
         return snapshot
 
     async def position(self, subject: str, seq: int) -> Queued | None:
-        """The `queued` event for the request at `seq` on `subject`; None once a generator has it."""
-        return (await self.snapshot()).position(subject, seq)
+        """The `queued` event for the request at `seq` on `subject`; None once a generator has it.
+
+        When the bounds do not meet (other subjects' requests in between), the consumer's messages
+        before it are stepped through, once per look for every request that asks."""
+        snapshot = await self.snapshot(holding=seq)
+        status = snapshot.position(subject, seq)
+        if status is None or status.exact:
+            return status
+        with contextlib.suppress(NatsTimeoutError, TimeoutError, LlmbusError):
+            counted = await self._count(snapshot, subject, seq)
+            if counted is not None:
+                return msgspec.structs.replace(status, position=counted, ahead=counted - 1, exact=True)
+        return status
+
+    async def _count(self, snapshot: Snapshot, subject: str, seq: int) -> int | None:
+        """The undelivered messages of `subject`'s consumer at or before `seq` (None: too many)."""
+        info = snapshot.consumer_for(subject)
+        filters = consumer_filters(info) if info is not None else [subject]
+        start = _delivered(info) + 1 if info is not None else snapshot.first_seq
+        total = 0
+        async with self._walking:
+            for pattern in filters:
+                found, ask = snapshot.walks.get(pattern, ([], start))
+                while ask <= seq and len(found) < WALK_LIMIT:
+                    try:
+                        msg = await self.js.get_msg(
+                            subjects.REQUEST_STREAM, seq=ask, subject=pattern, next=True
+                        )
+                    except NotFoundError:  # nothing more on it
+                        ask = snapshot.last_seq + 1
+                        break
+                    found.append(msg.seq or ask)
+                    ask = (msg.seq or ask) + 1
+                snapshot.walks[pattern] = (found, ask)
+                if ask <= seq:
+                    return None
+                total += sum(1 for s in found if s <= seq)
+        return max(1, total)
 
     async def report(self) -> QueueReport:
         """`GET /v1/queue`: every model with requests in the queue or accepted in the last minute."""
