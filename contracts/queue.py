@@ -16,9 +16,9 @@ class Queued(EventBase, tag="queued"):
 
     `seq` is -1 (no SSE `id:`): the edge's, not part of the replayable sequence. `position` 1 =
     next; `ahead` = `position - 1`; `waiting` and `running` are the queue it waits in (the
-    consumer serving its model: every model that consumer serves). `exact`: the position is exact
-    (only requests of that queue were published between the one running and this one); otherwise it
-    is an upper bound.
+    consumer serving its model: every model that consumer serves). `exact`: the position was
+    counted in JetStream's view at the look; false: an upper bound (more than 256 requests of other
+    queues sat in between, or the count failed).
     """
 
     model: str

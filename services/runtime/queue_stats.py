@@ -13,7 +13,10 @@ Everything is read from JetStream, so every edge (and the CLI) sees the same num
   the consumer's undelivered messages at or before S. JetStream counts no range, so it is bounded:
   at most `min(num_pending, S - D)` (every message between D and S, whatever its subject), at
   least `num_pending - (last_seq - S)` (all newer messages counted as this consumer's). When the
-  two meet the position is exact; otherwise the upper bound is reported (docs/contract.md).
+  two meet the position is exact (a queue of one consumer's requests only); otherwise (other
+  subjects' requests in between) the consumer's messages after D are stepped through
+  (`next_by_subj`, once per look for all who ask, at most `WALK_LIMIT`) and counted; past that
+  limit the upper bound is reported with `exact: false` (docs/contract.md).
 * Generators and their concurrency: each worker's NATS micro service INFO (metadata).
 * Accepted per minute: the edges' `accepted` records in `LLM_OUT` of the last 60 s (one batched
   direct get); completed per minute: the ledger's stats of the last 60 s, when a ledger answers.
