@@ -1,9 +1,11 @@
 """`queued` events while a streamed request waits for a generator (before its first event).
 
-The relay asks for a look `FIRST_LOOK_S` after the request was queued (a request a free generator
-takes at once costs no look), then every `REFRESH_S` until the request's first event (`start`,
-or an error) arrives or JetStream says a generator has it. Looks are shared by every waiting
-request of this edge (`services/runtime/queue_stats.py`).
+A looker task asks for the request's place `FIRST_LOOK_S` after it was queued (a request a free
+generator takes at once costs no look), then every `REFRESH_S` until JetStream says a generator
+has it; each answer wakes the feed (`EventFeed.wake`), so the relay writes it from its own task,
+the one that iterates the feed (whose deadline timer belongs to that task). The first event of
+the request (`start`, or an error) ends the looking. Looks are shared by every waiting request of
+this edge (`services/runtime/queue_stats.py`).
 """
 
 from __future__ import annotations
@@ -32,31 +34,36 @@ async def while_queued(source: Any, shows_queue: bool) -> AsyncIterator[list[Raw
         async for batch in batches:
             yield batch
         return
-    first: asyncio.Future[list[RawEvent]] = asyncio.ensure_future(anext(batches))
+    said: list[Queued] = []
+    looker = asyncio.get_running_loop().create_task(_look(waiting, source, said))
     try:
-        wait = FIRST_LOOK_S
-        while True:
-            done, _ = await asyncio.wait({first}, timeout=wait)
-            if done:
-                break
-            wait = REFRESH_S
-            try:
-                status = await waiting.look()
-            except Exception as exc:  # a look that fails is skipped; the stream goes on
-                log.debug("queue look failed: %r", exc)
-                continue
-            if status is None:  # a generator has it: its `start` follows
-                break
-            yield status
-        try:
-            batch = await first
-        except StopAsyncIteration:
-            return
-        yield batch
         async for batch in batches:
-            yield batch
+            if batch:
+                looker.cancel()
+                yield batch
+                break
+            if said:  # woken by the looker
+                yield said[-1]
+                said.clear()
+        async for batch in batches:
+            if batch:
+                yield batch
     finally:
-        if not first.done():
-            first.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await first
+        looker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await looker
+
+
+async def _look(waiting: Waiting, source: Any, said: list[Queued]) -> None:
+    await asyncio.sleep(FIRST_LOOK_S)
+    while True:
+        try:
+            status = await waiting.look()
+        except Exception as exc:  # a look that fails is skipped; the stream goes on
+            log.debug("queue look failed: %r", exc)
+        else:
+            if status is None:  # a generator has it: its `start` follows
+                return
+            said.append(status)
+            source.wake()
+        await asyncio.sleep(REFRESH_S)
