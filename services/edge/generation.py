@@ -70,12 +70,12 @@ class Native(Dialect):
 async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer:
     request = pipeline.request
     key = idempotency_key(request)
-    if not body.model:
+    if body.model is None:  # left out ("" is refused as any invalid name is)
         body.model = default_model(pipeline.settings)
     wire = body.to_request(key or set_request_id(request))
     detached = body.stream == "deferred"
     streams = not detached and (body.stream is True or pipeline.accepts_events)
-    dialect = Native(body.model, streams=streams, detached=detached, dispatcher=pipeline.dispatcher)
+    dialect = Native(wire.model, streams=streams, detached=detached, dispatcher=pipeline.dispatcher)
     return await pipeline.serve(
         wire,
         dialect,
