@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -15,7 +16,10 @@ import openai
 import pytest
 
 from contracts.queue import QueueReport
+from services.edge.tenants import hash_key
 from services.generator.main import Generator
+from services.ledger.main import LedgerService
+from services.ledger.store import database_url
 from services.runtime.settings import Settings
 from tests import queue_burst
 from tests.conftest import Edge
@@ -178,3 +182,46 @@ async def test_the_position_under_a_burst_in_known_order(
     result = await queue_burst.measure(settings, 5, mixed=mixed)
     assert result.first_events == 4 and result.first_right == 4, result.lines()
     assert result.right_recently == result.events, result.lines()
+
+
+async def test_completed_per_minute_comes_from_the_ledger_and_a_tenant_sees_its_models(
+    settings: Settings, tmp_path: Path
+) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(
+        f'[tenants.a]\nkeys = ["{hash_key("key-a")}"]\nmodels = ["qwen*"]\n'
+        f'[tenants.ops]\nkeys = ["{hash_key("key-ops")}"]\nadmin = true\n'
+    )
+    settings = msgspec.structs.replace(
+        settings,
+        auth="on",
+        tenants_file=str(tenants),
+        database_url=database_url("", str(tmp_path / "data")),
+    )
+    gen = Generator(settings)
+    await gen.start()
+    ledger = LedgerService(settings)
+    await ledger.start()
+    try:
+        async with Edge(settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
+            ops = {"Authorization": "Bearer key-ops"}
+            for model in (MODEL, MODEL, "qwen2.5:0.5b"):
+                answer = await http.post("/v1/generate", json={"model": model, "prompt": "hi"}, headers=ops)
+                assert answer.status_code == 200, answer.text
+            async with asyncio.timeout(15):  # the ledger commits in batches
+                while True:
+                    report = msgspec.json.decode(
+                        (await http.get("/v1/queue", headers=ops)).content, type=QueueReport
+                    )
+                    done = {m.model: m.completed_per_min for m in report.models}
+                    if done.get(MODEL) == 2 and done.get("qwen2.5:0.5b") == 1:
+                        break
+                    await asyncio.sleep(0.2)
+            assert {m.model: m.accepted_per_min for m in report.models} == {MODEL: 2, "qwen2.5:0.5b": 1}
+            assert report.consumers  # an admin sees the consumers
+            mine = (await http.get("/v1/queue", headers={"Authorization": "Bearer key-a"})).json()
+            assert [m["model"] for m in mine["models"]] == ["qwen2.5:0.5b"] and mine["consumers"] == []
+            assert (await http.get("/v1/queue")).status_code == 401
+    finally:
+        await ledger.stop()
+        await gen.stop(grace=0)
