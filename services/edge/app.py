@@ -32,6 +32,7 @@ from services.edge.health import live, ready
 from services.edge.images import ImagePolicy
 from services.edge.ledger_routes import ROUTES as LEDGER_ROUTES
 from services.edge.observability import Observability
+from services.edge.queue import queue
 from services.edge.requests import cancel_request, request_events
 from services.edge.task_catalog import load_tasks
 from services.edge.tasks import list_tasks, run_task, show_task
@@ -91,6 +92,7 @@ def create_app(
             ready,
             *models.ROUTES,
             *LEDGER_ROUTES,
+            queue,  # GET /v1/queue
             openai_router,
             openai_batches(settings),
             ollama_router,

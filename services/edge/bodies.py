@@ -15,7 +15,9 @@ Stream = bool | Literal["deferred"]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    model: str
+    model: str | None = (
+        None  # left out: the server's default (LLMBUS_DEFAULT_MODEL, else the default route's)
+    )
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
     stream: Stream = False

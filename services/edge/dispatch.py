@@ -46,8 +46,9 @@ from services.edge.feed import (
 )
 from services.edge.routing import RouteFallback, RouteGuard
 from services.edge.tenants import ANONYMOUS, Tenant
-from services.runtime import bus, events, tracing, usage
+from services.runtime import bus, events, queue_stats, tracing, usage
 from services.runtime.inventory import InventoryView
+from services.runtime.queue_stats import Waiting
 from services.runtime.retry import with_backoff
 
 __all__ = ["Dispatcher", "EventFeed"]
@@ -246,6 +247,8 @@ class Dispatcher:
         self._accepted_hook(feed, request.model)
         if not ack.duplicate:
             slot.stored(ack.seq)
+            if subject.startswith(subjects.GENERATE_PREFIX):  # its place can be shown (`queued`)
+                feed.waiting = Waiting(queue_stats.of(self.nc), subject, ack.seq)
         if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
             feed.replay = True  # (its record, if sent again above, was de-duplicated too)
             return feed

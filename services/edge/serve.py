@@ -20,6 +20,7 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from contracts.queue import Queued
 from services.edge import image_fetch
 from services.edge.auth import origin_of
 from services.edge.dispatch import Dispatcher
@@ -27,6 +28,7 @@ from services.edge.errors import native_error, request_id_of
 from services.edge.hangup import ClientGone, unless_client_leaves
 from services.edge.images import Shrunk, shrink
 from services.edge.sse import frame
+from services.edge.waiting import while_queued
 from services.runtime.events import RawEvent
 from services.runtime.settings import Settings
 
@@ -76,6 +78,12 @@ class Dialect:
 
     def tail(self) -> bytes:
         """What a stream ends with after its terminal event (OpenAI's `data: [DONE]`)."""
+        return b""
+
+    shows_queue = False  # this API tells a waiting request its place (`queued`, services/edge/waiting.py)
+
+    def queued(self, status: Queued) -> bytes:
+        """A `queued` status as this API frames it (only called when `shows_queue`)."""
         return b""
 
     async def collect(self, source: Source) -> Any:
@@ -141,8 +149,8 @@ async def relay(source: Source, dialect: Dialect) -> AsyncIterator[bytes]:
     """A stream's body, one write per batch of events. Litestar cancels this generator when the
     client disconnects; closing the source then cancels the request upstream."""
     try:
-        async for batch in source.batches():
-            chunk = dialect.frame(batch)
+        async for batch in while_queued(source, dialect.shows_queue):
+            chunk = dialect.queued(batch) if isinstance(batch, Queued) else dialect.frame(batch)
             if chunk:
                 yield chunk
             if dialect.ended:
