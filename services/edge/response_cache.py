@@ -36,7 +36,7 @@ from contracts import (
 )
 from contracts.messages import Timings
 from contracts.models import UsageEvent
-from contracts.usage import Origin
+from contracts.usage import CACHE_HOST, Origin
 from services.edge.admission import Ticket
 from services.edge.cache_store import CacheStore, Entry, Plan, tenant_tag
 from services.edge.dispatch import Dispatcher
@@ -188,7 +188,7 @@ class ResponseCache:
         """The ledger's row for a hit: `host` is `cache`, no model tokens spent."""
         await replay.ended.wait()
         now = time.time()
-        model = replay.entry.model
+        model = replay.routed.model if replay.routed is not None else replay.entry.model
         report = UsageEvent(
             model=model,
             kind="generate",
@@ -201,7 +201,7 @@ class ResponseCache:
             api=origin.api,
             requested_model=wire.model,
             route=origin.route,
-            host="cache",
+            host=CACHE_HOST,
             accepted_at=now,
         )
         hdrs = {headers.MSG_ID: f"{wire.id}.usage"}

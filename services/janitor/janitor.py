@@ -38,6 +38,7 @@ from contracts.models import (
     UsageEvent,
     canonical_model,
 )
+from contracts.usage import CACHE_HOST
 from services.janitor import desired as desired_state
 from services.janitor import metrics, modelfile, policy
 from services.runtime.backends.model_admin import CreateSpec, ModelAdmin, Running, Status, Tag, cannot
@@ -137,6 +138,8 @@ class Janitor:
             self.reconcile_now.set()
 
     def on_usage(self, event: UsageEvent) -> None:
+        if event.host == CACHE_HOST:  # answered from the edge's response cache: the model was not used
+            return
         name = canonical_model(event.model)
         if name in self.tags and event.at > self.last_used.get(name, 0.0):
             self.last_used[name] = event.at
