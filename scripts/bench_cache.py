@@ -86,7 +86,8 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 generator = Generator(settings)
                 await generator.start()
-                app = create_app(settings)
+                attached = asyncio.Event()
+                app = create_app(settings, on_ready=attached.set)
                 uv = uvicorn.Server(
                     uvicorn.Config(
                         app,
@@ -96,12 +97,11 @@ async def main(args: argparse.Namespace) -> None:
                     )
                 )
                 serving = asyncio.create_task(uv.serve())
-                while getattr(app.state, "dispatcher", None) is None:  # attached to NATS
-                    await asyncio.sleep(0.02)  # noqa: ASYNC110 (no event to wait on: app.state is set)
+                await asyncio.wait_for(attached.wait(), 30)  # the edge is attached to NATS
                 try:
                     url = f"http://127.0.0.1:{settings.http_port}"
                     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-                        questions = [f"Question {n}: what is {n} times {n + 1}?" for n in range(args.requests)]
+                        questions = [f"What is {n} times {n + 1}?" for n in range(args.requests)]
                         await ask(http, "warm-up question")
                         misses = [await ask(http, q) for q in questions]
                         await asyncio.sleep(0.5)  # a miss's answer is stored just after it ends
