@@ -288,3 +288,15 @@ async def test_a_semantic_hit_needs_the_opt_in_a_close_question_and_the_same_ten
             assert stats["lookups"]["semantic"]["hits"] == 1
     finally:
         await embedder.stop(grace=0)
+
+
+async def test_a_tenants_cache_setting_applies_to_its_requests_and_a_header_overrides_it(
+    cached: Settings, generator: Generator, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    async with running(with_auth(cached, tmp_path, a='cache = "off"')) as (_, http):
+        for who, hdrs in [("a", {}), ("a", {}), ("b", {}), ("b", {}), ("a", {"Llmbus-Cache": "exact"})]:
+            await http.post("/v1/chat", json=chat(), headers=bearer(who) | hdrs)
+            await asyncio.sleep(0.3)
+        again = await http.post("/v1/chat", json=chat(), headers=bearer("a") | {"Llmbus-Cache": "exact"})
+        assert again.headers["llmbus-cache"] == "hit"
+        assert model_calls(fake_ollama) == 4  # a twice (off), b once, a once more (its first stored)
