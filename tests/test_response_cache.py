@@ -208,6 +208,9 @@ async def test_sampled_opted_out_and_failed_requests_are_never_cached(
             await http.post("/v1/chat", json=chat(), headers={"Llmbus-Cache": "maybe"})
         ).status_code == 400
 
+        bad = await http.post("/v1/chat", json=chat() | {"cache": "maybe"})  # the body's field: 400, not 500
+        assert bad.status_code == 400 and "`cache`" in bad.json()["error"]["message"]
+
         fake_ollama.config.fail_status, fake_ollama.config.fail_times = 400, 1
         failed = await http.post("/v1/chat", json=chat("fails once"))
         assert failed.status_code >= 400

@@ -33,17 +33,17 @@ def _need(cache: ResponseCache | None) -> ResponseCache:
 
 @get("/v1/cache", summary="Response cache statistics")
 async def cache_stats(
-    request: Request[Any, Any, Any], cache: Cache, tenant: FromQuery[str | None] = None
+    request: Request[Any, Any, Any], response_cache: Cache, tenant: FromQuery[str | None] = None
 ) -> dict[str, Any]:
-    return await _need(cache).stats(_scope(request, tenant))
+    return await _need(response_cache).stats(_scope(request, tenant))
 
 
 @delete("/v1/cache", summary="Purge the response cache", status_code=200)
 async def cache_purge(
-    request: Request[Any, Any, Any], cache: Cache, tenant: FromQuery[str | None] = None
+    request: Request[Any, Any, Any], response_cache: Cache, tenant: FromQuery[str | None] = None
 ) -> dict[str, Any]:
     scope = _scope(request, tenant)
-    purged = await _need(cache).store.purge(scope)
+    purged = await _need(response_cache).store.purge(scope)
     return {"purged": purged, "tenant": scope}
 
 

@@ -124,7 +124,7 @@ class Parts:
             "admin": provide(lambda: self.admin),
             "admission": provide(lambda: self.admission),
             "dispatcher": provide(lambda: self.dispatcher),
-            "cache": provide(lambda: self.cache),
+            "response_cache": provide(lambda: self.cache),
             "pipeline": provide(pipeline),  # the answer pipeline, bound to the request
         }
 
