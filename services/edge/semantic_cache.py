@@ -110,10 +110,13 @@ class SemanticCache(KVView):
     async def find(self, dispatcher: Dispatcher, plan: Plan) -> Entry | None:
         """The stored answer of the closest question in the plan's scope, if close enough."""
         tag, now = tenant_tag(plan.tenant), time.time()
+        # Expired vectors go here: a watch hears neither a purge nor what the bucket's limits drop.
+        for key in [key for key, (_, entry, _) in self.vectors.items() if now - entry.stored_at > self.ttl_s]:
+            del self.vectors[key]
         candidates = [
             (key, entry, vector)
             for key, (owner, entry, vector) in self.vectors.items()
-            if owner == tag and entry.scope == plan.scope and now - entry.stored_at <= self.ttl_s
+            if owner == tag and entry.scope == plan.scope
         ]
         plan.vector = await self._embed(dispatcher, plan.text)
         if plan.vector is None or not candidates:

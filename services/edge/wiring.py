@@ -69,6 +69,8 @@ class Parts:
             await bus.provision(nc.jetstream(), settings)
             await fallback.claims.reopen()
             await admission.reopen()
+            if self.cache is not None:
+                await self.cache.store.start()  # the response cache's bucket (file-backed, maybe lost)
 
         self.cache = await ResponseCache.start(nc, settings)  # the shared response cache (KV)
         self.closers.append(self.cache.stop)
