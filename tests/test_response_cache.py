@@ -14,15 +14,14 @@ from typing import Any
 
 import httpx
 import msgspec
-import nats
 import ollama
 import openai
 import pytest
 
-from contracts import subjects
-from contracts.models import UsageEvent
 from services.embedder.main import Embedder
 from services.generator.main import Generator
+from services.ledger.main import LedgerService
+from services.ledger.store import database_url
 from services.runtime.nats_server import free_port
 from services.runtime.settings import Settings
 from tests.conftest import Edge
@@ -241,27 +240,31 @@ async def test_an_entry_expires_after_its_ttl(
         assert model_calls(fake_ollama) == 2
 
 
-async def test_a_hit_is_metered_as_a_cache_answer(
-    cached: Settings, generator: Generator, nats_server: Any
+async def test_the_ledger_records_a_hit_as_a_cache_answer(
+    cached: Settings, generator: Generator, tmp_path: Path
 ) -> None:
-    nc = await nats.connect(nats_server.url)
-    seen: list[UsageEvent] = []
-
-    async def keep(msg: Any) -> None:
-        seen.append(msgspec.json.decode(msg.data, type=UsageEvent))
-
-    await nc.subscribe(subjects.USAGE_SUBJECTS, cb=keep)
+    settings = msgspec.structs.replace(cached, database_url=database_url("", str(tmp_path / "data")))
+    service = LedgerService(settings)
+    await service.start()
     try:
-        async with running(cached) as (_, http):
-            await http.post("/v1/chat", json=chat())
+        async with running(settings) as (_, http):
+            live = await http.post("/v1/chat", json=chat())
             await asyncio.sleep(0.3)
             hit = await http.post("/v1/chat", json=chat())
-            await asyncio.sleep(0.3)
-        mine = [event for event in seen if event.request_id == hit.headers["x-request-id"]]
-        assert len(mine) == 1 and mine[0].host == "cache" and mine[0].outcome == "done"
-        assert mine[0].model == MODEL and mine[0].completion_tokens == 0
+            assert hit.headers["llmbus-cache"] == "hit"
+            rows: dict[str, Any] = {}
+            for _ in range(100):
+                items = (await http.get("/v1/history")).json()["items"]
+                rows = {item["request_id"]: item for item in items}
+                if len(rows) == 2:
+                    break
+                await asyncio.sleep(0.1)
+        first, replayed = rows[live.headers["x-request-id"]], rows[hit.headers["x-request-id"]]
+        assert first["host"].startswith("127.0.0.1:") and first["completion_tokens"] > 0
+        assert replayed["host"] == "cache" and replayed["outcome"] == "done"
+        assert replayed["model"] == MODEL and replayed["total_tokens"] == 0  # no model ran: no cost
     finally:
-        await nc.close()
+        await service.stop()
 
 
 async def test_a_semantic_hit_needs_the_opt_in_a_close_question_and_the_same_tenant(
@@ -277,14 +280,14 @@ async def test_a_semantic_hit_needs_the_opt_in_a_close_question_and_the_same_ten
                 response = await http.post("/v1/chat", json=chat(text) | more, headers=hdrs)
                 assert response.status_code == 200, response.text
                 await asyncio.sleep(0.3)
-                return response.headers.get("llmbus-cache", "not cacheable")
+                return str(response.headers.get("llmbus-cache", "not cacheable"))
 
             assert await ask("What is the capital of France?") == "miss"
             assert await ask("what is the capital of france") == "semantic"  # same words
             assert await ask("what is the capital of france", mode="exact") == "miss"  # no opt-in
             assert await ask("Tell me a story about a dragon") == "miss"  # far from it
             assert await ask("what is the capital of france", who="b") == "miss"  # another tenant
-            sampled = {"options": {"temperature": 0.5}}
+            sampled: dict[str, Any] = {"options": {"temperature": 0.5}}
             assert await ask("What is the capital of France", **sampled) == "not cacheable"
             assert model_calls(fake_ollama) == 5
             stats = (await http.get("/v1/cache", headers=bearer("a"))).json()
