@@ -18,6 +18,7 @@ import ollama
 import openai
 import pytest
 
+from services.classifier.main import Classifier
 from services.embedder.main import Embedder
 from services.generator.main import Generator
 from services.ledger.main import LedgerService
@@ -306,3 +307,47 @@ async def test_a_tenants_cache_setting_applies_to_its_requests_and_a_header_over
         again = await http.post("/v1/chat", json=chat(), headers=bearer("a") | {"Llmbus-Cache": "exact"})
         assert again.headers["llmbus-cache"] == "hit"
         assert model_calls(fake_ollama) == 4  # a twice (off), b once, a once more (its first stored)
+
+
+ROUTES = """
+[router]
+default = "chat"
+[classify]
+llm_model = "llama3.2:1b"
+[[route]]
+name = "chat"
+model = "llama3.2:1b"
+description = "everything else"
+[[route]]
+name = "faq"
+model = "llama3.2:1b"
+description = "the questions everyone asks"
+examples = ["what are your opening hours"]
+cache = "exact"
+"""
+
+
+async def test_a_routes_cache_setting_applies_to_its_route_name_requests(
+    settings: Settings, generator: Generator, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES)
+    off = msgspec.structs.replace(settings, routes_file=str(routes))  # the edge's default: off
+    classifier = Classifier(off)
+    await classifier.start()
+    try:
+        async with running(off) as (_, http):
+            answers = []
+            for model in ("route:faq", "route:faq", "route:chat", "route:chat"):
+                response = await http.post("/v1/chat", json=chat() | {"model": model})
+                assert response.status_code == 200, response.text
+                answers.append(response.headers.get("llmbus-cache"))
+                await asyncio.sleep(0.3)
+            assert answers == ["miss", "hit", None, None]
+            assert model_calls(fake_ollama) == 3
+            assert (await http.post("/v1/chat", json=chat() | {"model": "route:faq"})).json()["routed"][
+                "route"
+            ] == "faq"
+    finally:
+        await classifier.stop(grace=0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -36,6 +36,7 @@ from contracts import (
 )
 from contracts.messages import Timings
 from contracts.models import UsageEvent
+from contracts.route import is_routed, route_name
 from contracts.usage import CACHE_HOST, Origin
 from services.edge.admission import Ticket
 from services.edge.cache_store import CacheStore, Entry, Plan, tenant_tag
@@ -83,9 +84,15 @@ def semantic_allowed(request: GenerateRequest) -> bool:
 
 class ResponseCache:
     def __init__(
-        self, nc: Client, store: CacheStore, settings: Settings, semantic: SemanticCache | None
+        self,
+        nc: Client,
+        store: CacheStore,
+        settings: Settings,
+        semantic: SemanticCache | None,
+        route_mode: Callable[[str], str] = lambda name: "",
     ) -> None:
         self.nc = nc
+        self.route_mode = route_mode  # a route's `cache` in the routes file ("": not set)
         self.store = store
         self.default: str = settings.response_cache
         self.semantic = semantic
@@ -93,12 +100,12 @@ class ResponseCache:
         self.counts: dict[tuple[str, str], int] = {}  # (kind, result): this edge's lookups
 
     @classmethod
-    async def start(cls, nc: Client, settings: Settings) -> ResponseCache:
+    async def start(cls, nc: Client, settings: Settings, route_mode: Callable[[str], str]) -> ResponseCache:
         """Opens the bucket (created if missing) and the semantic cache's watch of its vectors."""
         js = nc.jetstream()
         store = await CacheStore(js, settings).start()
         semantic = await SemanticCache(store, settings).start(js)
-        return cls(nc, store, settings, semantic)
+        return cls(nc, store, settings, semantic, route_mode)
 
     async def stop(self) -> None:
         if self.semantic is not None:
@@ -112,7 +119,8 @@ class ResponseCache:
             return None  # attached to an earlier request, whose events it must follow
         if mode is not None and mode not in MODES:
             raise LlmbusError(ErrorCode.BAD_REQUEST, f"`{headers.CACHE}` must be one of {', '.join(MODES)}")
-        mode = mode or tenant.cache or self.default
+        named = route_name(wire.model) if is_routed(wire.model) else None  # `route:NAME`, not `auto`
+        mode = mode or tenant.cache or (self.route_mode(named) if named else "") or self.default
         if mode == "off" or not (mode == "force" or reproducible(wire)):
             return None
         semantic = self.semantic is not None and mode in ("semantic", "force")

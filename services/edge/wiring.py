@@ -72,7 +72,7 @@ class Parts:
             if self.cache is not None:
                 await self.cache.store.start()  # the response cache's bucket (file-backed, maybe lost)
 
-        self.cache = await ResponseCache.start(nc, settings)  # the shared response cache (KV)
+        self.cache = await ResponseCache.start(nc, settings, fallback.route_cache_mode)  # shared (KV)
         self.closers.append(self.cache.stop)
         self.dispatcher = Dispatcher(
             nc,
