@@ -11,6 +11,7 @@ from services.generator.handler import Generate
 from services.runtime import bus, service
 from services.runtime.backends import create_backend
 from services.runtime.settings import Settings
+from services.runtime.transcript import recording_jobs
 from services.runtime.worker import Worker
 
 log = logging.getLogger("llmbus.generator")
@@ -59,6 +60,7 @@ class Generator:
             request_type=GenerateRequest,
             handler=Generate.from_settings(self.backend, self.settings),
             durable=self.durable,
+            job_factory=recording_jobs(self.settings),  # prompts and answers for the ledger, if on
         )
         await self.worker.start()
 

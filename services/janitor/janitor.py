@@ -34,6 +34,7 @@ from contracts.models import (
     OpError,
     OpProgress,
     Progress,
+    StatusLine,
     UnloadReason,
     UsageEvent,
     canonical_model,
@@ -372,12 +373,17 @@ class Janitor:
         return self._start("pull", canonical_model(model), progress, lambda: self._pull_steps(model))
 
     def start_create(
-        self, model: str, text: str, path: Path | None = None, progress: str | None = None
+        self,
+        model: str,
+        text: str,
+        path: Path | None = None,
+        progress: str | None = None,
+        spec: CreateSpec | None = None,  # already parsed (admin.py), `text` then names it
     ) -> Operation:
         if not self.admin.supports("create"):
             raise cannot("create", self.admin.url)
         name = canonical_model(model)
-        spec = modelfile.parse(text, path.parent if path is not None else None)  # bad input fails now
+        spec = spec or modelfile.parse(text, path.parent if path is not None else None)  # bad input fails now
         digest = desired_state.ModelSpec(name=name, modelfile=text).modelfile_digest
         assert digest is not None
         return self._start("create", name, progress, lambda: self._create_steps(name, spec, digest))
@@ -417,7 +423,10 @@ class Janitor:
                 now = time.monotonic()
                 if now - last_sent >= _PROGRESS_EVERY_S or status.completed in (0, status.total):
                     last_sent = now
-                    event = OpProgress(host=self.host, model=name, op=op, progress=operation.progress)
+                    line = StatusLine(status.status, status.digest, status.total, status.completed)
+                    event = OpProgress(
+                        host=self.host, model=name, op=op, progress=operation.progress, line=line
+                    )
                     await self._event(event, operation)
             self.failed.pop(name, None)
             async with self._lock:

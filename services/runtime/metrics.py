@@ -309,9 +309,15 @@ SPILL = len(ROLE_OFFSETS)
 PORT_RANGE = 16
 
 
-def port_for(role: str, base: int) -> int:
-    """The metrics port of `role` for the base `LLMBUS_METRICS_PORT` (0: off)."""
-    return base + ROLE_OFFSETS.get(role, SPILL) if base else 0
+def port_for(role: str, base: int, replica: int = 0) -> int:
+    """The metrics port of `role`'s process number `replica` for the base `LLMBUS_METRICS_PORT`
+    (0: off). The first process of a role has its role's port, the others (`llmbus up` numbers
+    them) the spill range in order; edges, which share their HTTP port, each a port past it."""
+    if not base:
+        return 0
+    if role == "edge":
+        return base + PORT_RANGE + replica
+    return base + (ROLE_OFFSETS.get(role, SPILL) if replica == 0 else SPILL + replica - 1)
 
 
 class _Server:
@@ -374,12 +380,12 @@ def _gauge_of(worker: _InFlight) -> Callable[[], float]:
     return value
 
 
-def watch_worker(worker: _InFlight, host: str, port: int) -> None:
+def watch_worker(worker: _InFlight, host: str, port: int, replica: int = 0) -> None:
     """Called by `Worker.start`: exports its in-flight count and, if `port` (the base), serves
     `/metrics` on its role's port (`port_for`)."""
     WORKER_IN_FLIGHT.labels(worker.service).set_function(_gauge_of(worker))
     if port:
-        _server.acquire(host, port_for(worker.service, port))
+        _server.acquire(host, port_for(worker.service, port, replica))
 
 
 def served_port() -> int:

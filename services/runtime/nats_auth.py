@@ -150,6 +150,7 @@ def _ledger() -> Role:
             f"{API}.CONSUMER.DURABLE.CREATE.{usage}.{durable}",
             f"{API}.CONSUMER.INFO.{usage}.{durable}",
             f"{API}.CONSUMER.MSG.NEXT.{usage}.{durable}",
+            f"{API}.STREAM.MSG.DELETE.{usage}",  # an erased prompt's usage event
             f"$JS.ACK.{usage}.{durable}.>",
             *_kv(subjects.SPEND_BUCKET, write=True),
         ],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -55,6 +55,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_max_age_s: float = 600.0  # how long request events stay replayable in LLM_OUT
     request_timeout_s: float = 600.0  # upper bound of any request's deadline
     max_body_bytes: int = 1_048_576
+    max_image_bytes: int = 10_485_760  # one image, decoded (data: URL, Ollama's images, fetched): else 413
+    # OpenAI `image_url` with an http(s) URL: fetched by the edge only from these hosts (comma-separated
+    # `host` or `host:port`); empty: refused with 400 unsupported. Never from a non-public address ...
+    image_fetch_hosts: str = ""
+    image_fetch_allow_private: bool = False  # ... unless this says so (tests, a trusted local server)
+    image_fetch_timeout_s: float = 10.0  # a whole fetch, redirects included
     http_header_timeout_s: float = 10.0  # a request's headers must arrive within this (else 408)
     http_body_timeout_s: float = 30.0  # ... and its body within this after them (else 408)
     tasks_dir: str = ""  # task definitions (`*.toml`) the edge serves; empty: infra/tasks in the source tree
@@ -114,6 +120,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The model of a request that names none (the simple and queued dialects); empty: the routes
     # file's default route's model.
     default_model: str = ""
+    # Images for vision models, shrunk at the edge before the request is queued (every API):
+    # the longest side bounded to this many pixels (0: any size), and, with a quality (1-95; 0: off),
+    # re-encoded as JPEG. A result is kept only when it is smaller (docs/operations.md "Images").
+    image_max_side: int = 0
+    image_quality: int = 0
     log_level: str = "info"
     # json: one JSON object per line; text: short lines for people; auto: text on a terminal, else json.
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -123,11 +134,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
     # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.
     metrics_port: int = 0
+    # Which process of its role this is (0: the first); `llmbus up` numbers the extra edges and
+    # generators it starts, which picks their metrics ports (services/runtime/scrape_targets.py).
+    replica: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # `llmbus up`: edge processes sharing the HTTP port (SO_REUSEPORT: the kernel spreads the
+    # connections) and generator processes sharing the request queue (docs/operations.md, sizing).
+    edge_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    generators: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # The ledger (docs/ledger.md): its database (empty: SQLite at <data_dir>/ledger.db; or
     # postgresql://user:password@host/db), rows per transaction, and how long LLM_USAGE keeps events.
     database_url: str = ""
     ledger_batch: int = 512
     usage_max_age_s: float = 7 * 86400.0
+    # Prompts and answers in the ledger (docs/ledger.md "Content"): on makes the generators put them
+    # on usage events and the ledger store them, each cut to max_bytes, deleted after retention_s.
+    ledger_content: Literal["on", "off"] = "off"
+    ledger_content_max_bytes: int = 64 * 1024
+    ledger_content_retention_s: float = 30 * 86400.0
     # Batches (docs/batches.md): lines per input file, bytes per uploaded file, lines a batcher
     # runs at once, and batches one tenant may have unfinished.
     batch_max_lines: int = 50_000
@@ -199,7 +222,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "nats_url", "nats_user", "nats_password", "nats_credentials", "nats_tls_ca", "nats_tls_cert",
         "nats_tls_key", "data_dir", "stream_replicas", "dedupe_window_s", "event_max_age_s", "dlq_max_age_s",
     ),
-    "process": ("log_level", "log_format", "instance_id", "metrics_port", "shutdown_grace_s"),
+    "process": ("log_level", "log_format", "instance_id", "metrics_port", "replica", "shutdown_grace_s"),
     "worker": ("concurrency", "ack_wait_s", "max_deliver", "request_timeout_s"),
     "backend": (
         "ollama_url", "backend", "backend_url", "backend_api_key", "backend_stream", "embed_backend_url",
@@ -219,28 +242,31 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
+        "max_image_bytes", "image_fetch_hosts", "image_fetch_allow_private", "image_fetch_timeout_s",
         "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
         "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s", "dialects",
-        "default_model",
+        "default_model", "image_max_side", "image_quality", "edge_workers",
     ),
     "local": (
         "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
         "local_embed_port",
     ),
     "ledger": ("database_url", "ledger_batch", "usage_max_age_s"),
+    "content": ("ledger_content", "ledger_content_max_bytes", "ledger_content_retention_s"),
     "batches": ("batch_max_lines", "batch_max_file_bytes", "batch_concurrency", "batch_max_active"),
-    "up": ("nats_port",),
+    "up": ("nats_port", "generators"),
 }  # fmt: skip
 _WORKER = ("bus", "process", "worker", "backend")
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "up": tuple(GROUPS),
     "edge": ("bus", "process", "edge", "routing", "worker", "batches", "cache"),
     "batcher": ("bus", "process", "worker", "batches"),
-    "generator": (*_WORKER, "generator"),
+    "generator": (*_WORKER, "generator", "content"),
     "embedder": (*_WORKER, "embedder"),
     "classifier": (*_WORKER, "routing"),
     "janitor": (*_WORKER, "janitor"),
-    "ledger": ("bus", "process", "ledger"),
+    "ledger": ("bus", "process", "ledger", "content"),
+    "erase": ("bus",),
     "usage": ("bus",),
     "stats": ("bus",),
     "local": ("process", "local"),

@@ -17,11 +17,12 @@ import msgspec
 from nats.aio.client import Client
 
 from contracts import Error, headers, subjects
-from contracts.models import UsageEvent
+from contracts.models import UsageContent, UsageEvent
 from contracts.usage import Origin
 
 _encode = msgspec.json.Encoder().encode
 _decode_origin = msgspec.json.Decoder(Origin).decode
+_TOO_BIG = UsageContent(prompt="", answer="", truncated=True)
 
 
 def host_of(url: str) -> str:
@@ -81,11 +82,15 @@ async def publish(nc: Client, job: Any, event: object, host: str = "") -> None:
         tokens_per_s=getattr(timings, "tokens_per_s", None),
         trace_id=_trace_id(hdrs),
         accepted_at=accepted,
+        content=getattr(job, "recorded", None),  # LLMBUS_LEDGER_CONTENT=on (services/runtime/transcript.py)
     )
+    data = _encode(report)
+    if report.content is not None and len(data) > nc.max_payload - 1024:
+        # Prompt and answer too big for one message (LLMBUS_LEDGER_CONTENT_MAX_BYTES set above
+        # NATS's limit): the row matters more, so it goes without them.
+        data = _encode(msgspec.structs.replace(report, content=_TOO_BIG))
     with contextlib.suppress(Exception):
-        await nc.publish(
-            subjects.usage_subject(model), _encode(report), headers={headers.MSG_ID: f"{job.id}.usage"}
-        )
+        await nc.publish(subjects.usage_subject(model), data, headers={headers.MSG_ID: f"{job.id}.usage"})
 
 
 def _stored_at(msg: Any) -> float | None:

@@ -254,6 +254,7 @@ class Worker(Generic[R]):
         handler: Handler[R],
         concurrency: int | None = None,
         durable: str | None = None,
+        job_factory: Callable[..., Job[R]] | None = None,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -262,6 +263,7 @@ class Worker(Generic[R]):
         self.durable = durable or service  # replicas with the same filter share one consumer
         self.filter_subject = filter_subject
         self.handler = handler
+        self._job = job_factory or Job  # a RecordingJob keeps the answer (services/runtime/transcript.py)
         self.concurrency = concurrency or settings.concurrency
         self._decode = msgspec.json.Decoder(request_type).decode
         self._running: dict[str, Job[R]] = {}
@@ -304,7 +306,7 @@ class Worker(Generic[R]):
         self._keeper = asyncio.create_task(self._keep_alive())
         self._tasks.append(self._keeper)
         self._unsubscribe_reconnects = bus.reconnects(self.nc).subscribe(self._after_reconnect)
-        metrics.watch_worker(self, self.settings.http_host, self.settings.metrics_port)
+        metrics.watch_worker(self, self.settings.http_host, self.settings.metrics_port, self.settings.replica)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop pulling, let in-flight jobs finish within `grace`, nak the rest."""
@@ -445,7 +447,7 @@ class Worker(Generic[R]):
             with contextlib.suppress(ValueError):
                 deadline = min(deadline, loop.time() + int(hdrs[headers.DEADLINE]) / 1000 - time.time())
         seq = int(hdrs[headers.SEQ]) if hdrs.get(headers.SEQ, "").isdigit() else 0
-        job = Job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
+        job = self._job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
         job.host = self.host
         if attempt > 1 and not await self._take_over(job):
             return
