@@ -22,6 +22,7 @@ GENERATE_SUBJECTS = "llm.req.generate.>"
 EMBED_PREFIX = "llm.req.embed."
 EMBED_SUBJECTS = "llm.req.embed.>"
 EMBED_CACHE_BUCKET = "llm_embed_cache"  # KV: float32 vectors shared by every embedder replica
+RESPONSE_CACHE_BUCKET = "llm_response_cache"  # KV: answers replayed by every edge (docs/cache.md)
 EVENT_PREFIX = "llm.out."
 CANCEL_PREFIX = "llm.cancel."
 CANCEL_SUBJECTS = "llm.cancel.*"

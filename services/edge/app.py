@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from services.edge import models
 from services.edge.auth import Authenticate, admin_only
+from services.edge.cache_routes import ROUTES as CACHE_ROUTES
 from services.edge.classify import classify
 from services.edge.compat.ollama import ollama_error
 from services.edge.compat.ollama import router as ollama_router
@@ -93,6 +94,7 @@ def create_app(
             *models.ROUTES,
             *LEDGER_ROUTES,
             queue,  # GET /v1/queue
+            *CACHE_ROUTES,
             openai_router,
             openai_batches(settings),
             ollama_router,

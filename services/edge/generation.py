@@ -50,11 +50,11 @@ class Native(Dialect):
         self.dispatcher = dispatcher
 
     def at_once(self, source: Source) -> Response[bytes] | None:
-        assert isinstance(source, EventFeed)
         if self.detached:
+            assert isinstance(source, EventFeed)  # never cached (services/edge/response_cache.py)
             self.dispatcher.detach(source)  # the client follows it at the events URL, on any edge
             return deferred(source.request_id)
-        if self.streams and source.nothing_after:
+        if self.streams and isinstance(source, EventFeed) and source.nothing_after:
             return no_more_events(source)
         return None
 
@@ -84,6 +84,7 @@ async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer
         detached=detached,
         # A retry resumes a stream after its Last-Event-ID; a JSON answer is always the whole one.
         after=last_event_id(request) if key and streams else -1,
+        cache=body.cache,
     )
 
 
@@ -131,6 +132,7 @@ async def collect(source: Source, model: str) -> Completion | Error:
                     thinking="".join(thinking) or None,
                     tool_calls=calls or None,
                     logprobs=logprobs or None,
+                    cached=event.cached,
                 )
             elif isinstance(event, Error):
                 return event

@@ -268,6 +268,10 @@ def roles() -> dict[str, Role]:
                 *_kv(subjects.MODELS_BUCKET, write=False),
                 *_ledger_reader(),  # /v1/usage, /v1/stats, /v1/history; budgets
                 *_batches(consume=False),  # /openai/v1/files and /openai/v1/batches
+                # The response cache (docs/cache.md): its bucket, a purge, a hit's usage event.
+                *_kv(subjects.RESPONSE_CACHE_BUCKET, write=True),
+                f"{API}.STREAM.PURGE.KV_{subjects.RESPONSE_CACHE_BUCKET}",
+                subjects.USAGE_SUBJECTS,
             ],
             subscribe=[subjects.EVENT_SUBJECTS],
             deny_publish=_NO_CONSUMING,
