@@ -20,9 +20,8 @@ from litestar.response import Redirect
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
 
-from contracts import ErrorCode, LlmbusError, subjects
+from contracts import ErrorCode, LlmbusError
 from contracts.ledger import StatsQuery, StatsReport
 from contracts.models import CopyRequest, ModelInfo, ModelRef, OpDone, OpError, canonical_model
 from services.edge.compat.ollama_models import details, loaded
@@ -32,6 +31,7 @@ from services.edge.models import ADMIN_ONLY, listing
 from services.runtime import ledger_client
 from services.runtime.admin_client import AdminClient
 from services.runtime.inventory import InventoryView
+from services.runtime.queue_stats import of as queue_look
 from services.runtime.settings import Settings
 
 VERSION = "2.0.0"  # the seed's API version, as its health answers it
@@ -129,35 +129,23 @@ class QueueCounts(msgspec.Struct):
     slots: int = 0  # generator slots: each idle one keeps a pull request waiting on the server
 
 
-async def queue_counts(js: JetStreamContext) -> QueueCounts:
-    """Generation requests waiting and running. `LLM_REQ` is a work queue: a request stays in it
-    until its end is acked, so the stream's count per subject is waiting + running (also with no
-    generator consuming), and the consumers' unacked deliveries are the running ones. One place to
-    switch to `GET /v1/queue` once it exists."""
-    counts = QueueCounts()
-    info = await js.stream_info(subjects.REQUEST_STREAM, subjects_filter=subjects.REQUEST_SUBJECTS)
-    queued = sum(n for subject, n in (info.state.subjects or {}).items() if not subject.startswith(_EMBED))
-    for consumer in await js.consumers_info(subjects.REQUEST_STREAM):
-        config = consumer.config
-        filters = config.filter_subjects or [config.filter_subject or ""]
-        if any(f.startswith(_EMBED) for f in filters):
-            continue
-        running = consumer.num_ack_pending or 0
-        counts.running += running
-        if not any(f.startswith("llm.req.route") for f in filters):
-            counts.slots += running + (consumer.num_waiting or 0)
-    counts.waiting = max(0, queued - counts.running)
-    return counts
-
-
-_EMBED = "llm.req.embed"
+async def queue_counts(nc: Client) -> QueueCounts:
+    """Generation requests waiting and running, and the generators' slots, from the same look at
+    `LLM_REQ` as `GET /v1/queue` and the `queued` events (services/runtime/queue_stats.py). A work
+    queue keeps a request until its end is acked, so the per-subject count is waiting + running,
+    and the consumers' unacked deliveries are the running ones."""
+    snapshot = await queue_look(nc).snapshot()
+    running = sum(consumer.num_ack_pending or 0 for consumer in snapshot.consumers)
+    waiting = max(0, sum(snapshot.counts.values()) - running)
+    slots = running + sum(consumer.num_waiting or 0 for consumer in snapshot.consumers)
+    return QueueCounts(waiting=waiting, running=running, slots=slots)
 
 
 @shared_get("/api/v1/queue/stats", "queue statistics")
 async def queue_stats(
     request: Request[Any, Any, Any], nc: Nats, settings: NamedDependency[Settings]
 ) -> Response[bytes]:
-    counts = await queue_counts(nc.jetstream())
+    counts = await queue_counts(nc)
     unknown = None  # kept by the ledger per request (GET /api/v1/metrics, /v1/stats), not counted here
     body = {
         "queued": counts.waiting,
