@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts.batches import BATCH_STREAM, BATCH_SUBJECT
 from services.batcher.runner import BatchRun
+from services.edge.admission import Admission
 from services.edge.dispatch import Dispatcher
 from services.edge.tenants import ANONYMOUS, Tenant, TenantsFile
 from services.runtime import bus, service
@@ -40,6 +41,7 @@ class BatcherService:
         # A batch's lines run as its owner; with auth off everyone is the anonymous tenant.
         self.tenants = TenantsFile(settings.tenants_file) if settings.auth == "on" else None
         self.nc: Client | None = None
+        self.admission: Admission | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -47,9 +49,13 @@ class BatcherService:
         js = nc.jetstream()
         await bus.provision(js, settings)
         self.store = await BatchStore.open(js, settings)
+        # The owner's limits as the edge applies them (models, budget, requests per minute,
+        # in flight): a line is an ordinary request of the tenant's.
+        self.admission = await Admission(settings, js).start()
         self.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,
+            admission=self.admission,
             # After a reconnect (maybe a restarted NATS without LLM_OUT), as the edge does.
             provision=lambda: bus.provision(js, settings),
         )
@@ -102,6 +108,9 @@ class BatcherService:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self.admission is not None:
+            with contextlib.suppress(Exception):
+                await self.admission.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):

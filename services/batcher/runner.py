@@ -19,6 +19,7 @@ import msgspec
 from contracts import Completion, EmbedRequest, EmbedResponse, Error, Event, LlmbusError, subjects
 from contracts.batches import Batch, BatchError, BatchErrors, LineResult, RequestCounts
 from contracts.embed import Embeddings, Vectors
+from contracts.route import is_routed
 from contracts.usage import Origin
 from services.batcher.lines import Line, answered, count, parse
 from services.edge.dispatch import Dispatcher
@@ -34,7 +35,8 @@ _decode_event = msgspec.json.Decoder(Event).decode
 _encode = msgspec.json.Encoder().encode
 
 TICK_S = 0.5  # how often progress is written and a cancel looked for
-RETRY_S = 1.0  # a line refused for now (queue full, NATS away) is submitted again after this
+RETRY_S = 1.0  # a line refused for now (queue full, NATS away) is submitted again after this ...
+MAX_RETRY_S = 30.0  # ... or after the refusal's retry_after (a rate limit, a spent budget), this at most
 TERMINAL = frozenset({"failed", "completed", "expired", "cancelled"})
 
 
@@ -114,7 +116,13 @@ class BatchRun:
 
     async def _answer(self, line: Line) -> Completion | EmbedResponse | Error:
         request = line.request
-        subject = subjects.embed_subject(request.model) if isinstance(request, EmbedRequest) else ""
+        # The batch lane: workers take a line only with a slot no interactive request waits for.
+        if isinstance(request, EmbedRequest):
+            subject = subjects.batch_lane(subjects.embed_subject(request.model))
+        elif is_routed(request.model):
+            subject = ""  # the classifier's queue (it hands the line on to the interactive lane)
+        else:
+            subject = subjects.batch_lane(subjects.generate_subject(request.model))
         while True:
             try:
                 feed = await self.dispatcher.submit(
@@ -129,7 +137,9 @@ class BatchRun:
             except LlmbusError as exc:
                 if exc.retry_after is None:  # refused for good (unknown model, too large): its error
                     return Error(seq=0, attempt=0, code=exc.code, message=exc.message)
-                await asyncio.sleep(RETRY_S)
+                # Refused for now: the owner's rate limits and budget count a batch's lines as any
+                # request, so a batch over them waits (until it ends by its window: `expire`).
+                await asyncio.sleep(min(max(exc.retry_after, RETRY_S), MAX_RETRY_S))
         try:
             if isinstance(request, EmbedRequest):
                 return await _embeddings(feed)

@@ -59,6 +59,8 @@ class Generator:
             request_type=GenerateRequest,
             handler=Generate.from_settings(self.backend, self.settings),
             durable=self.durable,
+            # Its models' batch lane (`<durable>-batch`), taken from only with slots left free.
+            batch_filter_subject=[subjects.batch_lane(f) for f in self.filters],
         )
         await self.worker.start()
 

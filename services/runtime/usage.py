@@ -53,6 +53,8 @@ async def publish(nc: Client, job: Any, event: object, host: str = "") -> None:
         return
     msg = job.msg
     parts = str(getattr(msg, "subject", "")).split(".")
+    if parts[2:3] == ["batch"]:  # the batch lane: llm.req.batch.<kind>.<model>
+        parts.pop(2)
     hdrs = getattr(msg, "headers", None) or {}
     asked = origin(hdrs)
     usage = getattr(event, "usage", None)

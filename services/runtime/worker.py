@@ -18,6 +18,10 @@ each to a handler as a `Job`. It owns everything that must be done the same way 
   message it was not handed (its NATS user may not: services/runtime/nats_auth.py);
 * after NATS reconnects (`bus.reconnects`): re-creates what a restarted server lost (streams, its
   consumer) and republishes the events that did not reach `LLM_OUT`;
+* the batch lane (`llm.req.batch.<kind>.<model>`, a durable of its own): at most
+  `LLMBUS_BATCH_SLOTS` batch lines at once, each started only while the worker has a slot free of
+  interactive work. A free slot is always pulling interactive requests, so a free slot here means no
+  interactive request for these models is waiting anywhere: batch work fills idle capacity only;
 * graceful drain: on stop, no new pulls, in-flight jobs get a grace period, the rest are nak'ed so
   another replica takes them;
 * a consumer span per request, child of the publisher's trace context.
@@ -254,6 +258,7 @@ class Worker(Generic[R]):
         handler: Handler[R],
         concurrency: int | None = None,
         durable: str | None = None,
+        batch_filter_subject: str | list[str] | None = None,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -263,6 +268,10 @@ class Worker(Generic[R]):
         self.filter_subject = filter_subject
         self.handler = handler
         self.concurrency = concurrency or settings.concurrency
+        self.batch_filter_subject = batch_filter_subject
+        self.batch_durable = f"{self.durable}-batch"
+        self.batch_slots = settings.batch_slots if batch_filter_subject else 0
+        self._freed = asyncio.Condition()  # a job ended: a batch slot may start the next line
         self._decode = msgspec.json.Decoder(request_type).decode
         self._running: dict[str, Job[R]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # cancels that came before the request
@@ -283,6 +292,8 @@ class Worker(Generic[R]):
     async def _provision(self) -> None:
         await bus.provision(self.js, self.settings)
         await bus.ensure_consumer(self.js, self.settings, self.durable, self.filter_subject)
+        if self.batch_slots and self.batch_filter_subject:
+            await bus.ensure_consumer(self.js, self.settings, self.batch_durable, self.batch_filter_subject)
 
     async def start(self) -> None:
         await self._provision()
@@ -301,6 +312,9 @@ class Worker(Generic[R]):
             metadata={"filter": ",".join(bus.filters(self.filter_subject))},
         )
         self._tasks = [asyncio.create_task(self._slot()) for _ in range(self.concurrency)]
+        if self.batch_slots:
+            self._batch_psub = await self.js.pull_subscribe_bind(self.batch_durable, subjects.REQUEST_STREAM)
+            self._tasks += [asyncio.create_task(self._batch_slot()) for _ in range(self.batch_slots)]
         self._keeper = asyncio.create_task(self._keep_alive())
         self._tasks.append(self._keeper)
         self._unsubscribe_reconnects = bus.reconnects(self.nc).subscribe(self._after_reconnect)
@@ -319,6 +333,9 @@ class Worker(Generic[R]):
         # is nak'ed next goes straight to another replica instead of back here.
         with contextlib.suppress(Exception):
             await self._psub.unsubscribe()
+        if self.batch_slots:
+            with contextlib.suppress(Exception):
+                await self._batch_psub.unsubscribe()
         for job in list(self._running.values()):
             job.cancel("shutdown")
         self._keeper.cancel()  # it may be asleep for ack_wait/3: do not wait for it
@@ -390,30 +407,58 @@ class Worker(Generic[R]):
                     await job.msg.in_progress()
 
     async def _slot(self) -> None:
+        while not self._stopping:
+            async with self._fetchers:
+                msgs = await self._pull(self._psub, 5)
+            if msgs is None:
+                return
+            await self._handle(msgs)
+
+    async def _batch_slot(self) -> None:
+        """A batch-lane slot: waits until interactive work leaves a slot free, then takes one line
+        (a short pull, so a line is not taken long after the slot it was meant for filled)."""
         me = asyncio.current_task()
         assert me is not None
         while not self._stopping:
-            self._idle.add(me)
+            self._idle.add(me)  # so `stop` ends the wait
             try:
-                async with self._fetchers:
-                    msgs = await self._psub.fetch(1, timeout=5)
-            except (TimeoutError, NatsTimeoutError):
-                continue
+                async with self._freed:
+                    await self._freed.wait_for(lambda: self.in_flight < self.concurrency)
             except asyncio.CancelledError:
                 return
-            except Exception as exc:  # connection trouble: back off, the client reconnects
-                log.warning("fetch failed: %r", exc)
-                await asyncio.sleep(0.5)
-                continue
             finally:
                 self._idle.discard(me)
-            for msg in msgs:
-                try:
-                    await self._process(msg)
-                except Exception:  # e.g. NATS gone for longer than STORE_PATIENCE_S: redeliver
-                    log.exception("request on %s not finished; it will be redelivered", msg.subject)
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=1)
+            msgs = await self._pull(self._batch_psub, 1)
+            if msgs is None:
+                return
+            await self._handle(msgs)
+
+    async def _pull(self, psub: JetStreamContext.PullSubscription, wait_s: float) -> list[Msg] | None:
+        """One message or none; None once `stop` cancelled the wait."""
+        me = asyncio.current_task()
+        assert me is not None
+        self._idle.add(me)
+        try:
+            return await psub.fetch(1, timeout=wait_s)
+        except (TimeoutError, NatsTimeoutError):
+            return []
+        except asyncio.CancelledError:
+            return None
+        except Exception as exc:  # connection trouble: back off, the client reconnects
+            log.warning("fetch failed: %r", exc)
+            await asyncio.sleep(0.5)
+            return []
+        finally:
+            self._idle.discard(me)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await self._process(msg)
+            except Exception:  # e.g. NATS gone for longer than STORE_PATIENCE_S: redeliver
+                log.exception("request on %s not finished; it will be redelivered", msg.subject)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=1)
 
     async def _process(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered or 1
@@ -499,6 +544,8 @@ class Worker(Generic[R]):
             await asyncio.wait({job.task})
         finally:
             del self._running[job.id]
+            async with self._freed:
+                self._freed.notify_all()
         if job.task.cancelled():
             if job.cancel_reason == "client":
                 await job.fail(ErrorCode.CANCELLED, "cancelled by the client")
