@@ -20,6 +20,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
+MIN_EXPIRY_S, MAX_EXPIRY_S = 3600, 30 * 24 * 3600  # a file's `expires_after` (OpenAI's bounds)
 ACTIVE: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 
 
@@ -31,7 +32,20 @@ class FileObject(msgspec.Struct, kw_only=True):
     purpose: str
     object: str = "file"
     status: str = "processed"
+    expires_at: int | None = None  # gone after this (`expires_after`; batch files: 30 days)
     tenant: str = ""
+
+
+class ExpiresAfter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenAI's `expires_after` of a file (and a batch's `output_expires_after`): seconds after the
+    file's creation, one hour to thirty days."""
+
+    anchor: Literal["created_at"]
+    seconds: int
+
+    def validate(self) -> None:
+        if not MIN_EXPIRY_S <= self.seconds <= MAX_EXPIRY_S:
+            raise ValueError(f"`seconds` must be between {MIN_EXPIRY_S} and {MAX_EXPIRY_S}")
 
 
 class RequestCounts(msgspec.Struct, kw_only=True):
@@ -74,6 +88,7 @@ class Batch(msgspec.Struct, kw_only=True):
     request_counts: RequestCounts = msgspec.field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
     tenant: str = ""
+    output_expires_s: int | None = None  # the output and error files' `expires_after` (not shown)
 
 
 class InputLine(msgspec.Struct, kw_only=True):
@@ -95,5 +110,6 @@ class LineResult(msgspec.Struct, kw_only=True):
 def public(obj: FileObject | Batch) -> dict[str, Any]:
     """The object as OpenAI shows it: without the tenant."""
     shown: dict[str, Any] = msgspec.to_builtins(obj)
-    shown.pop("tenant", None)
+    for hidden in ("tenant", "output_expires_s"):
+        shown.pop(hidden, None)
     return shown

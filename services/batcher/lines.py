@@ -84,6 +84,22 @@ def invalid(batch_id: str, index: int, custom_id: str, message: str) -> LineResu
     )
 
 
+def expired(line: Line) -> LineResult:
+    """A line the batch's completion window ended before: OpenAI's `batch_expired` error record."""
+    return LineResult(
+        ok=False,
+        record={
+            "id": f"batch_req_{line.request.id}",
+            "custom_id": line.custom_id,
+            "response": None,
+            "error": {
+                "code": "batch_expired",
+                "message": "This line could not be run before the batch's completion window expired.",
+            },
+        },
+    )
+
+
 def answered(line: Line, endpoint: str, result: Completion | EmbedResponse | Error) -> LineResult:
     """A line that ran: its response (status 200 and the endpoint's object), or its error."""
     request_id = line.request.id

@@ -21,7 +21,7 @@ from contracts.batches import Batch, BatchError, BatchErrors, LineResult, Reques
 from contracts.embed import Embeddings, Vectors
 from contracts.route import is_routed
 from contracts.usage import Origin
-from services.batcher.lines import Line, answered, count, parse
+from services.batcher.lines import Line, answered, count, expired, parse
 from services.edge.dispatch import Dispatcher
 from services.edge.feed import EventFeed
 from services.edge.generation import collect
@@ -56,7 +56,9 @@ class BatchRun:
         self.settings = settings
         self.batch_id = batch_id
         self.results: dict[int, LineResult] = {}
-        self.cancelled = False
+        self.cancelled = False  # no more lines start (cancelled, or expired)
+        self.expired = False  # the completion window ended first: unfinished lines are `batch_expired`
+        self.lines: list[Line] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     async def run(self, heartbeat: Callable[[], Awaitable[None]]) -> None:
@@ -70,6 +72,7 @@ class BatchRun:
             await self._fail(f"the input file has more than {self.settings.batch_max_lines} lines")
             return
         lines, bad = parse(batch.id, batch.endpoint, content)
+        self.lines = lines
         if not lines and not bad:
             await self._fail("the input file has no lines")
             return
@@ -87,9 +90,10 @@ class BatchRun:
         batch = await self.store.update_batch(batch.id, started)
         todo = [line for line in lines if line.index not in self.results]
         log.info("batch %s: %d lines, %d to run", batch.id, total, len(todo))
+        self.expired = self.cancelled = time.time() >= batch.expires_at  # it waited out its window
         ticker = asyncio.create_task(self._tick(total, heartbeat))
         try:
-            if batch.status != "cancelling":
+            if batch.status != "cancelling" and not self.expired:
                 await self._run_lines(batch.endpoint, todo)
         finally:
             ticker.cancel()
@@ -162,10 +166,11 @@ class BatchRun:
                 )
 
             batch = await self.store.update_batch(self.batch_id, progressed)
-            if batch.status == "cancelling" and not self.cancelled:
+            if not self.cancelled and (batch.status == "cancelling" or time.time() >= batch.expires_at):
+                self.expired = batch.status != "cancelling"
                 self.cancelled = True
                 for task in self._tasks:
-                    task.cancel()
+                    task.cancel()  # running lines are cancelled on the bus too (`_answer`)
             await heartbeat()
 
     def _counts(self, total: int) -> RequestCounts:
@@ -182,18 +187,33 @@ class BatchRun:
                 else msgspec.structs.replace(b, status="finalizing", finalizing_at=now)
             ),
         )
+        if self.expired and batch.status != "cancelling":  # a cancel asked for first wins
+            for line in self.lines:
+                if line.index not in self.results:
+                    self.results[line.index] = expired(line)
         ordered = [self.results[index] for index in sorted(self.results)]
         output = b"".join(_encode(r.record) + b"\n" for r in ordered if r.ok)
         errors = b"".join(_encode(r.record) + b"\n" for r in ordered if not r.ok)
         # Ids derived from the batch's: finishing again after a crash replaces, never adds, a file.
         stem = self.batch_id.removeprefix("batch-")
+        keep = batch.output_expires_s
         out = await self.store.put_file(
-            batch.tenant, f"{self.batch_id}_output.jsonl", "batch_output", output, f"file-out-{stem}"
+            batch.tenant,
+            f"{self.batch_id}_output.jsonl",
+            "batch_output",
+            output,
+            f"file-out-{stem}",
+            expires_s=keep,
         )
         err = None
         if errors:
             err = await self.store.put_file(
-                batch.tenant, f"{self.batch_id}_error.jsonl", "batch_output", errors, f"file-err-{stem}"
+                batch.tenant,
+                f"{self.batch_id}_error.jsonl",
+                "batch_output",
+                errors,
+                f"file-err-{stem}",
+                expires_s=keep,
             )
         counts = self._counts(total)
         done = int(time.time())
@@ -206,6 +226,8 @@ class BatchRun:
             }
             if b.status == "cancelling":
                 return msgspec.structs.replace(b, status="cancelled", cancelled_at=done, **common)
+            if self.expired:
+                return msgspec.structs.replace(b, status="expired", expired_at=done, **common)
             return msgspec.structs.replace(b, status="completed", completed_at=done, **common)
 
         batch = await self.store.update_batch(self.batch_id, finished)

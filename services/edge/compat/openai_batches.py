@@ -16,7 +16,7 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from nats.aio.client import Client
 
 from contracts import ErrorCode, LlmbusError
-from contracts.batches import ACTIVE, ENDPOINTS, Batch, public
+from contracts.batches import ACTIVE, ENDPOINTS, Batch, ExpiresAfter, public
 from services.batcher.lines import count
 from services.edge.auth import tenant_of
 from services.edge.compat.openai import openai_error
@@ -34,6 +34,7 @@ class CreateBatchBody(msgspec.Struct, kw_only=True):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
 async def _store(
@@ -90,8 +91,26 @@ async def upload_file(
         raise LlmbusError(
             ErrorCode.BAD_REQUEST, f"a batch file may have at most {settings.batch_max_lines} lines"
         )
-    record = await store.put_file(_tenant(request), upload.filename or "batch.jsonl", "batch", data)
+    expires = _expires_after(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
+    record = await store.put_file(
+        _tenant(request), upload.filename or "batch.jsonl", "batch", data, expires_s=expires
+    )
     return _json(public(record))
+
+
+def _expires_after(anchor: object, seconds: object) -> int | None:
+    """The multipart `expires_after[anchor]` and `expires_after[seconds]` (as the openai client
+    sends them): the file's lifetime in seconds, None when not given (30 days)."""
+    if anchor is None and seconds is None:
+        return None
+    try:
+        expires = ExpiresAfter(anchor=str(anchor), seconds=int(str(seconds)))  # type: ignore[arg-type]
+        msgspec.convert(msgspec.to_builtins(expires), ExpiresAfter).validate()
+    except (ValueError, msgspec.ValidationError) as exc:
+        raise LlmbusError(
+            ErrorCode.BAD_REQUEST, f"`expires_after` needs anchor=created_at and seconds: {exc}"
+        ) from exc
+    return expires.seconds
 
 
 @get("/files/{file_id:str}", summary="A file's record")
@@ -127,6 +146,11 @@ async def create_batch(
     window = COMPLETION_WINDOW_S.get(data.completion_window)
     if window is None:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "`completion_window` must be 24h")
+    if data.output_expires_after is not None:
+        try:
+            data.output_expires_after.validate()
+        except ValueError as exc:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, f"`output_expires_after`: {exc}") from exc
     tenant = _tenant(request)
     source = await store.file(data.input_file_id, tenant)
     if source.purpose != "batch":
@@ -148,6 +172,7 @@ async def create_batch(
         expires_at=now + window,
         metadata=data.metadata,
         tenant=tenant,
+        output_expires_s=data.output_expires_after.seconds if data.output_expires_after else None,
     )
     await store.create_batch(batch)
     return _json(public(batch))
