@@ -272,6 +272,9 @@ class Worker(Generic[R]):
         self.batch_durable = f"{self.durable}-batch"
         self.batch_slots = settings.batch_slots if batch_filter_subject else 0
         self._freed = asyncio.Condition()  # a job ended: a batch slot may start the next line
+        # Until then (event-loop time) a first delivery may be a repeat: a NATS killed before it
+        # wrote its consumers' state hands out again, as first deliveries, what it had delivered.
+        self._repeats_until = 0.0
         self._decode = msgspec.json.Decoder(request_type).decode
         self._running: dict[str, Job[R]] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()  # cancels that came before the request
@@ -367,6 +370,7 @@ class Worker(Generic[R]):
         not make it into the stream (all of them, into a re-created one)."""
         if self._stopping:
             return
+        self._repeats_until = asyncio.get_running_loop().time() + max(30.0, 3 * self.settings.ack_wait_s)
         try:
             await self._provision()
         finally:
@@ -492,7 +496,8 @@ class Worker(Generic[R]):
         seq = int(hdrs[headers.SEQ]) if hdrs.get(headers.SEQ, "").isdigit() else 0
         job = Job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
         job.host = self.host
-        if attempt > 1 and not await self._take_over(job):
+        repeat = attempt > 1 or loop.time() < self._repeats_until
+        if repeat and not await self._take_over(job):
             return
         if attempt > self.settings.max_deliver:
             await self._exhausted(job)
