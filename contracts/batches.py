@@ -16,7 +16,9 @@ LINES_BUCKET = "llm_batch_lines"  # KV: `<batch id>.<line>`: each finished line'
 BATCH_STREAM = "LLM_BATCH"  # work queue: one message per batch to run (`llm.batch.run`)
 BATCH_SUBJECT = "llm.batch.run"
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # OpenAI's Batch API
+NATIVE_ENDPOINTS = ("/v1/chat", "/v1/generate", "/v1/embed")  # llmbus's own `POST /v1/batches`
+NativeEndpoint = Literal["/v1/chat", "/v1/generate", "/v1/embed"]
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
@@ -113,3 +115,44 @@ def public(obj: FileObject | Batch) -> dict[str, Any]:
     for hidden in ("tenant", "output_expires_s"):
         shown.pop(hidden, None)
     return shown
+
+
+# llmbus's own batch API (`POST /v1/batches`, docs/batches.md): the lines inline, each the body of
+# the native endpoint it names; progress as SSE (`GET /v1/batches/{id}/events`, or `"stream": true`).
+
+
+class NativeLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    body: dict[str, Any]  # exactly what `POST <endpoint>` takes (`stream` must be left out)
+    custom_id: str | None = None  # default: the line's index ("0", "1", ...)
+
+
+class NativeBatchBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    endpoint: NativeEndpoint
+    lines: list[NativeLine]
+    metadata: dict[str, str] | None = None
+    stream: bool = False  # true: the answer is the batch's progress as SSE, ending with `done`
+
+
+class BatchProgress(msgspec.Struct, kw_only=True, tag="progress", tag_field="type"):
+    """SSE `progress`: sent when the batch's status or counts change (at most twice a second)."""
+
+    batch_id: str
+    status: BatchStatus
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchDone(msgspec.Struct, kw_only=True, tag="done", tag_field="type"):
+    """SSE `done`, the last event: the batch ended (`completed`, `failed`, `expired`, `cancelled`)."""
+
+    batch_id: str
+    status: BatchStatus
+    total: int
+    completed: int
+    failed: int
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+
+
+BatchEvent = BatchProgress | BatchDone

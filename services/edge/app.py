@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from services.edge import models
 from services.edge.auth import Authenticate, admin_only
+from services.edge.batches import router as native_batches
 from services.edge.classify import classify
 from services.edge.compat.ollama import ollama_error
 from services.edge.compat.ollama import router as ollama_router
@@ -91,6 +92,7 @@ def create_app(
             *LEDGER_ROUTES,
             openai_router,
             openai_batches(settings),
+            native_batches(),
             ollama_router,
             list_tasks,
             show_task,

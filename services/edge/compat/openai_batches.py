@@ -37,7 +37,7 @@ class CreateBatchBody(msgspec.Struct, kw_only=True):
     output_expires_after: ExpiresAfter | None = None
 
 
-async def _store(
+async def store_of(
     request: Request[Any, Any, Any], nc: NamedDependency[Client], settings: NamedDependency[Settings]
 ) -> BatchStore:
     """Opened on first use, so an edge that never sees a batch never creates its buckets (two
@@ -155,13 +155,7 @@ async def create_batch(
     source = await store.file(data.input_file_id, tenant)
     if source.purpose != "batch":
         raise LlmbusError(ErrorCode.BAD_REQUEST, f"file {source.id} is not a `purpose=batch` file")
-    active = [batch for batch in await store.batches(tenant) if batch.status in ACTIVE]
-    if len(active) >= settings.batch_max_active:
-        raise LlmbusError(
-            ErrorCode.RATE_LIMITED,
-            f"at most {settings.batch_max_active} unfinished batches at once; wait for one to end",
-            retry_after=60,
-        )
+    await check_active(store, settings, tenant)
     now = int(time.time())
     batch = Batch(
         id=new_id("batch"),
@@ -176,6 +170,17 @@ async def create_batch(
     )
     await store.create_batch(batch)
     return _json(public(batch))
+
+
+async def check_active(store: BatchStore, settings: Settings, tenant: str) -> None:
+    """429 `rate_limited` when the tenant has `LLMBUS_BATCH_MAX_ACTIVE` unfinished batches."""
+    active = [batch for batch in await store.batches(tenant) if batch.status in ACTIVE]
+    if len(active) >= settings.batch_max_active:
+        raise LlmbusError(
+            ErrorCode.RATE_LIMITED,
+            f"at most {settings.batch_max_active} unfinished batches at once; wait for one to end",
+            retry_after=60,
+        )
 
 
 @get("/batches/{batch_id:str}", summary="A batch")
@@ -214,15 +219,20 @@ async def list_batches(
 async def cancel_batch(
     request: Request[Any, Any, Any], store: Store, batch_id: FromPath[str]
 ) -> Response[bytes]:
-    await store.batch(batch_id, _tenant(request))
+    return _json(public(await cancel(store, batch_id, _tenant(request))))
+
+
+async def cancel(store: BatchStore, batch_id: str, tenant: str) -> Batch:
+    """Asks the batcher to stop the batch (`cancelling`); a batch ending or ended stays as it is."""
+    await store.batch(batch_id, tenant)
     now = int(time.time())
 
     def cancelling(batch: Batch) -> Batch | None:
         if batch.status not in ("validating", "in_progress"):
-            return None  # ending or ended: a cancel changes nothing
+            return None
         return msgspec.structs.replace(batch, status="cancelling", cancelling_at=now)
 
-    return _json(public(await store.update_batch(batch_id, cancelling)))
+    return await store.update_batch(batch_id, cancelling)
 
 
 def router(settings: Settings) -> Router:
@@ -246,6 +256,6 @@ def router(settings: Settings) -> Router:
             cancel_batch,
         ],
         tags=["OpenAI-compatible batches"],
-        dependencies={"store": Provide(_store, use_cache=False)},
+        dependencies={"store": Provide(store_of, use_cache=False)},
         exception_handlers=handlers(openai_error),  # type: ignore[arg-type]
     )
