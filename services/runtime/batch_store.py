@@ -138,6 +138,12 @@ class BatchStore:
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no file {file_id}")
         return record
 
+    async def files_of(self, tenant: str) -> list[FileObject]:
+        """The tenant's files (not expired), newest first."""
+        found = map(_decode_file, (await self._values(self.records, "file.*")).values())
+        mine = [record for record in found if record.tenant == tenant and not _expired(record)]
+        return sorted(mine, key=lambda record: (record.created_at, record.id), reverse=True)
+
     async def sweep_files(self) -> int:
         """Deletes every file past its `expires_at` (a lookup also refuses one); how many."""
         expired = [

@@ -113,6 +113,41 @@ def _expires_after(anchor: object, seconds: object) -> int | None:
     return expires.seconds
 
 
+@get("/files", summary="The caller's files, newest first")
+async def list_files(
+    request: Request[Any, Any, Any],
+    store: Store,
+    *,
+    purpose: FromQuery[str | None] = None,
+    after: FromQuery[str | None] = None,
+    limit: FromQuery[int] = 10_000,
+    order: FromQuery[str] = "desc",
+) -> Response[bytes]:
+    if not 1 <= limit <= 10_000:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "`limit` must be between 1 and 10000")
+    if order not in ("asc", "desc"):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "`order` must be asc or desc")
+    files = [f for f in await store.files_of(_tenant(request)) if purpose is None or f.purpose == purpose]
+    if order == "asc":
+        files.reverse()
+    return _json(_page(files, after, limit))
+
+
+def _page(items: list[Any], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page: the items after the one with id `after`, at most `limit`."""
+    if after is not None:
+        ids = [item.id for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": [public(item) for item in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(items) > limit,
+    }
+
+
 @get("/files/{file_id:str}", summary="A file's record")
 async def show_file(request: Request[Any, Any, Any], store: Store, file_id: FromPath[str]) -> Response[bytes]:
     return _json(public(await store.file(file_id, _tenant(request))))
@@ -199,20 +234,7 @@ async def list_batches(
 ) -> Response[bytes]:
     if not 1 <= limit <= 100:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "`limit` must be between 1 and 100")
-    batches = await store.batches(_tenant(request))
-    if after is not None:
-        ids = [batch.id for batch in batches]
-        batches = batches[ids.index(after) + 1 :] if after in ids else []
-    page = batches[:limit]
-    return _json(
-        {
-            "object": "list",
-            "data": [public(batch) for batch in page],
-            "first_id": page[0].id if page else None,
-            "last_id": page[-1].id if page else None,
-            "has_more": len(batches) > limit,
-        }
-    )
+    return _json(_page(await store.batches(_tenant(request)), after, limit))
 
 
 @post("/batches/{batch_id:str}/cancel", summary="Cancel a batch", status_code=200)
@@ -247,6 +269,7 @@ def router(settings: Settings) -> Router:
         path="/openai/v1",
         route_handlers=[
             upload,
+            list_files,
             show_file,
             file_content,
             delete_file,
