@@ -15,6 +15,8 @@ BATCHES_BUCKET = "llm_batches"  # KV: `file.<id>` and `batch.<id>` records
 LINES_BUCKET = "llm_batch_lines"  # KV: `<batch id>.<line>`: each finished line's output record
 BATCH_STREAM = "LLM_BATCH"  # work queue: one message per batch to run (`llm.batch.run`)
 BATCH_SUBJECT = "llm.batch.run"
+# A line's `Llmbus-Origin` api: the ledger records it; the classifier keeps the line on the batch lane.
+BATCH_API = "batch"
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # OpenAI's Batch API
 NATIVE_ENDPOINTS = ("/v1/chat", "/v1/generate", "/v1/embed")  # llmbus's own `POST /v1/batches`

@@ -9,10 +9,15 @@ import time
 
 import httpx
 import msgspec
+import nats
 import openai
 
+from contracts import GenerateRequest, subjects
+from contracts.batches import BATCH_API
+from contracts.usage import Origin
 from services.batcher.main import BatcherService
 from services.generator.main import Generator
+from services.runtime import bus, handoff, usage
 from services.runtime.settings import Settings
 from tests.conftest import Edge
 from tests.fakes.ollama import FakeOllama
@@ -79,3 +84,20 @@ async def test_an_interactive_request_starts_before_the_queued_batch_lines(
     assert interactive.finished_at is not None
     during = [c for c in lines if interactive.started_at < c.started_at < interactive.finished_at]
     assert during == []
+
+
+async def test_a_routed_batch_line_is_handed_on_to_the_batch_lane(settings: Settings) -> None:
+    nc = await nats.connect(settings.nats_url)  # the operator
+    try:
+        js = nc.jetstream()
+        await bus.provision(js, settings)
+        for api, lane in ((BATCH_API, "llm.req.batch.generate."), ("openai", "llm.req.generate.")):
+            request = GenerateRequest(id=f"routed-{api}-line", model=MODEL, prompt="hi")
+            origin = usage.encode_origin(Origin(tenant="t", api=api))
+            await handoff.republish(js, request, reply="llm.out.x", seq=2, deadline_ms=None, origin=origin)
+            stored = await js.get_last_msg(
+                subjects.REQUEST_STREAM, subjects.encode_model(MODEL).join([lane, ""])
+            )
+            assert msgspec.json.decode(stored.data)["id"] == request.id
+    finally:
+        await nc.close()

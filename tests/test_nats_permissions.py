@@ -68,7 +68,11 @@ MATRIX: dict[str, tuple[str, str, set[str]]] = {
     "publish a generate request": ("pub", "llm.req.generate.m", {"edge", "classifier", "dlq", "publisher"}),
     "publish an embed request": ("pub", "llm.req.embed.m", {"edge", "dlq", "publisher"}),
     # The batcher's lines wait in the batch lane, never on the interactive subjects.
-    "publish a batch-lane request": ("pub", "llm.req.batch.generate.m", EDGES | {"dlq", "publisher"}),
+    "publish a batch-lane request": (
+        "pub",
+        "llm.req.batch.generate.m",
+        EDGES | {"classifier", "dlq", "publisher"},
+    ),
     "pull from the generators' batch lane": (
         "pub",
         f"{API}.CONSUMER.MSG.NEXT.LLM_REQ.generator-batch",

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from contracts import Completion, EmbedRequest, EmbedResponse, Error, Event, LlmbusError, subjects
-from contracts.batches import Batch, BatchError, BatchErrors, LineResult, RequestCounts
+from contracts.batches import BATCH_API, Batch, BatchError, BatchErrors, LineResult, RequestCounts
 from contracts.embed import Embeddings, Vectors
 from contracts.route import is_routed
 from contracts.usage import Origin
@@ -124,7 +124,7 @@ class BatchRun:
         if isinstance(request, EmbedRequest):
             subject = subjects.batch_lane(subjects.embed_subject(request.model))
         elif is_routed(request.model):
-            subject = ""  # the classifier's queue (it hands the line on to the interactive lane)
+            subject = ""  # the classifier's queue; it hands a line on to the batch lane (its origin's api)
         else:
             subject = subjects.batch_lane(subjects.generate_subject(request.model))
         while True:
@@ -133,7 +133,7 @@ class BatchRun:
                     request,
                     subject=subject,
                     tenant=self.tenant,
-                    origin=Origin(tenant=self.tenant.name, api="batch"),
+                    origin=Origin(tenant=self.tenant.name, api=BATCH_API),
                     idempotent=True,
                     detached=True,
                 )

@@ -298,6 +298,7 @@ def roles() -> dict[str, Role]:
             Role(
                 publish=[
                     subjects.GENERATE_SUBJECTS,
+                    subjects.BATCH_GENERATE_SUBJECTS,  # a batch's routed line stays on the batch lane
                     *_kv(route.CLAIMS_BUCKET, write=True),
                     *_kv(subjects.MODELS_BUCKET, write=False),
                 ],
