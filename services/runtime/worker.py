@@ -411,9 +411,17 @@ class Worker(Generic[R]):
                     await job.msg.in_progress()
 
     async def _slot(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while not self._stopping:
-            async with self._fetchers:
-                msgs = await self._pull(self._psub, 5)
+            self._idle.add(me)  # also while it waits for a fetcher: `stop` ends that wait
+            try:
+                async with self._fetchers:
+                    msgs = await self._pull(self._psub, 5)
+            except asyncio.CancelledError:
+                return
+            finally:
+                self._idle.discard(me)
             if msgs is None:
                 return
             await self._handle(msgs)
