@@ -16,6 +16,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     NOT_FOUND = "not_found"
     REQUEST_TOO_LARGE = "request_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"  # one image over LLMBUS_MAX_IMAGE_BYTES (the message names it)
     RATE_LIMITED = "rate_limited"
     BUDGET_EXCEEDED = "budget_exceeded"  # the tenant spent its tokens (or money) for the day or month
     CANCELLED = "cancelled"
@@ -30,6 +31,8 @@ class ErrorCode(enum.StrEnum):
     # A field the backend or model cannot honour (an image for a text-only model, tools for a model
     # without tool support): refused, never silently dropped. The message names the field.
     UNSUPPORTED = "unsupported"
+    # A route of a seed's API that llmbus has no counterpart for (yet): the message names the feature.
+    NOT_IMPLEMENTED = "not_implemented"
 
     @property
     def http_status(self) -> int:
@@ -49,6 +52,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.IMAGE_TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.BUDGET_EXCEEDED: 429,
     ErrorCode.CANCELLED: 499,
@@ -61,6 +65,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.LEDGER_UNAVAILABLE: 503,
     ErrorCode.UNSUPPORTED: 400,
+    ErrorCode.NOT_IMPLEMENTED: 501,
 }
 
 _RETRYABLE = frozenset({ErrorCode.BACKEND_UNAVAILABLE})

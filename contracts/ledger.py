@@ -11,7 +11,9 @@ from typing import Literal
 
 import msgspec
 
-LEDGER_VERBS = ("usage", "stats", "history", "record", "erase")
+from contracts.models import UsageContent
+
+LEDGER_VERBS = ("usage", "stats", "history", "record", "erase", "forget")
 GroupBy = Literal["tenant", "model", "day", "hour"]
 
 
@@ -107,6 +109,8 @@ class RequestRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     accepted_at: float | None = None
     ended_at: float
     recorded_at: float
+    # Its prompt and answer (`GET /v1/history/{id}` only; LLMBUS_LEDGER_CONTENT=on, within retention).
+    content: UsageContent | None = None
 
 
 class HistoryPage(msgspec.Struct, kw_only=True):
@@ -117,11 +121,25 @@ class HistoryPage(msgspec.Struct, kw_only=True):
 class RecordRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     request_id: str
     tenant: str | None = None  # set: only a record of this tenant is found
+    content_only: bool = False  # erase: the prompt and answer only, keep the usage row
 
 
 class Erased(msgspec.Struct, kw_only=True):
     request_id: str
     erased: bool
+
+
+class ForgetQuery(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """Erase every request of a tenant, or of one API key (`key_id`), or of a key in a tenant."""
+
+    tenant: str | None = None
+    key_id: str | None = None  # the first 12 hex digits of the key's SHA-256, as rows hold it
+    content_only: bool = False  # the prompts and answers only, keep the usage rows
+
+
+class Forgotten(msgspec.Struct, kw_only=True):
+    requests: int  # usage rows deleted
+    contents: int  # prompts and answers deleted
 
 
 class Spend(msgspec.Struct, kw_only=True):

@@ -68,6 +68,17 @@ class ModelInfo(msgspec.Struct, kw_only=True):
         return self.state in READY_STATES
 
 
+class UsageContent(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What was asked and answered, on a `UsageEvent` only with `LLMBUS_LEDGER_CONTENT=on`.
+
+    Each field is cut to `LLMBUS_LEDGER_CONTENT_MAX_BYTES` of UTF-8 (`truncated` then says so).
+    """
+
+    prompt: str  # JSON: the messages (`system` first, a `prompt` as one user message), images counted
+    answer: str  # the answer's text as the client got it (across take-overs)
+    truncated: bool = False
+
+
 class UsageEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Published on `llm.evt.usage.<model>` after every request's terminal event.
 
@@ -96,6 +107,7 @@ class UsageEvent(msgspec.Struct, omit_defaults=True, kw_only=True):
     tokens_per_s: float | None = None
     trace_id: str = ""
     accepted_at: float | None = None  # Unix seconds, when the edge accepted it
+    content: UsageContent | None = None  # prompt and answer (generation, LLMBUS_LEDGER_CONTENT=on)
 
 
 class _ModelEvent(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -104,10 +116,20 @@ class _ModelEvent(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=
     op: Op
 
 
+class StatusLine(msgspec.Struct, omit_defaults=True):
+    """One status line of the model server's pull or create, as Ollama sends it (one layer's bytes)."""
+
+    status: str
+    digest: str = ""
+    total: int = 0
+    completed: int = 0
+
+
 class OpProgress(_ModelEvent, tag="progress"):
     """A step of a running pull or create (Ollama's status lines, summed over layers)."""
 
     progress: Progress
+    line: StatusLine | None = None  # the line this step came from (Ollama's API relays it)
 
 
 class OpDone(_ModelEvent, tag="done"):
@@ -153,17 +175,34 @@ class PullRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
         _check_model(self.model)
 
 
-class CreateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """`create`: a model from the text of a Modelfile (FROM a model name on the host)."""
+class CreateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """`create`: a model from the text of a Modelfile (FROM a model name on the host), or from the
+    fields of Ollama's structured create request (`from`, `files`, ...: blobs already on the host)."""
 
     model: str
-    modelfile: str
+    modelfile: str = ""
     progress: str | None = None
+    from_: str = msgspec.field(default="", name="from")
+    files: dict[str, str] | None = None  # file name -> `sha256:<hex>` of a blob on the host
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: str | None = None  # e.g. `q4_K_M`: the host quantizes an F16/F32 base
+
+    @property
+    def structured(self) -> bool:
+        fields = (self.from_, self.files, self.adapters, self.template, self.system, self.license)
+        return any(fields) or bool(self.parameters or self.messages)
 
     def validate(self) -> None:
         _check_model(self.model)
-        if not self.modelfile.strip():
-            raise LlmbusError(ErrorCode.BAD_REQUEST, "`modelfile` must not be empty")
+        if self.modelfile.strip() and self.structured:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "give either `modelfile` or `from`/`files`, not both")
+        if not self.modelfile.strip() and not (self.from_ or self.files):
+            raise LlmbusError(ErrorCode.BAD_REQUEST, "`modelfile`, `from` or `files` is required")
 
 
 class CopyRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -212,6 +251,7 @@ class ModelDetails(msgspec.Struct, omit_defaults=True, kw_only=True):
     capabilities: list[str] = msgspec.field(default_factory=list)
     details: dict[str, Any] = msgspec.field(default_factory=dict)
     model_info: dict[str, Any] = msgspec.field(default_factory=dict)
+    modified_at: str = ""  # RFC 3339: when the model last changed on the host (as the host says)
     info: ModelInfo | None = None
 
 

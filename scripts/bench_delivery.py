@@ -22,9 +22,9 @@ import nats
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.runtime import bus
+from services.runtime.event_store import store_event
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
-from services.runtime.worker import store_event
 
 EVENT = b'{"type":"done","finish_reason":"stop","seq":41,"attempt":1}'
 

@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     export = sub.add_parser("contracts", help="write JSON Schema and AsyncAPI documents of the wire contract")
     export.add_argument("--check", action="store_true", help="fail if the checked-in export is stale")
     dlq.add_parser(sub)
-    ledger_cli.add_parser(sub)  # `llmbus usage`, `llmbus stats`
+    ledger_cli.add_parser(sub)  # `llmbus usage`, `llmbus stats`, `llmbus erase`
     tenants.add_parser(sub)  # `llmbus keys new|hash`
     sub.add_parser("provision", help="create the streams and apply changed settings to them (as admin)")
     sub.add_parser("config", help="print every effective setting and where it comes from")
@@ -49,7 +49,7 @@ def show_config(settings: Settings) -> int:
     """Every setting, its effective value and its source; then the unknown `LLMBUS_*` variables."""
     sources = Settings.sources()
     for name in Settings.__struct_fields__:
-        value = getattr(settings, name)
+        value = settings.text(name)
         shown = "***" if value and (name.endswith("password") or name.endswith("api_key")) else value
         print(f"{PREFIX}{name.upper():<34} {shown!s:<32} {sources[name]}")
     for warning in unknown_variables():
@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return export_main(check=args.check)
     if args.command == "dlq":
         return dlq.main(args, settings)
-    if args.command in ("usage", "stats"):
+    if args.command in ("usage", "stats", "erase"):
         return ledger_cli.main(args, settings)
     if args.command == "provision":
         return provision.main(settings)

@@ -1,7 +1,7 @@
 """`llmbus provision`: creates the streams and brings existing ones to the current settings.
 
 Services create what is missing themselves (at start and after a NATS reconnect) but may not
-change or remove a stream: their NATS users lack those rights (services/runtime/nats_auth.py).
+change or remove a stream: their NATS users lack those rights (services/runtime/nats_roles.py).
 Changing a stream's configuration (say `LLMBUS_EVENT_MAX_AGE_S`) is this step, run as the `admin`
 user: `llmbus up` runs it before it starts the services; with compose, run it once after changing
 such a setting (`docker compose run --rm edge provision`).

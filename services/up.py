@@ -209,12 +209,21 @@ def _start_children(
         children["ollama"] = Child("ollama", backend.ollama, os.environ | launch.ollama_env(settings))
         if not launch.wait_ollama(settings.generate_url, children["ollama"].proc, stopping.is_set):
             log.warning("`ollama serve` did not answer within 30 s; see its log above")
-    for name in ("local", *SERVICES) if backend.local else SERVICES:
-        own = {"LLMBUS_NATS_USER": name, "LLMBUS_NATS_PASSWORD": passwords[name]} if name in passwords else {}
-        if name == "edge":
-            own["LLMBUS_INSTANCE_ID"] = instance  # how `wait_ready` knows its own edge
-        children[name] = Child(name, [sys.executable, "-m", "services.cli", name], env | own)
+    for role in ("local", *SERVICES) if backend.local else SERVICES:
+        own = {"LLMBUS_NATS_USER": role, "LLMBUS_NATS_PASSWORD": passwords[role]} if role in passwords else {}
+        if role == "edge":
+            own["LLMBUS_INSTANCE_ID"] = instance  # how `wait_ready` knows its own edges
+        for replica, name in enumerate(replica_names(role, settings)):
+            own["LLMBUS_REPLICA"] = str(replica)
+            children[name] = Child(name, [sys.executable, "-m", "services.cli", role], env | own)
     return children
+
+
+def replica_names(role: str, settings: Settings) -> list[str]:
+    """The processes of `role` that `llmbus up` runs: `edge`, `edge-2`, ... (`LLMBUS_EDGE_WORKERS`,
+    `LLMBUS_GENERATORS`; one of every other role)."""
+    count = {"edge": settings.edge_workers, "generator": settings.generators}.get(role, 1)
+    return [role if i == 0 else f"{role}-{i + 1}" for i in range(count)]
 
 
 def _supervise(children: dict[str, Child], nats: NatsServer) -> int:

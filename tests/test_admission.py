@@ -315,7 +315,7 @@ async def test_cors_is_closed_by_default_and_open_to_configured_origins(
     async with running(settings) as http:
         answer = await http.options("/v1/chat", headers=preflight)
         assert "access-control-allow-origin" not in answer.headers
-    settings = msgspec.structs.replace(settings, http_port=free_port(), cors_origins="https://app.example")
+    settings = msgspec.structs.replace(settings, http_port=free_port(), cors_origins=["https://app.example"])
     async with running(settings) as http:
         answer = await http.options("/v1/chat", headers=preflight)
         assert answer.headers["access-control-allow-origin"] == "https://app.example"
@@ -469,3 +469,21 @@ async def test_tenants_file_edits_apply_to_the_next_request_and_a_broken_edit_ke
         edit(file, f'[tenants.b]\nkeys = ["{hash_key(KEYS["b"])}"]\n')
         assert_error(await http.post("/v1/chat", json=CHAT, headers=bearer("a")), 401, "unauthorized")
         assert (await http.post("/v1/chat", json=CHAT, headers=bearer("b"))).status_code == 200
+
+
+async def test_a_body_the_request_stream_cannot_hold_is_413_not_500(settings: Settings) -> None:
+    # The request stream was created by a service with a smaller LLMBUS_MAX_BODY_BYTES than this
+    # edge's (its max_msg_size follows the creator's setting): the edge accepts the body, JetStream
+    # refuses the message. That is the client's 413 naming the stream's limit, not a 500.
+    small = msgspec.structs.replace(settings, max_body_bytes=2048)
+    nc = await bus.connect(small, "generator")
+    try:
+        await bus.provision(nc.jetstream(), small)
+    finally:
+        await nc.close()
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 8000}]}  # < 64 KiB, > 4 KiB
+    async with Edge(settings) as edge, httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
+        response = await http.post("/v1/chat", json=big)
+        assert_error(response, 413, "request_too_large")
+        assert "4096" in response.json()["error"]["message"]  # the stream's limit, named
+        assert (await http.post("/v1/chat", json={**CHAT, "stream": "deferred"})).status_code == 202

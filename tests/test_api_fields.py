@@ -13,6 +13,7 @@ import httpx
 import msgspec
 import pytest
 
+import contracts
 from services.edge import bodies
 from services.edge.compat import ollama_bodies, openai_bodies
 from services.edge.embed import EmbedBody
@@ -310,3 +311,139 @@ async def test_each_field_is_carried_or_refused(stack: httpx.AsyncClient, fake_o
                     [(c.path, c.body) for c in fake_ollama.calls[before - 2 :]],
                 )
                 assert row.check(sent[-1]), (what, sent[-1])
+
+
+# -- the fields of a chat message (and of an OpenAI content part), walked the same way
+
+
+@dataclass
+class InMessages:
+    """Requests with these `messages` (the field in use): carried when `check` holds for the
+    backend's body, refused (`400 unsupported` naming `refused`, the field's path) otherwise."""
+
+    messages: list[dict[str, Any]]
+    check: Upstream | None = None
+    refused: str | None = None
+    model: str | None = None
+
+
+USER = {"role": "user", "content": "Weather in Paris?"}
+DATA_URL = f"data:image/png;base64,{IMAGE}"
+OPENAI_CALL = {
+    "id": "c1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+OLLAMA_CALL = {"id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+OPENAI_ROUND_TRIP = [
+    USER,
+    {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+]
+ARGUMENTS = at("messages", 1, "tool_calls", 0, "function", "arguments", equals={"city": "Paris"})
+
+
+def parts(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "hi"}, *extra]}]
+
+
+OPENAI_MESSAGE: dict[str, InMessages] = {
+    "role": InMessages(
+        [{"role": "developer", "content": "be brief"}, USER], at("messages", 0, "role", equals="system")
+    ),
+    "content": InMessages([USER], at("messages", 0, "content", equals="Weather in Paris?")),
+    "tool_calls": InMessages(OPENAI_ROUND_TRIP, ARGUMENTS),
+    "tool_call_id": InMessages(OPENAI_ROUND_TRIP, at("messages", 2, "tool_name", equals="get_weather")),
+    "name": InMessages([USER | {"name": "bob"}], refused="messages[0].name"),
+    "refusal": InMessages(
+        [USER, {"role": "assistant", "content": "x", "refusal": "no"}], refused="messages[1].refusal"
+    ),
+    "audio": InMessages(
+        [USER, {"role": "assistant", "content": "x", "audio": {"id": "a1"}}], refused="messages[1].audio"
+    ),
+    "function_call": InMessages(
+        [USER, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}],
+        refused="messages[1].function_call",
+    ),
+}
+
+OPENAI_CONTENT_PART: dict[str, InMessages] = {
+    "type": InMessages(parts(), at("messages", 0, "content", equals="hi")),
+    "text": InMessages(parts({"type": "text", "text": "!"}), at("messages", 0, "content", equals="hi!")),
+    "image_url": InMessages(
+        parts({"type": "image_url", "image_url": {"url": DATA_URL, "detail": "low"}}),
+        at("messages", 0, "images", equals=[IMAGE]),
+        model=VISION,
+    ),
+    "refusal": InMessages(
+        [USER, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
+        at("messages", 1, "content", equals="no"),
+    ),
+    "input_audio": InMessages(
+        parts({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}),
+        refused="messages[0].content[1].type",
+    ),
+    "file": InMessages(
+        parts({"type": "file", "file": {"file_data": "AAAA"}}), refused="messages[0].content[1].type"
+    ),
+}
+
+_OLLAMA_ROUND_TRIP = [
+    USER,
+    {"role": "assistant", "content": "", "thinking": "look it up", "tool_calls": [OLLAMA_CALL]},
+    {"role": "tool", "tool_name": "get_weather", "tool_call_id": "c1", "content": "sunny"},
+]
+
+OLLAMA_MESSAGE: dict[str, InMessages] = {
+    "role": InMessages(
+        [{"role": "system", "content": "be brief"}, USER], at("messages", 0, "role", equals="system")
+    ),
+    "content": InMessages([USER], at("messages", 0, "content", equals="Weather in Paris?")),
+    "images": InMessages(
+        [USER | {"images": [IMAGE]}], at("messages", 0, "images", equals=[IMAGE]), model=VISION
+    ),
+    "thinking": InMessages(_OLLAMA_ROUND_TRIP, at("messages", 1, "thinking", equals="look it up")),
+    "tool_calls": InMessages(_OLLAMA_ROUND_TRIP, ARGUMENTS),
+    "tool_name": InMessages(_OLLAMA_ROUND_TRIP, at("messages", 2, "tool_name", equals="get_weather")),
+    "tool_call_id": InMessages(_OLLAMA_ROUND_TRIP, at("messages", 2, "tool_call_id", equals="c1")),
+}
+
+NATIVE_MESSAGE: dict[str, InMessages] = OLLAMA_MESSAGE  # the bus's Message has Ollama's fields
+
+# route, the message Struct, the request's other fields, the table
+MESSAGE_ROUTES: list[tuple[str, type[msgspec.Struct], dict[str, Any], dict[str, InMessages]]] = [
+    ("/openai/v1/chat/completions", openai_bodies.ChatMessage, {}, OPENAI_MESSAGE),
+    ("/openai/v1/chat/completions", openai_bodies.ContentPart, {}, OPENAI_CONTENT_PART),
+    ("/ollama/api/chat", ollama_bodies.OllamaMessage, {"stream": False}, OLLAMA_MESSAGE),
+    ("/v1/chat", contracts.Message, {}, NATIVE_MESSAGE),
+]
+
+
+def test_every_message_field_is_in_the_table() -> None:
+    for route, message, _, table in MESSAGE_ROUTES:
+        assert set(message.__struct_fields__) == set(table), (
+            f"{route} {message.__name__}: decide (docs/contract.md)"
+        )
+
+
+async def test_each_message_field_is_carried_or_refused(
+    stack: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    for route, message, extra, table in MESSAGE_ROUTES:
+        for name, row in table.items():
+            what = f"{route} {message.__name__}.{name}"
+            body = {"model": row.model or MODEL, "messages": row.messages, **extra}
+            before = len(fake_ollama.calls)
+            answer = await stack.post(route, json=body)
+            if row.refused is not None:
+                assert answer.status_code == 400, (what, answer.text)
+                error = answer.json()["error"]
+                if route.startswith("/openai/"):
+                    assert (error["code"], error["param"]) == ("unsupported", row.refused), what
+                else:
+                    assert f"`{row.refused}` is not supported" in error, what
+                assert len(fake_ollama.calls) == before, what
+                continue
+            assert answer.status_code == 200, (what, answer.text)
+            sent = [c.body for c in fake_ollama.calls[before:] if c.path == "/api/chat"]
+            assert sent and row.check is not None and row.check(sent[-1]), (what, sent[-1:])

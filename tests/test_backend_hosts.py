@@ -20,11 +20,11 @@ async def test_each_generator_serves_only_the_models_of_its_host(settings: Setti
         FakeOllama(FakeConfig()) as host_b,
     ):
         first = Generator(
-            msgspec.structs.replace(settings, ollama_url=host_a.url, generate_models="llama3.2:1b")
+            msgspec.structs.replace(settings, ollama_url=host_a.url, generate_models=["llama3.2:1b"])
         )
         second = Generator(
             msgspec.structs.replace(
-                settings, backend_url=host_b.url, generate_models="qwen2.5:0.5b, qwen2.5-coder:1.5b"
+                settings, backend_url=host_b.url, generate_models=["qwen2.5:0.5b", "qwen2.5-coder:1.5b"]
             )
         )
         await first.start()
@@ -49,7 +49,7 @@ async def test_each_generator_serves_only_the_models_of_its_host(settings: Setti
 async def test_a_generator_for_every_model_cannot_overlap_a_filtered_one(
     settings: Settings, generator: Generator
 ) -> None:
-    filtered = Generator(msgspec.structs.replace(settings, generate_models="llama3.2:1b"))
+    filtered = Generator(msgspec.structs.replace(settings, generate_models=["llama3.2:1b"]))
     with pytest.raises(BadRequestError):
         await filtered.start()
     await filtered.nc.close()
@@ -57,13 +57,14 @@ async def test_a_generator_for_every_model_cannot_overlap_a_filtered_one(
 
 
 def test_the_consumer_is_named_after_the_model_set() -> None:
-    assert consumer("") == ("generator", ["llm.req.generate.>"])
-    durable, filters = consumer("qwen2.5:0.5b,llama3.2:1b")
-    assert durable == consumer(" llama3.2:1b , qwen2.5:0.5b ")[0]  # same set, same consumer
+    assert consumer([]) == ("generator", ["llm.req.generate.>"])
+    durable, filters = consumer(["qwen2.5:0.5b", "llama3.2:1b"])
+    from_env = Settings.from_env({"LLMBUS_GENERATE_MODELS": " llama3.2:1b , qwen2.5:0.5b ,"})
+    assert durable == consumer(from_env.generate_models)[0]  # same set, same consumer
     assert durable.startswith("generator-llama3_2_1b-")
     assert filters == ["llm.req.generate.llama3%2E2:1b", "llm.req.generate.qwen2%2E5:0%2E5b"]
     with pytest.raises(SystemExit, match="LLMBUS_GENERATE_MODELS"):
-        consumer("bad model name!")
+        consumer(["bad model name!"])
 
 
 async def test_the_backend_kind_and_url_come_from_settings() -> None:

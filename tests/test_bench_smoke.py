@@ -23,13 +23,25 @@ def _run(module: str, *args: str, exit_code: int = 0) -> subprocess.CompletedPro
     return run
 
 
+def _first_table(out: str) -> list[str]:
+    """The rows of the first table printed (the per-run table), without its header."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| streams | contender |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
 def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contender_and_level() -> None:
     args = ["--quick", "--no-litellm", "--concurrency", "1,2", "--requests", "3", "--rounds", "1"]
     args += ["--tokens", "3", "--idle-streams", "5", "--ceiling-requests", "2", "--ceiling-tokens", "20"]
     args += ["--edge", "granian=scripts.bench.edge_granian"]  # an alternative edge, in the same run
     out = _run("scripts.bench", *args).stdout
     assert "| streams | contender | requests | errors | TTFT p50 ms |" in out
-    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    rows = _first_table(out)
     assert [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows] == [
         ("1", "direct"),
         ("1", "llmbus"),
@@ -41,6 +53,52 @@ def test_quick_benchmark_without_litellm_exits_0_and_prints_one_row_per_contende
     assert all(r.split("|")[4].strip() == "0" for r in rows)  # no errors column entry is non-zero
     assert "5/5 open on one edge" in out
     assert "llmbus:" in out and "llmbus-granian:" in out and "tokens/s relayed" in out
+    # The gateways' figures per level, with CPU per request split by process.
+    assert "| streams | gateway | runs | added TTFT p50 ms |" in out
+    assert (
+        "edge " in out.split("| streams | gateway |")[1] and "nats " in out.split("| streams | gateway |")[1]
+    )
+
+
+def test_repeated_runs_with_two_edges_and_two_generators_print_the_spread() -> None:
+    args = [
+        "--quick",
+        "--no-litellm",
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--rounds",
+        "1",
+        "--runs",
+        "2",
+    ]
+    args += [
+        "--tokens",
+        "3",
+        "--idle-streams",
+        "0",
+        "--ceiling-requests",
+        "0",
+        "--edges",
+        "2",
+        "--generators",
+        "2",
+    ]
+    out = _run("scripts.bench", *args).stdout
+    assert [r.split("|")[2].strip() for r in _first_table(out)] == ["direct", "llmbus"] * 2
+    spread = out.split("| streams | gateway |")[1].splitlines()[2]
+    assert spread.split("|")[2].strip() == "llmbus" and spread.split("|")[3].strip() == "2"  # two runs
+
+
+def test_quick_benchmark_with_the_ledger_reports_its_row_lag() -> None:
+    args = ["--quick", "--no-litellm", "--concurrency", "2", "--requests", "4", "--rounds", "1"]
+    args += ["--tokens", "3", "--idle-streams", "0", "--ceiling-requests", "0", "--ledger"]
+    out = _run("scripts.bench", *args).stdout
+    rows = _first_table(out)
+    assert [r.split("|")[2].strip() for r in rows] == ["direct", "llmbus", "llmbus-ledger"]
+    assert all(r.split("|")[4].strip() == "0" for r in rows)
+    assert "2 streams: 4 rows, lag p50 " in out
 
 
 def test_a_run_with_errors_exits_non_zero_and_says_it_is_not_a_result() -> None:

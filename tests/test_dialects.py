@@ -21,7 +21,7 @@ from tests.seed_curl import request
 
 @asynccontextmanager
 async def seed_edge(settings: Settings, dialects: str, **more: object) -> AsyncIterator[httpx.AsyncClient]:
-    edge = Edge(msgspec.structs.replace(settings, dialects=dialects, **more))
+    edge = Edge(msgspec.structs.replace(settings, dialects=dialects.split(","), **more))
     async with edge, httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
         yield http
 
@@ -38,9 +38,9 @@ def test_dialects_are_off_by_default_and_two_claiming_one_path_refuse_to_start()
     app = create_app(Settings())
     assert "/api/v1/generate" not in app.route_handler_method_map
     with pytest.raises(DialectConflict, match="'badges' and 'simple' both claim POST /api/v1/generate"):
-        create_app(Settings(dialects="badges,simple"))
+        create_app(Settings(dialects=["badges", "simple"]))
     with pytest.raises(DialectConflict, match="unknown dialect 'nope'"):
-        create_app(Settings(dialects="nope"))
+        create_app(Settings(dialects=["nope"]))
 
 
 # --- seed 004: the simple generate API ---------------------------------------------------------

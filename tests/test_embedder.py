@@ -16,6 +16,7 @@ import nats
 import pytest
 
 from contracts import headers, subjects
+from services.embedder import matryoshka
 from services.embedder.main import Embedder
 from services.runtime.settings import Settings
 from tests.conftest import Edge
@@ -302,3 +303,50 @@ async def test_a_reply_too_big_for_one_nats_message_arrives_in_parts_and_whole_o
     assert events[0].get("index", 0) == 0
     assert events[-1]["index"] == sum(len(event["embeddings"]) for event in events[:-1])
     assert [vector for event in events for vector in event["embeddings"]] == want
+
+
+async def test_dimensions_cut_and_renormalised_for_matryoshka_models_when_the_backend_ignores_them(
+    settings: Settings, fake_ollama: FakeOllama
+) -> None:
+    [full] = await expected(fake_ollama, ["red kite"])  # (resets the fake's configuration)
+    fake_ollama.config.embed_dimensions = False  # an older Ollama: always its full 64 dimensions
+    fake_ollama.config.models.append("all-minilm:latest")
+    async with stack(settings) as http:
+        cut = await http.post("/v1/embed", json={"model": MODEL, "input": "red kite", "dimensions": 16})
+        again = await http.post("/v1/embed", json={"model": MODEL, "input": "red kite", "dimensions": 16})
+        other = await http.post("/v1/embed", json={"model": MODEL, "input": "red kite", "dimensions": 8})
+        whole = await http.post("/v1/embed", json={"model": MODEL, "input": "red kite"})
+        cannot = await http.post("/v1/embed", json={"model": "all-minilm", "input": "x", "dimensions": 16})
+        above = await http.post("/v1/embed", json={"model": MODEL, "input": "y", "dimensions": 128})
+    [vector] = cut.json()["embeddings"]
+    norm = sum(x * x for x in full[:16]) ** 0.5
+    assert vector == pytest.approx([x / norm for x in full[:16]], abs=1e-6)  # the head, at unit length
+    assert sum(x * x for x in vector) == pytest.approx(1.0, abs=1e-5)
+    assert again.json()["embeddings"] == [vector] and again.json()["usage"]["cached"] == 1
+    assert len(other.json()["embeddings"][0]) == 8 and other.json()["usage"]["cached"] == 0  # its own key
+    assert whole.json()["embeddings"] == [full]
+    for refused, why in ((cannot, "not Matryoshka-trained"), (above, "fewer than asked")):
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (
+            error["code"] == "unsupported" and "`dimensions`" in error["message"] and why in error["message"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("model", "cut"),
+    [
+        ("nomic-embed-text", True),
+        ("nomic-embed-text:v1.5", True),
+        ("hf.co/nomic-ai/nomic-embed-text-v1.5-GGUF:Q4_K_M", True),
+        ("nomic-embed-text-v1.f16", False),  # v1 was not Matryoshka-trained
+        ("mxbai-embed-large:335m", True),
+        ("embeddinggemma", True),
+        ("qwen3-embedding:0.6b", True),
+        ("all-minilm", False),
+        ("bge-m3", False),
+        ("multilingual-e5-small-q4", False),
+    ],
+)
+def test_the_matryoshka_list(model: str, cut: bool) -> None:
+    assert matryoshka.is_matryoshka(model) is cut

@@ -236,13 +236,13 @@ def test_a_model_for_ollama_only_is_not_desired_of_an_openai_compatible_server(t
     [
         ("[defaults]\nidle_ttl = 'soon'", "not a duration"),
         ("[memory]\nbudget = 'lots'", "not a size"),
-        ("[memory]\nhost_threshold = 85", "fraction"),
-        ("[[models]]\npinned = true", "`name` is required"),
+        ("[memory]\nhost_threshold = 85", r"<= 1.0 - at `\$.memory.host_threshold`"),
+        ("[[models]]\npinned = true", r"missing required field `name` - at `\$.models\[0\]`"),
         ("[[models]]\nname = 'bad name'", "invalid model name"),
         ("[[models]]\nname = 'x'\nmodelfile = 'nope.Modelfile'", "cannot read Modelfile"),
         ("[[models]]\nname = 'x'\n[[models]]\nname = 'x:latest'", "listed twice"),
-        ("[[models]]\nname = 'x'\nkeep = true", "unknown key 'keep'"),
-        ("[[models]]\nname = 'x'\nbackends = ['vllm']", "`backends` must be a list of ollama and openai"),
+        ("[[models]]\nname = 'x'\nkeep = true", r"unknown field `keep` - at `\$.models\[0\]`"),
+        ("[[models]]\nname = 'x'\nbackends = ['vllm']", r"'vllm' - at `\$.models\[0\].backends\[0\]`"),
         ("models = [", "models.toml"),
     ],
 )

@@ -9,12 +9,14 @@ since no router-mode server is available here and the fake Ollama is the only al
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import msgspec
 import nats
+import ollama
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -136,3 +138,31 @@ async def test_unload_on_a_llama_cpp_without_router_mode_is_bad_request(
     # The model is still served and still listed as loaded.
     after = await admin.call("ps", None, ModelList, "llama")
     assert CHAT in {info.model for info in after.models}
+
+
+async def test_ollama_show_on_a_llama_cpp_host_has_context_length_capabilities_and_modified_at(
+    settings: Settings,
+    janitor: JanitorService,
+    nc: Client,
+    local: LocalServers,  # noqa: F811
+) -> None:
+    await AdminClient(nc).call("list", None, ModelList)  # the inventory has both models
+    async with Edge(settings) as edge:
+        api = ollama.AsyncClient(host=f"{edge.url}/ollama")
+        try:
+            async with asyncio.timeout(10):
+                while len((await api.list()).models) < 2:
+                    await asyncio.sleep(0.05)
+            chat = await api.show(CHAT)
+            embed = await api.show(EMBED)
+        finally:
+            await api._client.aclose()
+    async with httpx.AsyncClient(base_url=local.chat_url) as http:
+        path = (await http.get("/props")).json()["model_path"]
+    assert chat.modelinfo is not None and chat.modelinfo["general.architecture"] == "llama"  # the GGUF's
+    assert chat.modelinfo["llama.context_length"] == 8192  # llama.cpp's n_ctx_train
+    assert chat.capabilities == ["completion"]  # SmolLM2's template has no tools nor thinking
+    assert chat.details is not None and chat.details.quantization_level and chat.details.family == "llama"
+    mtime = await asyncio.to_thread(os.path.getmtime, path)
+    assert chat.modified_at is not None and chat.modified_at.timestamp() == pytest.approx(mtime)
+    assert embed.capabilities == ["embedding"]  # the host's embedding server

@@ -24,7 +24,8 @@ from services.generator.main import Generator
 from services.runtime import bus, nats_auth
 from services.runtime.nats_server import NatsServer, free_port, server_binary
 from services.runtime.settings import Settings
-from services.runtime.worker import Job, Worker
+from services.runtime.worker import Worker
+from services.runtime.worker_job import Job
 from tests.conftest import Edge
 
 MODEL = "llama3.2:1b"

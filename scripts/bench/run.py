@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import psutil
 
-from scripts.bench import litellm
+from scripts.bench import litellm, spread
+from scripts.bench.ledger import Ledger, attach, print_lags
 from scripts.bench.load import (
     LevelResult,
     LlmbusSseParser,
@@ -49,6 +50,7 @@ class Contender:
     group: Group  # the gateway's processes (none for direct)
     parts: dict[str, Group] = field(default_factory=dict)  # the same, one by one, for the breakdown
     last_parts: dict[str, float] = field(default_factory=dict)  # CPU seconds of each in the last run
+    ledger: bool = False  # runs with the ledger started (scripts/bench/ledger.py)
 
 
 @dataclass
@@ -106,6 +108,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=MODULE",
         help="also measure llmbus with an edge started by `python -m MODULE` (same NATS and generator), "
         "as contender llmbus-NAME; repeatable, for A/B of edge changes in one run",
+    )
+    p.add_argument("--edges", type=int, default=1, help="llmbus edge processes sharing the port (1)")
+    p.add_argument("--generators", type=int, default=1, help="llmbus generator processes (1)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measure every level this many times, contenders alternating; prints each figure's spread",
+    )
+    p.add_argument(
+        "--ledger",
+        action="store_true",
+        help="also measure llmbus with the ledger running (contender llmbus-ledger, started and stopped "
+        "around its run at each level): latency with the ledger on vs off, and its row lag p50/p99",
+    )
+    p.add_argument(
+        "--ledger-database", metavar="URL", help="the ledger's LLMBUS_DATABASE_URL (default: SQLite)"
     )
     p.add_argument("--cache-dir", type=Path, default=_cache_dir(), help="where LiteLLM's virtualenv lives")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -213,21 +232,27 @@ class Stack:
             "LLMBUS_LOG_LEVEL": "warning",
             "OTEL_SDK_DISABLED": "true",
         }
-        generator = self._start(
-            Proc("generator", [PYTHON, "-m", "services.cli", "generator"], self.work, env=env, cwd=REPO)
-        )
-        edge = self._start(Proc("edge", [PYTHON, "-m", "services.cli", "edge"], self.work, env=env, cwd=REPO))
-        edge.wait_port(http_port)
+        # Several processes of a role as `llmbus up` runs them (LLMBUS_EDGE_WORKERS, LLMBUS_GENERATORS).
+        env["LLMBUS_EDGE_WORKERS"] = str(a.edges)
+        generators = [self._replica("generator", i, env) for i in range(a.generators)]
+        edges = [self._replica("edge", i, env) for i in range(a.edges)]
+        edges[0].wait_port(http_port)
         url = f"http://127.0.0.1:{http_port}"
-        _wait_http(f"{url}/health/ready", [edge, generator])
+        _wait_http(f"{url}/health/ready", [*edges, *generators])
+        edge, generator = edges[0], generators[0]
         self.llmbus_env, self.llmbus_url, self.edge, self.generator = env, url, edge, generator
-        self.edge_group = Group([edge])
-        self.generator_group = Group([generator])
+        self.edge_group = Group(edges)
+        self.generator_group = Group(generators)
         if a.profile:
             a.profile.mkdir(parents=True, exist_ok=True)
-            for proc in (edge, generator):
+            for proc in (*edges, *generators):
                 self._start(_py_spy(proc, a.profile, self.work))
         self.contenders["llmbus"] = self._llmbus_contender("llmbus", url, edge, body)
+        if a.ledger:
+            self.ledger = Ledger(env, self.work, REPO, self.nats.url, url)
+            with_ledger = self._llmbus_contender("llmbus-ledger", url, edge, body)
+            with_ledger.ledger = True
+            self.contenders["llmbus-ledger"] = with_ledger
         for alt in a.edge:
             name, _, module = alt.partition("=")
             port = free_port()
@@ -249,14 +274,20 @@ class Stack:
                 f"llmbus-{name}", alt_url, alt_edge, body
             )
 
+    def _replica(self, role: str, replica: int, env: dict[str, str]) -> Proc:
+        name = role if replica == 0 else f"{role}-{replica + 1}"
+        own = {**env, "LLMBUS_REPLICA": str(replica)}
+        return self._start(Proc(name, [PYTHON, "-m", "services.cli", role], self.work, env=own, cwd=REPO))
+
     def _llmbus_contender(self, name: str, url: str, edge: Proc, body: dict[str, Any]) -> Contender:
         nats = [self.nats.proc.pid] if self.nats is not None and self.nats.proc else []
+        edges = self.edge_group.procs if edge is self.edge else [edge]
         return Contender(
             name,
             Target(name, f"{url}/v1/chat", body, LlmbusSseParser),
-            Group([edge, self.generator], extra_pids=nats),
+            Group([*edges, *self.generator_group.procs], extra_pids=nats),
             parts={
-                "edge": Group([edge]),
+                "edge": Group(edges),
                 "generator": self.generator_group,
                 "nats": Group([], extra_pids=nats),
             },
@@ -380,10 +411,14 @@ async def levels(stack: Stack, report: Report) -> None:
         if result.errors:  # counted: the run goes on, prints what it has, and exits non-zero
             report.errors += result.errors
             print(f"{contender.name} failed its warm-up: {result.error_samples}", flush=True)
-    for concurrency in a.levels:
+    for concurrency in [level for _ in range(a.runs) for level in a.levels]:
         requests = max(a.requests, a.rounds * concurrency)
         direct: Row | None = None
         for contender in stack.contenders.values():
+            if contender.ledger:
+                proc = await stack.ledger.start(a.ledger_database)
+                stack.procs.append(proc)
+                attach(contender.group, contender.parts, proc)
             stack.check_alive()
             level, before, after, client_cpu = await measure(
                 contender,
@@ -408,6 +443,12 @@ async def levels(stack: Stack, report: Report) -> None:
             report.rows.append(row)
             report.errors += level.errors
             print(_progress(row), flush=True)
+            if contender.ledger:
+                lag = await stack.ledger.lag(level.requests)
+                await stack.ledger.stop()
+                stack.procs.remove(proc)
+                report.extra.setdefault("ledger", {})[str(concurrency)] = lag
+                print(f"c={concurrency:<4} ledger: {lag}", flush=True)
 
 
 async def idle_streams(stack: Stack, report: Report) -> None:
@@ -495,6 +536,8 @@ async def ceiling(stack: Stack, report: Report) -> None:
     out: dict[str, Any] = {"tokens_per_answer": a.ceiling_tokens, "concurrency": a.ceiling_concurrency}
     try:
         for contender in stack.contenders.values():
+            if contender.ledger:  # the same edge as `llmbus`; the ledger is measured in the levels
+                continue
             edge = contender.parts.get("edge", Group([]))
             e0, g0 = edge.usage(), stack.generator_group.usage()
             level, before, after, client_cpu = await measure(
@@ -688,6 +731,40 @@ async def _run(stack: Stack, report: Report) -> None:
         await ceiling(stack, report)
 
 
+def print_results(report: Report, args: argparse.Namespace) -> None:
+    """The tables and every phase's figures, after the run."""
+    print()
+    print(
+        f"upstream: first token after {args.first_token_delay * 1000:g} ms, then a token every "
+        f"{args.token_interval * 1000:g} ms, {args.tokens} tokens per answer"
+    )
+    print(table(report))
+    print()
+    print(spread.table(report.rows))
+    if "idle_streams" in report.extra:
+        idle = report.extra["idle_streams"]
+        print(
+            f"\nidle streams: {idle['started']}/{idle['streams']} open on one edge in "
+            f"{idle['seconds_to_open_all']} s; edge RSS {idle['edge_rss_mb_before']} -> "
+            f"{idle['edge_rss_mb_open']} MB = {idle['edge_kb_per_stream']} KB per open stream"
+        )
+    if "ceiling" in report.extra:
+        c = report.extra["ceiling"]
+        print(f"\nzero-delay upstream, {c['concurrency']} streams of {c['tokens_per_answer']} tokens:")
+        for name in stack_names(report):
+            if name in c:
+                fig = c[name]
+                extra = ""
+                if "edge_cpu_s" in fig:
+                    extra = (
+                        f", edge CPU {fig['edge_cpu_s']} s / generator CPU {fig['generator_cpu_s']} s "
+                        f"over {fig['wall_s']} s = {fig['tokens_per_edge_cpu_s']} tokens per edge CPU-second"
+                    )
+                print(f"  {name}: {fig['tokens_per_s']} tokens/s relayed{extra}")
+    if "ledger" in report.extra:
+        print_lags(report.extra["ledger"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = Report()
@@ -714,32 +791,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.down()
     report.extra["load_average_after"] = os.getloadavg()
     report.extra["other_processes"] = neighbours.report()
-    print()
-    print(
-        f"upstream: first token after {args.first_token_delay * 1000:g} ms, then a token every "
-        f"{args.token_interval * 1000:g} ms, {args.tokens} tokens per answer"
-    )
-    print(table(report))
-    if "idle_streams" in report.extra:
-        idle = report.extra["idle_streams"]
-        print(
-            f"\nidle streams: {idle['started']}/{idle['streams']} open on one edge in "
-            f"{idle['seconds_to_open_all']} s; edge RSS {idle['edge_rss_mb_before']} -> "
-            f"{idle['edge_rss_mb_open']} MB = {idle['edge_kb_per_stream']} KB per open stream"
-        )
-    if "ceiling" in report.extra:
-        c = report.extra["ceiling"]
-        print(f"\nzero-delay upstream, {c['concurrency']} streams of {c['tokens_per_answer']} tokens:")
-        for name in stack_names(report):
-            if name in c:
-                fig = c[name]
-                extra = ""
-                if "edge_cpu_s" in fig:
-                    extra = (
-                        f", edge CPU {fig['edge_cpu_s']} s / generator CPU {fig['generator_cpu_s']} s "
-                        f"over {fig['wall_s']} s = {fig['tokens_per_edge_cpu_s']} tokens per edge CPU-second"
-                    )
-                print(f"  {name}: {fig['tokens_per_s']} tokens/s relayed{extra}")
+    print_results(report, args)
     before, after = report.extra["load_average_before"], report.extra["load_average_after"]
     print(f"\nload average before/after: {before} / {after}")
     print("other processes during the run (average CPU, 100% = one core):")

@@ -17,7 +17,7 @@ from contracts import GenerateRequest, headers
 from contracts.route import Routed
 from services.classifier.router import Router
 from services.runtime.handoff import Claims, republish
-from services.runtime.worker import Job
+from services.runtime.worker_job import Job
 
 OWNER = "classifier"
 

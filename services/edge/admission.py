@@ -52,12 +52,14 @@ def request_id_for_key(key: str, tenant: Tenant) -> str:
 class Ticket:
     """One admitted request's hold on its tenant's limits, given back once when its feed closes."""
 
-    __slots__ = ("admission", "lease", "released", "tenant")
+    __slots__ = ("admission", "lease", "limited", "released", "reserved", "tenant")
 
-    def __init__(self, admission: Admission, tenant: Tenant, lease: str) -> None:
+    def __init__(self, admission: Admission, tenant: Tenant, lease: str, *, limited: bool = True) -> None:
         self.admission = admission
         self.tenant = tenant
         self.lease = lease
+        self.limited = limited  # holds a request of the tenant's rate limits
+        self.reserved = False  # holds tokens against the tenant's budget
         self.released = False
 
     def give_back(self, tokens: int) -> None:
@@ -112,12 +114,15 @@ class Admission:
         """The request as it may be published (`num_predict` capped), its ticket and its place in
         the backlog (`slot.stored()` once published, else `slot.dropped()`); or raises."""
         self.check_model(request.model, tenant)
-        await self.check_budget(tenant)
+        await self.check_budget(tenant)  # spent already: refused without a round trip
         if isinstance(request, GenerateRequest):
             request = self._fit(request)
         slot = await self.backlog.admit(subject)  # `llm.req.route` if routed: the classifier's queue
         try:
-            return request, await self.hold(tenant), slot
+            ticket = await self.hold(tenant)
+            if tenant.budget.any:
+                ticket = await self._reserve(ticket, tenant, reserve_tokens(request))
+            return request, ticket, slot
         except BaseException:
             slot.dropped()
             raise
@@ -135,6 +140,24 @@ class Admission:
             return
         spend = self.spend or await self._open_spend()  # a reload gave a tenant its first budget
         spend.check(tenant.name, budget)
+
+    async def _reserve(self, ticket: Ticket | None, tenant: Tenant, tokens: int) -> Ticket:
+        """Reserves what the request may use against the tenant's budget, shared by every edge
+        (services/edge/quota.py): a burst cannot all pass the check before any of it is counted."""
+        spend = self.spend or await self._open_spend()
+        quota = self.quota or await self._open_quota()
+        ticket = ticket or Ticket(self, tenant, uuid.uuid4().hex, limited=False)
+
+        def check(reserved: int) -> None:
+            spend.check(tenant.name, tenant.budget, reserved)
+
+        try:
+            await quota.reserve(tenant, ticket.lease, tokens, check)
+        except BaseException:
+            ticket.give_back(0)
+            raise
+        ticket.reserved = True
+        return ticket
 
     async def _open_spend(self) -> SpendView:
         async with self._opening:
@@ -217,9 +240,20 @@ class Admission:
     async def _release(self, ticket: Ticket, tokens: int) -> None:
         assert self.quota is not None
         try:
-            await self.quota.release(ticket.tenant, ticket.lease, tokens)
-        except Exception as exc:  # the lease expires on its own
-            log.warning("could not release an in-flight lease: %s", exc)
+            if ticket.reserved:
+                await self.quota.settle(ticket.tenant, ticket.lease, tokens)
+            if ticket.limited:
+                await self.quota.release(ticket.tenant, ticket.lease, tokens)
+        except Exception as exc:  # the lease and the reservation expire on their own
+            log.warning("could not release an in-flight lease or budget reservation: %s", exc)
+
+
+def reserve_tokens(request: GenerateRequest | EmbedRequest) -> int:
+    """What an admitted request may use, for its budget: the prompt's estimate plus its answer's
+    cap (`num_predict`, capped at admission; nothing more when no cap applies)."""
+    if isinstance(request, EmbedRequest):
+        return sum(-(-len(text) // CHARS_PER_TOKEN) for text in request.inputs)
+    return estimate_tokens(request) + max(request.options.num_predict or 0, 0)
 
 
 def estimate_tokens(request: GenerateRequest) -> int:

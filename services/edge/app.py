@@ -27,9 +27,10 @@ from services.edge.demo import asset, page
 from services.edge.depth import LimitedRequest
 from services.edge.dialects import mounted as mounted_dialects
 from services.edge.embed import embed
-from services.edge.errors import by_path, native_error, with_retry_after
+from services.edge.errors import by_path, native_error, retry_after_hook
 from services.edge.generation import chat, generate
 from services.edge.health import live, ready
+from services.edge.images import ImagePolicy
 from services.edge.ledger_routes import ROUTES as LEDGER_ROUTES
 from services.edge.observability import Observability
 from services.edge.requests import cancel_request, request_events
@@ -54,7 +55,8 @@ def create_app(
     tests watch; handlers get their parts by dependency injection (services/edge/wiring.py).
     """
     parts = Parts(settings, load_tasks(settings.tasks_dir or None))  # a broken task file stops it here
-    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    ImagePolicy.of(settings)  # so does a bad LLMBUS_IMAGE_MAX_SIDE or LLMBUS_IMAGE_QUALITY
+    origins = settings.cors_origins
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -106,7 +108,7 @@ def create_app(
         dependencies=parts.dependencies(),
         # A 404 or 405 under an API's prefix answers in that API's error shape.
         exception_handlers=by_path({"/openai/": openai_error, "/ollama/": ollama_error}, native_error),  # type: ignore[arg-type]
-        after_request=with_retry_after,  # every 429 and 503 has a Retry-After
+        after_request=retry_after_hook,  # every 429 and 503 has a Retry-After
         middleware=[DefineMiddleware(Authenticate, keys=parts.keys)],  # API keys: `request.user`
         guards=[parts.connected, admin_only],  # the bus, and the admin scope of admin routes
         cors_config=CORSConfig(allow_origins=origins) if origins else None,  # closed unless configured

@@ -23,7 +23,7 @@ from services.edge.tenants import ANONYMOUS, Keyring, Tenant, hash_key
 # Routes anyone may call with auth on: probes, metrics, the OpenAPI document, the demo page.
 PUBLIC = [
     "^/$", "^/health/live$", "^/health/ready$", "^/metrics$", "^/api/version$", "^/schema", "^/static/",
-    "^/contract",
+    "^/contract", "^/api/v1/health$",  # the seed dialects' health, unauthenticated as the seeds' was
 ]  # fmt: skip
 ADMIN = "admin"  # a route handler with `opt={"admin": True}` needs an admin tenant
 KEY_ID_CHARS = 12  # hex digits of the key's SHA-256 kept as its id (the ledger's `key_id`)

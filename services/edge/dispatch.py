@@ -9,6 +9,7 @@ request only through the `on_accepted` hook it passes in: nothing here imports i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client
 from nats.js.api import PubAck
+from nats.js.errors import APIError, BadRequestError
 
 from contracts import (
     TERMINAL_TYPES,
@@ -52,6 +54,8 @@ _decode_head = msgspec.json.Decoder(EventHead).decode
 
 # How long the edge keeps trying to get a request persisted before it answers 503.
 PUBLISH_PATIENCE_S = 6.0
+# JetStream's error code for a message over the stream's `max_msg_size`.
+MESSAGE_TOO_LARGE = 10054
 PUBLISH_BACKOFF = Backoff(retries=6, base_s=0.2, max_s=2.0)
 
 Request = GenerateRequest | EmbedRequest
@@ -228,30 +232,6 @@ class Dispatcher:
         self._track(feed)
         await feed.subscribe()
 
-        async def publish() -> PubAck:
-            return await self.js.publish(subject, payload, headers=hdrs, timeout=2)
-
-        try:
-            with tracing.publish_span(subject, request.id, hdrs):
-                # Retried through a leader election or a reconnect: safe, `Nats-Msg-Id` de-duplicates.
-                ack = await with_backoff(
-                    publish,
-                    backoff=PUBLISH_BACKOFF,
-                    retryable=lambda exc: isinstance(exc, PUBLISH_ERRORS),
-                    deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S),
-                )
-        except PUBLISH_ERRORS as exc:
-            feed.finished = True
-            feed.close()
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
-            ) from exc
-        self._accepted_hook(feed, request.model)
-        if not ack.duplicate:
-            slot.stored(ack.seq)
-        if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
-            feed.replay = True
-            return feed
         accepted = Accepted(
             request_id=request.id,
             model=request.model,
@@ -259,13 +239,74 @@ class Dispatcher:
             fingerprint=fingerprint(request) if idempotent else "",
             tenant=tenant,
         )
-        # Stored before the 202 (or the first event) goes out: the client's own follow or cancel,
-        # on any edge, reads it from LLM_OUT at once.
-        await self._record(accepted, deadline=min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S))
+        patience = min(feed.deadline, loop.time() + PUBLISH_PATIENCE_S)
+        # The `accepted` record is stored before the 202 (or the first event) goes out, so the
+        # client's own follow or cancel, on any edge, reads it from LLM_OUT at once. It is sent
+        # alongside the request, not after its ack: one round trip instead of two. Not for an
+        # idempotent request: a retry with its key follows the record, so it must name a request
+        # that was stored. (When the request cannot be stored, its caller gets 503 and a follower
+        # of the orphan record `deadline_exceeded` at its deadline.)
+        record = None if idempotent else asyncio.ensure_future(self._record(accepted, deadline=patience))
+        try:
+            ack = await self._publish(subject, payload, hdrs, deadline=patience)
+        except BaseException:
+            feed.finished = True
+            feed.close()
+            raise
+        finally:
+            if record is not None:
+                await record  # never raises: a record that cannot be stored is only logged
+        self._accepted_hook(feed, request.model)
+        if not ack.duplicate:
+            slot.stored(ack.seq)
+        if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
+            feed.replay = True  # (its record, if sent again above, was de-duplicated too)
+            return feed
+        if record is None:
+            await self._record(accepted, deadline=patience)
         self._remember(accepted, feed.deadline)
         if guard is not None:
             guard.start(feed, ack.seq)
         return feed
+
+    async def _publish(
+        self, subject: str, payload: bytes, hdrs: dict[str, str], *, deadline: float
+    ) -> PubAck:
+        """Stores the request in its queue; retried through a leader election or a reconnect
+        (safe: `Nats-Msg-Id` de-duplicates)."""
+
+        async def publish() -> PubAck:
+            return await self.js.publish(subject, payload, headers=hdrs, timeout=2)
+
+        try:
+            with tracing.publish_span(subject, hdrs[headers.MSG_ID], hdrs):
+                return await with_backoff(
+                    publish,
+                    backoff=PUBLISH_BACKOFF,
+                    retryable=lambda exc: isinstance(exc, PUBLISH_ERRORS),
+                    deadline=deadline,
+                )
+        except PUBLISH_ERRORS as exc:
+            raise LlmbusError(
+                ErrorCode.BACKEND_UNAVAILABLE, "the request queue is unavailable", retry_after=1
+            ) from exc
+        except BadRequestError as exc:
+            if exc.err_code != MESSAGE_TOO_LARGE:
+                raise
+            raise await self._too_large_for_stream(len(payload)) from None
+
+    async def _too_large_for_stream(self, size: int) -> LlmbusError:
+        """The request fits this edge's body limit but not the request stream's message limit
+        (`max_msg_size`, set from the `LLMBUS_MAX_BODY_BYTES` of whichever service created it)."""
+        limit = "its limit"
+        with contextlib.suppress(*STORE_ERRORS, APIError):
+            info = await self.js.stream_info(subjects.REQUEST_STREAM)
+            limit = f"at most {info.config.max_msg_size} bytes"
+        return LlmbusError(
+            ErrorCode.REQUEST_TOO_LARGE,
+            f"the request is {size} bytes on the bus; the request stream {subjects.REQUEST_STREAM} holds "
+            f"{limit} (`llmbus provision` sizes it from LLMBUS_MAX_BODY_BYTES): send less per request",
+        )
 
     def _accepted_hook(self, feed: EventFeed, model: str) -> None:
         if self.on_accepted is not None:

@@ -21,6 +21,8 @@ from nats.aio.client import Client
 from contracts import ErrorCode, LlmbusError
 from contracts.ledger import (
     Erased,
+    ForgetQuery,
+    Forgotten,
     HistoryPage,
     HistoryQuery,
     RecordRef,
@@ -166,12 +168,37 @@ async def history_record(
     return await ledger_client.call(nc, "record", ref, RequestRecord)
 
 
-@delete("/v1/history/{request_id:str}", summary="Erase one request's record", status_code=200)
+@delete(
+    "/v1/history/{request_id:str}",
+    summary="Erase one request's record and its prompt and answer (`content_only`: those only)",
+    status_code=200,
+)
 async def erase_record(
-    request: Request[Any, Any, Any], nc: NamedDependency[Client], request_id: FromPath[str]
+    request: Request[Any, Any, Any],
+    nc: NamedDependency[Client],
+    request_id: FromPath[str],
+    content_only: FromQuery[bool] = False,
 ) -> Erased:
-    ref = RecordRef(request_id=request_id, tenant=_scope(request, None))
+    ref = RecordRef(request_id=request_id, tenant=_scope(request, None), content_only=content_only)
     return await ledger_client.call(nc, "erase", ref, Erased)
 
 
-ROUTES = [usage, stats, history, history_record, erase_record]
+@delete(
+    "/v1/history",
+    summary="Erase every record of a tenant or an API key (`key_id`); `content_only`: prompts and answers",
+    status_code=200,
+)
+async def erase_records(
+    request: Request[Any, Any, Any],
+    nc: NamedDependency[Client],
+    *,
+    tenant: FromQuery[str | None] = None,
+    key_id: FromQuery[str | None] = None,
+    content_only: FromQuery[bool] = False,
+) -> Forgotten:
+    """A non-admin key erases within its own tenant only (all of it, or one of its keys)."""
+    query = ForgetQuery(tenant=_scope(request, tenant), key_id=key_id or None, content_only=content_only)
+    return await ledger_client.call(nc, "forget", query, Forgotten)
+
+
+ROUTES = [usage, stats, history, history_record, erase_record, erase_records]

@@ -106,17 +106,22 @@ def listing(inventory: InventoryView, host: str | None, loaded_only: bool) -> Mo
         if (host and info.host != host) or (loaded_only and not info.loaded):
             continue
         by_model.setdefault(canonical_model(info.model), []).append(info)
-    return ModelListing(
-        data=[
-            ModelEntry(
-                id=name,
-                created=int(max(i.updated_at for i in infos)),
-                ready=any(i.ready for i in infos),
-                loaded=any(i.loaded for i in infos),
-                hosts=sorted(infos, key=lambda i: i.host),
-            )
-            for name, infos in sorted(by_model.items())
-        ]
+    return ModelListing(data=[_entry(name, infos) for name, infos in sorted(by_model.items())])
+
+
+def model_entry(inventory: InventoryView, name: str) -> ModelEntry | None:
+    """One model as the listing shows it (OpenAI's `models.retrieve`), None when no host has it."""
+    infos = inventory.lookup(name)
+    return _entry(canonical_model(name), infos) if infos else None
+
+
+def _entry(name: str, infos: list[ModelInfo]) -> ModelEntry:
+    return ModelEntry(
+        id=name,
+        created=int(max(i.updated_at for i in infos)),
+        ready=any(i.ready for i in infos),
+        loaded=any(i.loaded for i in infos),
+        hosts=sorted(infos, key=lambda i: i.host),
     )
 
 

@@ -7,6 +7,11 @@ write that lost a race to another edge is retried on the new value, so no two ed
 the last slot. A lease expires `lease_ttl_s` after its last renewal; each edge renews the leases it
 holds every third of that, so the slots of an edge that crashed come free on their own.
 
+The same entry holds the tenant's budget reservations (`reserved`: lease id -> tokens, expiry): the
+tokens each admitted request may use, counted as spent by the budget check until the ledger's
+totals have them (`reserve`, `settle`). Reserving is the same read and conditional write, so two
+edges cannot both give away the last of a budget.
+
 Why one entry per tenant: admitting is then one read and one conditional write, and releasing
 (which also adds the answer's tokens) is the same; contention is only between the requests of one
 tenant. Why fixed one-minute windows: one counter, exact, and `Retry-After` is simply the time to
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import msgspec
 from nats.js import JetStreamContext
@@ -37,6 +43,9 @@ WINDOW_S = 60
 CAS_ATTEMPTS = 20
 INFLIGHT_RETRY_S = 1.0  # Retry-After when every in-flight slot is taken
 INFLIGHT_RECHECK_S = 0.05  # how long this edge trusts that without looking again
+# An ended request's tokens stay reserved this long, until the ledger's totals count them (its lag
+# is milliseconds: docs/benchmarks.md "Ledger"); a ledger further behind lets the overshoot grow.
+HOLD_S = 2.0
 
 
 class TenantState(msgspec.Struct, omit_defaults=True):
@@ -44,6 +53,7 @@ class TenantState(msgspec.Struct, omit_defaults=True):
     requests: int = 0
     tokens: int = 0
     leases: dict[str, float] = {}  # lease id -> Unix seconds it expires
+    reserved: dict[str, tuple[int, float]] = {}  # lease id -> (tokens, Unix seconds it expires)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -120,16 +130,54 @@ class Quota:
             if self._renewer is None or self._renewer.done():
                 self._renewer = asyncio.create_task(self._renew())
 
-    async def release(self, tenant: Tenant, lease: str, tokens: int) -> None:
-        """Frees the slot and counts the answer's tokens in the current minute."""
-        refused = self._refused.get(tenant.name)
-        if refused is not None and refused[1].retry_after == INFLIGHT_RETRY_S:
-            del self._refused[tenant.name]  # a slot comes free: look again
+    async def reserve(self, tenant: Tenant, lease: str, tokens: int, check: Callable[[int], None]) -> None:
+        """Reserves `tokens` for the request `lease` against the tenant's budget; `check(reserved)`
+        raises (`budget_exceeded`) when what every edge reserved, with the ledger's totals, spent it."""
+        refusal: LlmbusError | None = None
+
+        def take(state: TenantState, now: float) -> bool:
+            nonlocal refusal
+            try:
+                check(sum(tokens for tokens, _ in state.reserved.values()))
+            except LlmbusError as exc:
+                refusal = exc
+                return False
+            state.reserved[lease] = (tokens, now + self.lease_ttl_s)
+            return True
+
+        await self._change(tenant, take)
+        if refusal is not None:
+            raise refusal
+        self._held.setdefault(tenant.name, (tenant, set()))[1].add(lease)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew())
+
+    async def settle(self, tenant: Tenant, lease: str, used: int) -> None:
+        """The request ended having used `used` tokens: its reservation becomes that, for `HOLD_S`."""
+        self._drop_held(tenant, lease)
+
+        def end(state: TenantState, now: float) -> bool:
+            if used > 0:
+                state.reserved[lease] = (used, now + HOLD_S)
+            else:
+                state.reserved.pop(lease, None)
+            return True
+
+        await self._change(tenant, end)
+
+    def _drop_held(self, tenant: Tenant, lease: str) -> None:
         held = self._held.get(tenant.name)
         if held is not None:
             held[1].discard(lease)
             if not held[1]:
                 del self._held[tenant.name]
+
+    async def release(self, tenant: Tenant, lease: str, tokens: int) -> None:
+        """Frees the slot and counts the answer's tokens in the current minute."""
+        refused = self._refused.get(tenant.name)
+        if refused is not None and refused[1].retry_after == INFLIGHT_RETRY_S:
+            del self._refused[tenant.name]  # a slot comes free: look again
+        self._drop_held(tenant, lease)
         if not tenant.max_inflight and not (tenant.tokens_per_minute and tokens):
             return
 
@@ -158,6 +206,7 @@ class Quota:
                 if state.window != minute:
                     state.window, state.requests, state.tokens = minute, 0, 0
                 state.leases = {lid: until for lid, until in state.leases.items() if until > now}
+                state.reserved = {lid: r for lid, r in state.reserved.items() if r[1] > now}
                 if not change(state, now):
                     return
                 try:
@@ -179,9 +228,14 @@ class Quota:
             for tenant, leases in list(self._held.values()):
                 mine = set(leases)
 
-                def extend(state: TenantState, now: float, mine: set[str] = mine) -> bool:
+                def extend(
+                    state: TenantState, now: float, mine: set[str] = mine, tenant: Tenant = tenant
+                ) -> bool:
                     for lid in mine:
-                        state.leases[lid] = now + self.lease_ttl_s
+                        if tenant.max_inflight:
+                            state.leases[lid] = now + self.lease_ttl_s
+                        if lid in state.reserved:
+                            state.reserved[lid] = (state.reserved[lid][0], now + self.lease_ttl_s)
                     return True
 
                 try:

@@ -20,10 +20,12 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from services.edge import image_fetch
 from services.edge.auth import origin_of
 from services.edge.dispatch import Dispatcher
 from services.edge.errors import native_error, request_id_of
 from services.edge.hangup import ClientGone, unless_client_leaves
+from services.edge.images import Shrunk, shrink
 from services.edge.sse import frame
 from services.runtime.events import RawEvent
 from services.runtime.settings import Settings
@@ -56,6 +58,7 @@ class Dialect:
     media_type = "text/event-stream"
     streams = False  # this request's answer is a stream
     ended = False  # set by `frame` when the stream must stop early (a compat stream that diverged)
+    shrunk = Shrunk()  # what `LLMBUS_IMAGE_*` did to the request's images (services/edge/images.py)
 
     def check(self, wire: Wire) -> None:
         """Checks of this API beyond the wire request's own (an embed request's limits)."""
@@ -110,7 +113,10 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         after); the tenant is the authenticated caller (`request.user`)."""
         request = self.request
         wire.validate()  # the request's one check before anything is queued
+        image_fetch.check_sizes(wire, self.settings.max_image_bytes)
         dialect.check(wire)
+        if isinstance(wire, GenerateRequest):  # every API's images, shrunk before they are queued
+            wire, dialect.shrunk = await shrink(self.settings, wire)
         caller = {"tenant": request.user, "origin": origin_of(request)}
         source = await dialect.open(self.dispatcher, wire, caller | submit)
         early = dialect.at_once(source)

@@ -26,9 +26,9 @@ from typing import NamedTuple
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 
 from contracts import ErrorCode, LlmbusError
+from services.embedder import matryoshka
 from services.runtime import tracing
 from services.runtime.backends import Backend
-from services.runtime.backends.base import unsupported
 
 # Codes a single input can cause; others (unavailable, model not found) fail everyone alike.
 _MAYBE_ONE_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.BACKEND_ERROR})
@@ -204,15 +204,13 @@ class Batcher:
             _fail(pieces, exc)
             return
         backend_ms = (time.perf_counter() - started) * 1000
-        if key.dimensions is not None and any(len(v) != key.dimensions for v in result.vectors):
-            # A server without the parameter (llama.cpp) answers its full size: never pass that on.
-            size = next(len(v) for v in result.vectors if len(v) != key.dimensions)
-            _fail(
-                pieces,
-                unsupported("dimensions", f"model {key.model!r} answers {size}-dimensional vectors here"),
-            )
-            return
         vectors = [array("f", vector) for vector in result.vectors]
+        if key.dimensions is not None:  # a server without the parameter answers its full size
+            try:
+                vectors = matryoshka.fit(key.model, vectors, key.dimensions)
+            except LlmbusError as exc:
+                _fail(pieces, exc)
+                return
         total_chars = sum(piece.chars for piece in pieces) or 1
         offset = chars = tokens = 0
         for piece in pieces:

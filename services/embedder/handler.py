@@ -11,7 +11,7 @@ from contracts import Embeddings, EmbedRequest, EmbedTimings, EmbedUsage, ErrorC
 from services.embedder.batcher import Batcher, Key
 from services.embedder.cache import EmbedCache, cache_key
 from services.runtime.settings import Settings
-from services.runtime.worker import Job
+from services.runtime.worker_job import Job
 
 # The most bytes one vector component takes in JSON: 24 characters and a comma.
 _FLOAT_BYTES = 25

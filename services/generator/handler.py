@@ -39,7 +39,7 @@ from contracts import (
 from services.runtime.backends import Backend, Final, Piece, Scored, Thought
 from services.runtime.retry import Backoff, with_backoff
 from services.runtime.settings import Settings
-from services.runtime.worker import Job
+from services.runtime.worker_job import Job
 
 Stream = AsyncIterator[Piece]
 

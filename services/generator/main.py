@@ -11,19 +11,20 @@ from services.generator.handler import Generate
 from services.runtime import bus, service
 from services.runtime.backends import create_backend
 from services.runtime.settings import Settings
+from services.runtime.transcript import recording_jobs
 from services.runtime.worker import Worker
 
 log = logging.getLogger("llmbus.generator")
 
 
-def consumer(models: str) -> tuple[str, list[str]]:
-    """The durable name and filter subjects for `LLMBUS_GENERATE_MODELS` (comma-separated).
+def consumer(models: list[str]) -> tuple[str, list[str]]:
+    """The durable name and filter subjects for `LLMBUS_GENERATE_MODELS`.
 
     Every model: the shared `generator` consumer on `llm.req.generate.>`. A set of models (one
     backend host's): a durable of its own, named after them, since consumers of the work-queue
     request stream must not overlap.
     """
-    names = sorted({m.strip() for m in models.split(",") if m.strip()})
+    names = sorted(set(models))
     if not names:
         return "generator", [subjects.GENERATE_SUBJECTS]
     for name in names:
@@ -59,6 +60,7 @@ class Generator:
             request_type=GenerateRequest,
             handler=Generate.from_settings(self.backend, self.settings),
             durable=self.durable,
+            job_factory=recording_jobs(self.settings),  # prompts and answers for the ledger, if on
             # Its models' batch lane (`<durable>-batch`), taken from only with slots left free.
             batch_filter_subject=[subjects.batch_lane(f) for f in self.filters],
         )

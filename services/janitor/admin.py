@@ -31,7 +31,9 @@ from contracts.models import (
     PullRequest,
     canonical_model,
 )
+from services.janitor import modelfile
 from services.janitor.janitor import Janitor
+from services.runtime.backends.ollama_admin import CreateSpec
 from services.runtime.micro import respond_error
 
 log = logging.getLogger("llmbus.janitor")
@@ -75,6 +77,7 @@ class Admin:
             capabilities=list(raw.get("capabilities") or []),
             details=dict(raw.get("details") or {}),
             model_info=dict(raw.get("model_info") or {}),
+            modified_at=str(raw.get("modified_at") or ""),
             info=info,
         )
 
@@ -85,7 +88,12 @@ class Admin:
 
     async def create(self, data: bytes) -> OpAccepted:
         req: CreateRequest = _decode(data, CreateRequest)
-        operation = self.janitor.start_create(req.model, req.modelfile, progress=req.progress)
+        spec = modelfile.parse(req.modelfile) if req.modelfile else _structured(req)
+        if req.quantize:
+            spec.quantize = req.quantize
+        # The text the created model's digest is of: the Modelfile, or the structured request.
+        text = req.modelfile or _encode(msgspec.structs.replace(req, progress=None)).decode()
+        operation = self.janitor.start_create(req.model, text, progress=req.progress, spec=spec)
         return OpAccepted(host=self.host, model=operation.model, op="create")
 
     async def copy(self, data: bytes) -> msgspec.Struct:
@@ -104,6 +112,20 @@ class Admin:
     async def unload(self, data: bytes) -> msgspec.Struct:
         ref: ModelRef = _decode(data, ModelRef)
         return await self.janitor.unload(ref.model)
+
+
+def _structured(req: CreateRequest) -> CreateSpec:
+    """Ollama's structured create request as the spec its `/api/create` takes (blobs by digest)."""
+    return CreateSpec(
+        from_=req.from_,
+        files=req.files,
+        adapters=req.adapters,
+        template=req.template,
+        system=req.system,
+        license=req.license,
+        parameters=req.parameters,
+        messages=req.messages,
+    )
 
 
 def _endpoint(verb: str, call: Verb) -> Callable[[Request], Awaitable[None]]:

@@ -25,11 +25,14 @@ modelfile = "models/badges.Modelfile"   # created from it, relative to this file
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from contracts import LlmbusError, canonical_model, validate_model
 from services.runtime.durations import seconds
@@ -38,7 +41,8 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _NEVER = ("never", "off", "-1")
-_BACKENDS = ("ollama", "openai")
+
+log = logging.getLogger("llmbus.janitor")
 
 
 class DesiredStateError(ValueError):
@@ -78,6 +82,31 @@ class Desired:
         return spec is not None and spec.pinned
 
 
+class DesiredFile:
+    """models.toml read again and again: the new state when it changed, its errors logged once."""
+
+    def __init__(self, path: Path, host: str, backend: str) -> None:
+        self.path, self.host, self.backend = path, host, backend
+        self._error: str | None = None  # the last error in the file, logged once
+
+    def read(self, current: Desired) -> Desired | None:
+        """The desired state if it differs from `current`; None when unchanged or broken (a broken
+        edit keeps the previous state, and says why in the log)."""
+        try:
+            new = load(self.path, self.host, self.backend)
+        except DesiredStateError as exc:
+            if self._error != str(exc):
+                log.error("ignoring %s: %s", self.path, exc)
+                self._error = str(exc)
+            return None
+        self._error = None
+        if new.fingerprint == current.fingerprint:
+            return None
+        if current.fingerprint or new.models:
+            log.info("desired state: %d models from %s", len(new.models), self.path)
+        return new
+
+
 def parse_duration(value: Any, where: str) -> float | None:
     """Seconds from `300`, `"5m"`, `"1h30m"`, `"0.5s"`; None (never) from `"never"`, `false`, `-1`."""
     if value is False or (isinstance(value, str) and value.strip().lower() in _NEVER):
@@ -99,17 +128,34 @@ def parse_size(value: Any, where: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
-def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = doc.get(key, {})
-    if not isinstance(value, dict):
-        raise DesiredStateError(f"{where}: [{key}] must be a table")
-    return value
+# The file's shape; values that need parsing (durations, sizes, Modelfiles) are checked after.
+Duration = int | float | str | bool  # 300, "5m", "never", false
 
 
-def _known(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise DesiredStateError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+class _Defaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    idle_ttl: Duration = 300
+
+
+class _Memory(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    budget: int | str | None = None  # bytes, or "12GB"
+    host_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None  # a fraction in (0, 1]
+
+
+class _Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    modelfile: str | None = None  # relative to the file
+    warm: bool = False
+    pinned: bool = False
+    idle_ttl: Duration | None = None
+    hosts: list[str] = []
+    backends: list[Literal["ollama", "openai"]] = []
+
+
+class _File(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    defaults: _Defaults = _Defaults()
+    memory: _Memory = _Memory()
+    models: list[_Model] = []
+    costs: dict[str, Any] = {}  # the ledger's (services/ledger/costs.py)
 
 
 def load(path: Path, host: str, backend: str = "ollama") -> Desired:
@@ -120,28 +166,14 @@ def load(path: Path, host: str, backend: str = "ollama") -> Desired:
         return Desired()
     try:
         raw = path.read_bytes()
-        doc = tomllib.loads(raw.decode())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        doc = msgspec.convert(tomllib.loads(raw.decode()), _File)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise DesiredStateError(f"{path}: {exc}") from exc
-    _known(doc, {"defaults", "memory", "models", "costs"}, str(path))  # [costs]: the ledger's
     fingerprint = hashlib.sha256(raw)
-
-    defaults = _table(doc, "defaults", str(path))
-    _known(defaults, {"idle_ttl"}, f"{path} [defaults]")
-    default_ttl = parse_duration(defaults.get("idle_ttl", 300), f"{path} [defaults] idle_ttl")
-
-    memory = _table(doc, "memory", str(path))
-    _known(memory, {"budget", "host_threshold"}, f"{path} [memory]")
-    budget = parse_size(memory["budget"], f"{path} [memory] budget") if "budget" in memory else None
-    threshold = memory.get("host_threshold")
-    if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold <= 1):
-        raise DesiredStateError(f"{path} [memory] host_threshold: must be a fraction in (0, 1]")
-
-    entries = doc.get("models", [])
-    if not isinstance(entries, list):
-        raise DesiredStateError(f"{path}: models must be an array of tables ([[models]])")
+    default_ttl = parse_duration(doc.defaults.idle_ttl, f"{path} [defaults] idle_ttl")
+    budget = doc.memory.budget
     models: dict[str, ModelSpec] = {}
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(doc.models):
         spec = _model(entry, path, f"{path} [[models]] #{i + 1}", default_ttl)
         if (spec.hosts and host not in spec.hosts) or (spec.backends and backend not in spec.backends):
             continue
@@ -153,49 +185,34 @@ def load(path: Path, host: str, backend: str = "ollama") -> Desired:
     return Desired(
         models=models,
         default_ttl_s=default_ttl,
-        memory_budget=budget,
-        host_threshold=None if threshold is None else float(threshold),
+        memory_budget=None if budget is None else parse_size(budget, f"{path} [memory] budget"),
+        host_threshold=doc.memory.host_threshold,
         fingerprint=fingerprint.hexdigest(),
     )
 
 
-def _model(entry: Any, path: Path, where: str, default_ttl: float | None) -> ModelSpec:
-    if not isinstance(entry, dict):
-        raise DesiredStateError(f"{where}: must be a table")
-    _known(entry, {"name", "modelfile", "warm", "pinned", "idle_ttl", "hosts", "backends"}, where)
-    name = entry.get("name")
-    if not isinstance(name, str):
-        raise DesiredStateError(f"{where}: `name` is required")
+def _model(entry: _Model, path: Path, where: str, default_ttl: float | None) -> ModelSpec:
     try:
-        validate_model(name)
+        validate_model(entry.name)
     except LlmbusError as exc:
         raise DesiredStateError(f"{where}: {exc.message}") from None
-    for flag in ("warm", "pinned"):
-        if not isinstance(entry.get(flag, False), bool):
-            raise DesiredStateError(f"{where}: `{flag}` must be true or false")
-    hosts = entry.get("hosts", [])
-    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-        raise DesiredStateError(f"{where}: `hosts` must be a list of host names")
-    backends = entry.get("backends", [])
-    if not isinstance(backends, list) or not set(backends) <= set(_BACKENDS):
-        raise DesiredStateError(f"{where}: `backends` must be a list of {' and '.join(_BACKENDS)}")
     modelfile = modelfile_path = None
-    if "modelfile" in entry:
-        modelfile_path = (path.parent / str(entry["modelfile"])).resolve()
+    if entry.modelfile is not None:
+        modelfile_path = (path.parent / entry.modelfile).resolve()
         try:
             modelfile = modelfile_path.read_text()
         except OSError as exc:
             raise DesiredStateError(
                 f"{where}: cannot read Modelfile {modelfile_path}: {exc.strerror}"
             ) from None
-    ttl = parse_duration(entry["idle_ttl"], f"{where} idle_ttl") if "idle_ttl" in entry else default_ttl
+    ttl = parse_duration(entry.idle_ttl, f"{where} idle_ttl") if entry.idle_ttl is not None else default_ttl
     return ModelSpec(
-        name=canonical_model(name),
+        name=canonical_model(entry.name),
         modelfile=modelfile,
         modelfile_path=modelfile_path,
-        warm=bool(entry.get("warm", False)),
-        pinned=bool(entry.get("pinned", False)),
+        warm=entry.warm,
+        pinned=entry.pinned,
         idle_ttl_s=ttl,
-        hosts=tuple(hosts),
-        backends=tuple(backends),
+        hosts=tuple(entry.hosts),
+        backends=tuple(entry.backends),
     )

@@ -14,29 +14,47 @@ from typing import Any
 import msgspec
 import nats.micro
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.micro.request import Request
 from nats.micro.service import Service
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts import ErrorCode, LlmbusError, subjects
-from contracts.ledger import LEDGER_VERBS, HistoryQuery, RecordRef, StatsQuery, UsageQuery
-from services.ledger import queries
+from contracts.ledger import LEDGER_VERBS, ForgetQuery, HistoryQuery, RecordRef, StatsQuery, UsageQuery
+from services.ledger import consumer, queries
 from services.runtime.micro import respond_error
 
 log = logging.getLogger("llmbus.ledger")
 
 _encode = msgspec.json.Encoder().encode
-_QUERIES: dict[str, tuple[type[Any], Callable[[AsyncEngine, Any], Awaitable[msgspec.Struct]]]] = {
+Run = Callable[[AsyncEngine, Any], Awaitable[msgspec.Struct]]
+_QUERIES: dict[str, tuple[type[Any], Run]] = {
     "usage": (UsageQuery, queries.usage),
     "stats": (StatsQuery, queries.stats),
     "history": (HistoryQuery, queries.history),
     "record": (RecordRef, queries.record),
+}
+Erase = Callable[[AsyncEngine, Any], Awaitable[tuple[msgspec.Struct, list[int]]]]
+_ERASURES: dict[str, tuple[type[Any], Erase]] = {
     "erase": (RecordRef, queries.erase),
+    "forget": (ForgetQuery, queries.forget),
 }
 
 
-def _endpoint(engine: AsyncEngine, verb: str) -> Callable[[Request], Awaitable[None]]:
-    kind, run = _QUERIES[verb]
+def _erasing(js: JetStreamContext, erase: Erase) -> Run:
+    """An erasure that also deletes the erased prompts' usage events from LLM_USAGE."""
+
+    async def run(engine: AsyncEngine, query: Any) -> msgspec.Struct:
+        result, seqs = await erase(engine, query)
+        await consumer.forget_events(js, seqs)
+        return result
+
+    return run
+
+
+def _endpoint(
+    engine: AsyncEngine, kind: type[Any], run: Run, verb: str
+) -> Callable[[Request], Awaitable[None]]:
 
     async def handle(request: Request) -> None:
         try:
@@ -59,19 +77,29 @@ def _endpoint(engine: AsyncEngine, verb: str) -> Callable[[Request], Awaitable[N
     return handle
 
 
-async def serve(nc: Client, engine: AsyncEngine, database: str) -> Service:
+async def serve(
+    nc: Client, engine: AsyncEngine, database: str, stats: Callable[[], dict[str, Any]] | None = None
+) -> Service:
+    """`stats`: the ledger's own figures, in each endpoint's `data` of `$SRV.STATS.llmbus-ledger`."""
     service = await nats.micro.add_service(
         nc,
         name="llmbus-ledger",
         version="0.1.0",
         description="llmbus ledger: usage, statistics and history of every request",
         metadata={"database": database},
+        stats_handler=(lambda _endpoint: stats()) if stats is not None else None,
     )
+    js = nc.jetstream()
     for verb in LEDGER_VERBS:
+        if verb in _ERASURES:
+            kind, erase = _ERASURES[verb]
+            run = _erasing(js, erase)
+        else:
+            kind, run = _QUERIES[verb]
         await service.add_endpoint(
             name=verb,
             subject=subjects.LEDGER_PREFIX + verb,
-            handler=_endpoint(engine, verb),
+            handler=_endpoint(engine, kind, run, verb),
             queue_group="ledger",
         )
     return service

@@ -1,4 +1,6 @@
-"""`llmbus usage` and `llmbus stats`: the ledger's records as tables, asked over NATS (admin user)."""
+"""`llmbus usage` and `llmbus stats`: the ledger's records as tables; `llmbus erase`: delete records
+(a request's, a tenant's or an API key's), or only their prompts and answers. Asked over NATS (admin
+user)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from contracts import LlmbusError
-from contracts.ledger import StatsQuery, StatsReport, UsageQuery, UsageReport
+from contracts.ledger import (
+    Erased,
+    ForgetQuery,
+    Forgotten,
+    RecordRef,
+    StatsQuery,
+    StatsReport,
+    UsageQuery,
+    UsageReport,
+)
 from services.edge.ledger_routes import parse_time, parse_window
 from services.runtime import bus, ledger_client
 from services.runtime.settings import Settings
@@ -28,6 +39,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     stats.add_argument("--window", default="1h", help="the last 3600, 90m, 24h, 7d ...")
     stats.add_argument("--model", help="only this model")
     stats.add_argument("--tenant", help="only this tenant")
+    erase = sub.add_parser(
+        "erase", help="erase a request's record, or all of a tenant's or an API key's (the ledger)"
+    )
+    erase.add_argument("request_id", nargs="?", help="the request to erase")
+    erase.add_argument(
+        "--tenant", help="every request of this tenant (with a request id: that request, if the tenant's)"
+    )
+    erase.add_argument("--key-id", help="every request of this API key (12 hex digits, as rows show it)")
+    erase.add_argument(
+        "--content-only", action="store_true", help="only the prompts and answers; keep the usage rows"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,6 +63,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     nc = await bus.connect(settings, "llmbus-admin")
     try:
+        if args.command == "erase":
+            return await _erase(nc, args)
         if args.command == "usage":
             since = parse_time(args.since, "since")
             query = UsageQuery(
@@ -72,6 +96,21 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(table(columns, rows))
     finally:
         await nc.close()
+    return 0
+
+
+async def _erase(nc: Any, args: argparse.Namespace) -> int:
+    if args.request_id:
+        ref = RecordRef(request_id=args.request_id, tenant=args.tenant, content_only=args.content_only)
+        await ledger_client.call(nc, "erase", ref, Erased)
+        print(f"erased {args.request_id}" + (" (prompt and answer)" if args.content_only else ""))
+        return 0
+    if not args.tenant and not args.key_id:
+        print("name a request id, --tenant or --key-id", file=sys.stderr)
+        return 2
+    query = ForgetQuery(tenant=args.tenant, key_id=args.key_id, content_only=args.content_only)
+    gone = await ledger_client.call(nc, "forget", query, Forgotten)
+    print(f"erased {gone.requests} usage rows, {gone.contents} prompts and answers")
     return 0
 
 

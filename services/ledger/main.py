@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import msgspec
 from nats.js.api import KeyValueConfig, StorageType
@@ -29,6 +30,11 @@ log = logging.getLogger("llmbus.ledger")
 
 _encode = msgspec.json.Encoder().encode
 OPEN_RETRY = Backoff(base_s=0.5, max_s=5.0)
+
+
+def purge_interval(retention_s: float) -> float:
+    """A tenth of the retention, between 1 s and an hour: content outlives it by at most that."""
+    return min(3600.0, max(1.0, retention_s / 10))
 
 
 def spend_bucket() -> KeyValueConfig:
@@ -53,12 +59,19 @@ class LedgerService:
         self.store = await self._open()
         log.info("ledger writing to %s", display(self.url))
         self.consumer = consumer.Consumer(
-            js, self.store, Costs(settings.models_file), settings.ledger_batch, self._publish
+            js,
+            self.store,
+            Costs(settings.models_file),
+            settings.ledger_batch,
+            self._publish,
+            keep_content=settings.ledger_content == "on",
         )
-        self._micro = await api.serve(self.nc, self.store.engine, self.store.dialect)
+        self._micro = await api.serve(
+            self.nc, self.store.engine, self.store.dialect, lambda: consumer.lag_stats(self.consumer)
+        )
         await self.nc.flush()
         await self._publish(await self.store.spend_of(await self.store.tenants()))  # a fresh bucket
-        self._tasks = [asyncio.create_task(self.consumer.run())]
+        self._tasks = [asyncio.create_task(self.consumer.run()), asyncio.create_task(self._purge())]
 
     async def _open(self) -> Store:
         """The database, waited for (a PostgreSQL container starting alongside) with logged backoff."""
@@ -71,6 +84,20 @@ class LedgerService:
                 attempt += 1
                 log.warning("database %s unavailable (%s); retrying in %.1f s", display(self.url), exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _purge(self) -> None:
+        """Deletes prompts and answers older than the retention, at start and then periodically
+        (also with content off: what was kept while it was on still expires)."""
+        retention = self.settings.ledger_content_retention_s
+        every = purge_interval(retention)
+        assert self.store is not None
+        while True:
+            try:
+                if purged := await self.store.purge(time.time() - retention):
+                    log.info("purged %d prompts and answers older than %g s", purged, retention)
+            except Exception as exc:  # the database is down: the next round tries again
+                log.warning("could not purge old prompts and answers: %s", exc)
+            await asyncio.sleep(every)
 
     async def _publish(self, spent: list[Spend]) -> None:
         for totals in spent:

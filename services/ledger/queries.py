@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts import ErrorCode, LlmbusError
 from contracts.ledger import (
     Erased,
+    ForgetQuery,
+    Forgotten,
     HistoryPage,
     HistoryQuery,
     ModelStats,
@@ -29,11 +31,12 @@ from contracts.ledger import (
     UsageReport,
     UsageRow,
 )
-from services.ledger.schema import requests
+from contracts.models import UsageContent
+from services.ledger.schema import content, requests
 
 MAX_PAGE = 500
 MAX_STATS_ROWS = 200_000  # the newest rows of a window that statistics are computed over
-_RECORD_FIELDS = RequestRecord.__struct_fields__
+_RECORD_FIELDS = [name for name in RequestRecord.__struct_fields__ if name != "content"]
 
 
 async def usage(engine: AsyncEngine, query: UsageQuery) -> UsageReport:
@@ -131,23 +134,62 @@ async def record(engine: AsyncEngine, ref: RecordRef) -> RequestRecord:
     stmt = select(requests).where(requests.c.request_id == ref.request_id)
     if ref.tenant is not None:
         stmt = stmt.where(requests.c.tenant == ref.tenant)
+    c = content.c
     async with engine.connect() as conn:
         found = (await conn.execute(stmt)).mappings().first()
+        said = None
+        if found is not None:
+            query = select(c.prompt, c.answer, c.truncated).where(c.request_id == ref.request_id)
+            said = (await conn.execute(query)).first()
     if found is None:
         raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {ref.request_id!r} in the ledger")
-    return _record(found)
+    out = _record(found)
+    if said is not None:
+        out.content = UsageContent(prompt=said[0], answer=said[1], truncated=bool(said[2]))
+    return out
 
 
-async def erase(engine: AsyncEngine, ref: RecordRef) -> Erased:
-    """Deletes the request's row (its totals stay: what was spent was spent)."""
-    stmt = delete(requests).where(requests.c.request_id == ref.request_id)
-    if ref.tenant is not None:
-        stmt = stmt.where(requests.c.tenant == ref.tenant)
+async def erase(engine: AsyncEngine, ref: RecordRef) -> tuple[Erased, list[int]]:
+    """Deletes the request's prompt and answer and, unless `content_only`, its row (its totals
+    stay: what was spent was spent). Also returns the erased content's LLM_USAGE sequences."""
     async with engine.begin() as conn:
-        result = await conn.execute(stmt)
-    if not result.rowcount:
-        raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {ref.request_id!r} in the ledger")
-    return Erased(request_id=ref.request_id, erased=True)
+        stmt = delete(content).where(content.c.request_id == ref.request_id)
+        if ref.tenant is not None:
+            stmt = stmt.where(content.c.tenant == ref.tenant)
+        seqs = [r[0] for r in await conn.execute(stmt.returning(content.c.stream_seq))]
+        erased = len(seqs)
+        if not ref.content_only:
+            rows = delete(requests).where(requests.c.request_id == ref.request_id)
+            if ref.tenant is not None:
+                rows = rows.where(requests.c.tenant == ref.tenant)
+            erased += (await conn.execute(rows)).rowcount
+    if not erased:
+        what = "content" if ref.content_only else "request"
+        raise LlmbusError(ErrorCode.NOT_FOUND, f"no {what} {ref.request_id!r} in the ledger")
+    return Erased(request_id=ref.request_id, erased=True), [s for s in seqs if s is not None]
+
+
+async def forget(engine: AsyncEngine, query: ForgetQuery) -> tuple[Forgotten, list[int]]:
+    """Deletes every prompt and answer, and unless `content_only` every row, of a tenant or an
+    API key; the totals stay. Also returns the erased content's LLM_USAGE sequences."""
+    if not query.tenant and not query.key_id:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "name a `tenant` or a `key_id` to erase")
+    rows = 0
+    async with engine.begin() as conn:
+        stmt = delete(content)
+        if query.tenant:
+            stmt = stmt.where(content.c.tenant == query.tenant)
+        if query.key_id:
+            stmt = stmt.where(content.c.key_id == query.key_id)
+        seqs = [r[0] for r in await conn.execute(stmt.returning(content.c.stream_seq))]
+        if not query.content_only:
+            gone = delete(requests)
+            if query.tenant:
+                gone = gone.where(requests.c.tenant == query.tenant)
+            if query.key_id:
+                gone = gone.where(requests.c.key_id == query.key_id)
+            rows = (await conn.execute(gone)).rowcount
+    return Forgotten(requests=rows, contents=len(seqs)), [s for s in seqs if s is not None]
 
 
 def _range(stmt: Select[Any], tenant: str | None, since: float | None, until: float | None) -> Select[Any]:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 metadata = MetaData()
@@ -64,4 +65,22 @@ spend = Table(
     Column("period", String(12), primary_key=True),
     Column("tokens", BigInteger, nullable=False),
     Column("cost", Float, nullable=False),
+)
+
+# Prompts and answers (LLMBUS_LEDGER_CONTENT=on), apart from the rows: the retention purge and an
+# erasure delete here and leave the usage rows (and the totals) alone unless asked to.
+content = Table(
+    "ledger_content",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("tenant", String(64), nullable=False, default=""),
+    Column("key_id", String(16), nullable=False, default=""),
+    Column("ended_at", Float, nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("truncated", Boolean, nullable=False, default=False),
+    # Where its usage event is in LLM_USAGE: an erasure deletes that copy of the prompt too.
+    Column("stream_seq", BigInteger),
+    Index("ix_ledger_content_ended", "ended_at"),
+    Index("ix_ledger_content_tenant_key", "tenant", "key_id"),
 )

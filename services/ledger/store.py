@@ -16,18 +16,19 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, select, text
+from sqlalchemy import delete, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from contracts.ledger import Spend
 from contracts.models import UsageEvent
-from services.ledger.schema import requests, spend
+from services.ledger.schema import content, requests, spend
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Two ledgers starting at once against one PostgreSQL must not both run a migration.
 _MIGRATION_LOCK = 7_240_120
+PURGE_CHUNK = 5000  # rows per delete: a long purge never holds the writer for long
 
 
 def database_url(configured: str, data_dir: str) -> str:
@@ -94,6 +95,23 @@ def row(event: UsageEvent, cost: float, recorded_at: float) -> dict[str, Any]:
     }
 
 
+def content_row(event: UsageEvent, stream_seq: int | None = None) -> dict[str, Any] | None:
+    """The prompt and answer of a request, if its usage event carries them (`stream_seq`: the
+    event's sequence in LLM_USAGE, deleted with the content when it is erased)."""
+    if event.content is None:
+        return None
+    return {
+        "request_id": event.request_id,
+        "tenant": event.tenant,
+        "key_id": event.key_id,
+        "ended_at": event.at,
+        "prompt": event.content.prompt,
+        "answer": event.content.answer,
+        "truncated": event.content.truncated,
+        "stream_seq": stream_seq,
+    }
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -123,8 +141,12 @@ class Store:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def record(self, rows: Iterable[dict[str, Any]]) -> tuple[int, list[Spend]]:
-        """Inserts the new rows and counts them in their tenants' totals, in one transaction.
+    async def record(
+        self, rows: Iterable[dict[str, Any]], contents: Iterable[dict[str, Any]] = ()
+    ) -> tuple[int, list[Spend]]:
+        """Inserts the new rows and counts them in their tenants' totals, in one transaction;
+        `contents` (prompts and answers) are kept for the rows that were new only, so an erased
+        request's content never comes back with a redelivered event.
 
         Returns how many were new, and the touched tenants' totals for the current day and month.
         """
@@ -138,6 +160,9 @@ class Store:
                 .returning(requests.c.request_id)
             )
             new = {r[0] for r in await conn.execute(insert, list(by_id.values()))}
+            kept = [c for c in contents if c["request_id"] in new]
+            if kept:
+                await conn.execute(self._insert(content).on_conflict_do_nothing(), kept)
             totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
             for request_id in new:
                 r = by_id[request_id]
@@ -163,6 +188,17 @@ class Store:
                 await conn.execute(upsert, params)
             spent = await self._spend(conn, sorted({t for t, _ in totals}))
         return len(new), spent
+
+    async def purge(self, before: float) -> int:
+        """Deletes the prompts and answers of requests that ended before `before`; how many."""
+        purged = 0
+        while True:
+            oldest = select(content.c.request_id).where(content.c.ended_at < before).limit(PURGE_CHUNK)
+            async with self.engine.begin() as conn:
+                result = await conn.execute(delete(content).where(content.c.request_id.in_(oldest)))
+            purged += result.rowcount
+            if result.rowcount < PURGE_CHUNK:
+                return purged
 
     async def spend_of(self, tenants: list[str]) -> list[Spend]:
         async with self.engine.connect() as conn:

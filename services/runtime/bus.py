@@ -4,7 +4,7 @@ Every service calls `provision` at start-up and again after every reconnect (`Re
 start order never matters, a fresh server is set up by whichever service comes first, and a
 restarted server gets back what it lost (`LLM_OUT` and the memory KV buckets live in memory).
 A service only *creates* what is missing: its NATS user may not update, purge or delete a stream
-(services/runtime/nats_auth.py). Changing an existing stream's config is the operator's
+(services/runtime/nats_roles.py). Changing an existing stream's config is the operator's
 `llmbus provision` (the admin user), which `llmbus up` runs before it starts the services.
 """
 

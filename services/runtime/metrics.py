@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Protocol
@@ -34,7 +33,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from contracts import Error, subjects
+from contracts import subjects
+from services.runtime.request_ended import RequestEnded
 
 log = logging.getLogger(__name__)
 
@@ -205,41 +205,9 @@ def http_request_ended(endpoint: str, model: str, code: str, duration_s: float, 
         HTTP_TTFT.labels(endpoint, model).observe(ttft_s)
 
 
-class _Job(Protocol):
-    """What `worker_request_ended` reads from a worker's `Job` (no import of the worker here)."""
-
-    @property
-    def request(self) -> object: ...
-
-    @property
-    def msg(self) -> object: ...
-
-    @property
-    def started(self) -> float: ...
-
-    @property
-    def attempt(self) -> int: ...
-
-
-_worker_log = logging.getLogger("llmbus.worker")
-
-
-def worker_request_ended(job: _Job, event: object) -> None:
+def worker_request_ended(ended: RequestEnded) -> None:
     """Called once per request, when the worker publishes its terminal event."""
-    code = str(event.code) if isinstance(event, Error) else "ok"
-    subject = subjects.request_family(str(getattr(job.msg, "subject", "")))
-    model = str(getattr(job.request, "model", None) or "")
-    WORKER_REQUESTS.labels(subject, model_label(model), code).inc()
-    _worker_log.debug(
-        "request ended",
-        extra={
-            "subject": subject,
-            "model": model,
-            "code": code,
-            "attempt": job.attempt,
-            "duration_ms": round((time.perf_counter() - job.started) * 1000, 3),
-        },
-    )
+    WORKER_REQUESTS.labels(ended.family, model_label(ended.model), ended.code).inc()
 
 
 def worker_request_rejected(subject: str) -> None:
@@ -298,9 +266,15 @@ SPILL = len(ROLE_OFFSETS)
 PORT_RANGE = 16
 
 
-def port_for(role: str, base: int) -> int:
-    """The metrics port of `role` for the base `LLMBUS_METRICS_PORT` (0: off)."""
-    return base + ROLE_OFFSETS.get(role, SPILL) if base else 0
+def port_for(role: str, base: int, replica: int = 0) -> int:
+    """The metrics port of `role`'s process number `replica` for the base `LLMBUS_METRICS_PORT`
+    (0: off). The first process of a role has its role's port, the others (`llmbus up` numbers
+    them) the spill range in order; edges, which share their HTTP port, each a port past it."""
+    if not base:
+        return 0
+    if role == "edge":
+        return base + PORT_RANGE + replica
+    return base + (ROLE_OFFSETS.get(role, SPILL) if replica == 0 else SPILL + replica - 1)
 
 
 class _Server:
@@ -363,12 +337,12 @@ def _gauge_of(worker: _InFlight) -> Callable[[], float]:
     return value
 
 
-def watch_worker(worker: _InFlight, host: str, port: int) -> None:
+def watch_worker(worker: _InFlight, host: str, port: int, replica: int = 0) -> None:
     """Called by `Worker.start`: exports its in-flight count and, if `port` (the base), serves
     `/metrics` on its role's port (`port_for`)."""
     WORKER_IN_FLIGHT.labels(worker.service).set_function(_gauge_of(worker))
     if port:
-        _server.acquire(host, port_for(worker.service, port))
+        _server.acquire(host, port_for(worker.service, port, replica))
 
 
 def served_port() -> int:

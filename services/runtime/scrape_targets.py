@@ -17,22 +17,26 @@ from services.runtime.settings import Settings
 DEFAULT_BASE_PORT = 9464  # OpenTelemetry's Prometheus exporter port: the usual first choice
 
 
-def targets(settings: Settings, roles: list[str]) -> dict[str, str]:
-    """`role -> host:port` of every metrics endpoint among `roles`."""
+def targets(settings: Settings, names: list[str]) -> dict[str, str]:
+    """`name -> host:port` of every metrics endpoint among the processes `names` (`edge`,
+    `generator-2`: a role and, after the first, its process's number)."""
     host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host
     out = {}
-    for role in roles:
-        if role == "edge":
-            out[role] = f"{host}:{settings.http_port}"
-        elif role in ROLE_OFFSETS and settings.metrics_port:
-            out[role] = f"{host}:{port_for(role, settings.metrics_port)}"
+    for name in names:
+        role, _, number = name.partition("-")
+        replica = int(number) - 1 if number.isdigit() else 0
+        if role == "edge" and settings.edge_workers <= 1:
+            out[name] = f"{host}:{settings.http_port}"  # a lone edge serves /metrics on its HTTP port
+        elif (role == "edge" or role in ROLE_OFFSETS) and settings.metrics_port:
+            out[name] = f"{host}:{port_for(role, settings.metrics_port, replica)}"
     return out
 
 
 def write_file_sd(path: Path, found: dict[str, str]) -> None:
     """One target group per role, labelled `service`, written atomically (Prometheus re-reads it)."""
     groups = [
-        {"targets": [address], "labels": {"service": f"llmbus-{role}"}} for role, address in found.items()
+        {"targets": [address], "labels": {"service": f"llmbus-{name.partition('-')[0]}", "process": name}}
+        for name, address in found.items()
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")

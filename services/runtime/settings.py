@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal, get_origin
 
 import msgspec
 
@@ -37,7 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     backend_api_key: str = ""  # sent as a bearer token to OpenAI-compatible servers that want one
     backend_stream: bool = True  # false: one JSON answer per call, for servers that cannot stream
     embed_backend_url: str = ""  # where embeddings go, same kind; empty: the backend URL
-    generate_models: str = ""  # comma-separated models this generator serves; empty: every model
+    generate_models: list[str] = []  # the models this generator serves (comma-separated); none: every model
     local: Literal["auto", "on", "off"] = "auto"  # `llmbus up`: embedded llama.cpp when Ollama is down
     local_max_tokens: int = 256  # the embedded server's answer limit for requests that set none
     local_model: str = ""  # a GGUF file for the embedded llama.cpp; empty: SmolLM2-135M-Instruct
@@ -58,6 +58,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_max_age_s: float = 600.0  # how long request events stay replayable in LLM_OUT
     request_timeout_s: float = 600.0  # upper bound of any request's deadline
     max_body_bytes: int = 1_048_576
+    max_image_bytes: int = 10_485_760  # one image, decoded (data: URL, Ollama's images, fetched): else 413
+    # OpenAI `image_url` with an http(s) URL: fetched by the edge only from these hosts (comma-separated
+    # `host` or `host:port`); empty: refused with 400 unsupported. Never from a non-public address ...
+    image_fetch_hosts: list[str] = []
+    image_fetch_allow_private: bool = False  # ... unless this says so (tests, a trusted local server)
+    image_fetch_timeout_s: float = 10.0  # a whole fetch, redirects included
     http_header_timeout_s: float = 10.0  # a request's headers must arrive within this (else 408)
     http_body_timeout_s: float = 30.0  # ... and its body within this after them (else 408)
     tasks_dir: str = ""  # task definitions (`*.toml`) the edge serves; empty: infra/tasks in the source tree
@@ -98,18 +104,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # edge replica through the `llm_admission` KV bucket; overload refused before it queues.
     auth: Literal["on", "off"] = "off"  # on: every API route wants `Authorization: Bearer <key>`
     tenants_file: str = "infra/tenants.toml"  # tenants, their limits and hashed keys
-    cors_origins: str = ""  # comma-separated origins allowed by CORS ("*": any); empty: CORS closed
+    cors_origins: list[str] = []  # origins allowed by CORS, comma-separated ("*": any); none: CORS closed
     max_queue: int = 1000  # a model's backlog (queued + running) above this: 503 queue_full; 0 = off
     queue_check_s: float = 0.5  # how old the edge's view of the backlog may get
     context_tokens: int = 8192  # a prompt's estimated tokens above this (or num_ctx): prompt_too_large
     max_output_tokens: int = 4096  # num_predict / max_tokens asked above this (or -1) is capped to it
     lease_ttl_s: float = 30.0  # an in-flight slot of a crashed edge is freed after this long
     # The seeds' APIs the edge also serves, at their own paths (docs/migration.md), comma-separated:
-    # badges, router, queued, shared, simple. Empty: none (off by default).
-    dialects: str = ""
+    # badges, router, queued, shared, simple. None by default.
+    dialects: list[str] = []
     # The model of a request that names none (the simple and queued dialects); empty: the routes
     # file's default route's model.
     default_model: str = ""
+    # Images for vision models, shrunk at the edge before the request is queued (every API):
+    # the longest side bounded to this many pixels (0: any size), and, with a quality (1-95; 0: off),
+    # re-encoded as JPEG. A result is kept only when it is smaller (docs/operations.md "Images").
+    image_max_side: int = 0
+    image_quality: int = 0
     log_level: str = "info"
     # json: one JSON object per line; text: short lines for people; auto: text on a terminal, else json.
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -119,11 +130,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A worker process serves Prometheus text at http://<http_host>:<metrics_port>/metrics; 0 = off
     # (the edge always serves /metrics on its own port). docs/operations.md lists the metrics.
     metrics_port: int = 0
+    # Which process of its role this is (0: the first); `llmbus up` numbers the extra edges and
+    # generators it starts, which picks their metrics ports (services/runtime/scrape_targets.py).
+    replica: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # `llmbus up`: edge processes sharing the HTTP port (SO_REUSEPORT: the kernel spreads the
+    # connections) and generator processes sharing the request queue (docs/operations.md, sizing).
+    edge_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    generators: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # The ledger (docs/ledger.md): its database (empty: SQLite at <data_dir>/ledger.db; or
     # postgresql://user:password@host/db), rows per transaction, and how long LLM_USAGE keeps events.
     database_url: str = ""
     ledger_batch: int = 512
     usage_max_age_s: float = 7 * 86400.0
+    # Prompts and answers in the ledger (docs/ledger.md "Content"): on makes the generators put them
+    # on usage events and the ledger store them, each cut to max_bytes, deleted after retention_s.
+    ledger_content: Literal["on", "off"] = "off"
+    ledger_content_max_bytes: int = 64 * 1024
+    ledger_content_retention_s: float = 30 * 86400.0
     # Batches (docs/batches.md): lines per input file, bytes per uploaded file, lines a batcher
     # runs at once, and batches one tenant may have unfinished.
     batch_max_lines: int = 50_000
@@ -141,6 +164,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if key.startswith(PREFIX) and key[len(PREFIX) :].lower() in fields
         }
         raw.update(overrides)
+        for name in LIST_SETTINGS:  # the environment's form of a list: comma-separated
+            if isinstance(value := raw.get(name), str):
+                raw[name] = [item.strip() for item in value.split(",") if item.strip()]
         try:
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
@@ -163,9 +189,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def embed_url(self) -> str:
         return self.embed_backend_url or self.generate_url
 
+    def text(self, name: str) -> str:
+        """A setting's value as its environment variable spells it (a list comma-separated)."""
+        value = getattr(self, name)
+        return ",".join(value) if isinstance(value, list) else str(value)
+
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
-        return {PREFIX + name.upper(): str(getattr(self, name)) for name in self.__struct_fields__}
+        return {PREFIX + name.upper(): self.text(name) for name in self.__struct_fields__}
+
+
+# Settings that are lists: an environment variable gives one comma-separated.
+LIST_SETTINGS = frozenset(f.name for f in msgspec.structs.fields(Settings) if get_origin(f.type) is list)
 
 
 # `LLMBUS_*` variables that are not settings but are known: compose's inputs, one per service, that
@@ -195,7 +230,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "nats_url", "nats_user", "nats_password", "nats_credentials", "nats_tls_ca", "nats_tls_cert",
         "nats_tls_key", "data_dir", "stream_replicas", "dedupe_window_s", "event_max_age_s", "dlq_max_age_s",
     ),
-    "process": ("log_level", "log_format", "instance_id", "metrics_port", "shutdown_grace_s"),
+    "process": ("log_level", "log_format", "instance_id", "metrics_port", "replica", "shutdown_grace_s"),
     "worker": ("concurrency", "batch_slots", "ack_wait_s", "max_deliver", "request_timeout_s"),
     "backend": (
         "ollama_url", "backend", "backend_url", "backend_api_key", "backend_stream", "embed_backend_url",
@@ -211,28 +246,31 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
         "http_host", "http_port", "max_body_bytes", "http_header_timeout_s", "http_body_timeout_s",
+        "max_image_bytes", "image_fetch_hosts", "image_fetch_allow_private", "image_fetch_timeout_s",
         "tasks_dir", "edge_model_check", "auth", "tenants_file", "cors_origins", "ready_needs_models",
         "max_queue", "queue_check_s", "context_tokens", "max_output_tokens", "lease_ttl_s", "dialects",
-        "default_model",
+        "default_model", "image_max_side", "image_quality", "edge_workers",
     ),
     "local": (
         "local", "local_max_tokens", "local_model", "local_model_name", "local_cache", "local_chat_port",
         "local_embed_port",
     ),
     "ledger": ("database_url", "ledger_batch", "usage_max_age_s"),
+    "content": ("ledger_content", "ledger_content_max_bytes", "ledger_content_retention_s"),
     "batches": ("batch_max_lines", "batch_max_file_bytes", "batch_concurrency", "batch_max_active"),
-    "up": ("nats_port",),
+    "up": ("nats_port", "generators"),
 }  # fmt: skip
 _WORKER = ("bus", "process", "worker", "backend")
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "up": tuple(GROUPS),
     "edge": ("bus", "process", "edge", "routing", "worker", "batches"),
     "batcher": ("bus", "process", "worker", "batches"),
-    "generator": (*_WORKER, "generator"),
+    "generator": (*_WORKER, "generator", "content"),
     "embedder": (*_WORKER, "embedder"),
     "classifier": (*_WORKER, "routing"),
     "janitor": (*_WORKER, "janitor"),
-    "ledger": ("bus", "process", "ledger"),
+    "ledger": ("bus", "process", "ledger", "content"),
+    "erase": ("bus",),
     "usage": ("bus",),
     "stats": ("bus",),
     "local": ("process", "local"),

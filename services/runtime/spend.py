@@ -1,9 +1,11 @@
 """Tenants' running totals (KV `llm_spend`, written by the ledger) and the budget check on them.
 
 Every edge replica watches the bucket, so a check is a dict lookup on the request path. A spend is
-seen within the ledger's batch time (one fetch, one transaction) plus a KV update's propagation,
-measured in docs/benchmarks.md "Ledger"; requests admitted meanwhile overshoot the budget by what
-they use.
+seen within the ledger's batch time (one fetch, one transaction) plus a KV update's propagation.
+Requests in flight are not in the totals yet: the edges reserve, at admission, what each may use
+(services/edge/quota.py), and the check counts those reservations as spent. Without them a burst
+of N requests all passed the check and overshot by N requests' tokens (scripts/budget_burst.py,
+docs/ledger.md "Budgets").
 """
 
 from __future__ import annotations
@@ -82,25 +84,29 @@ class SpendView(KVView):
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("ignoring a malformed spend entry %s", key)
 
-    def check(self, tenant: str, budget: Budget, now: float | None = None) -> None:
-        """Raises 429 `budget_exceeded` (Retry-After: the next period) once a budget is spent."""
+    def check(self, tenant: str, budget: Budget, reserved: int = 0, now: float | None = None) -> None:
+        """Raises 429 `budget_exceeded` (Retry-After: the next period) once a budget is spent,
+        counting `reserved` tokens (requests in flight, services/edge/quota.py) as spent."""
         spent = self.spend.get(tenant)
-        if spent is None or not budget.any:
+        if (spent is None and not reserved) or not budget.any:
             return
         now = time.time() if now is None else now
         t = time.gmtime(now)
         day, month = time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t)
+        month_tokens = reserved + (spent.month_tokens if spent is not None and spent.month == month else 0)
+        day_tokens = reserved + (spent.day_tokens if spent is not None and spent.day == day else 0)
         over = []
-        if spent.month == month:
-            if budget.tokens_per_month and spent.month_tokens >= budget.tokens_per_month:
-                over.append((next_month(now), f"{budget.tokens_per_month} tokens this month"))
-            if budget.cost_per_month and spent.month_cost >= budget.cost_per_month:
-                over.append((next_month(now), f"{budget.cost_per_month:g} this month"))
-        if spent.day == day:
-            if budget.tokens_per_day and spent.day_tokens >= budget.tokens_per_day:
-                over.append((next_day(now), f"{budget.tokens_per_day} tokens today"))
-            if budget.cost_per_day and spent.day_cost >= budget.cost_per_day:
-                over.append((next_day(now), f"{budget.cost_per_day:g} today"))
+        if budget.tokens_per_month and month_tokens >= budget.tokens_per_month:
+            over.append((next_month(now), f"{budget.tokens_per_month} tokens this month"))
+        if budget.tokens_per_day and day_tokens >= budget.tokens_per_day:
+            over.append((next_day(now), f"{budget.tokens_per_day} tokens today"))
+        # Money is not reserved (the edge does not price requests): only the ledger's totals count.
+        month_cost = spent.month_cost if spent is not None and spent.month == month else 0.0
+        day_cost = spent.day_cost if spent is not None and spent.day == day else 0.0
+        if budget.cost_per_month and month_cost >= budget.cost_per_month:
+            over.append((next_month(now), f"{budget.cost_per_month:g} this month"))
+        if budget.cost_per_day and day_cost >= budget.cost_per_day:
+            over.append((next_day(now), f"{budget.cost_per_day:g} today"))
         if over:
             until, what = max(over)
             raise LlmbusError(

@@ -9,19 +9,19 @@ ledger, once per request (`Nats-Msg-Id: <id>.usage`). It carries who asked (the 
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 from nats.aio.client import Client
 
-from contracts import Error, headers, subjects
-from contracts.models import UsageEvent
+from contracts import headers, subjects
+from contracts.models import UsageContent, UsageEvent
 from contracts.usage import Origin
+from services.runtime.request_ended import RequestEnded
 
 _encode = msgspec.json.Encoder().encode
 _decode_origin = msgspec.json.Decoder(Origin).decode
+_TOO_BIG = UsageContent(prompt="", answer="", truncated=True)
 
 
 def host_of(url: str) -> str:
@@ -46,53 +46,41 @@ def _trace_id(hdrs: dict[str, str]) -> str:
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
-async def publish(nc: Client, job: Any, event: object, host: str = "") -> None:
-    """`job` is a `worker.Job`, `event` its terminal event; never raises."""
-    model = getattr(job.request, "model", None)
-    if not isinstance(model, str) or not model:
+async def publish(nc: Client, ended: RequestEnded) -> None:
+    """Publishes the usage event of a request that ended; never raises."""
+    if not ended.model:
         return
-    msg = job.msg
-    parts = str(getattr(msg, "subject", "")).split(".")
-    if parts[2:3] == ["batch"]:  # the batch lane: llm.req.batch.<kind>.<model>
-        parts.pop(2)
-    hdrs = getattr(msg, "headers", None) or {}
-    asked = origin(hdrs)
-    usage = getattr(event, "usage", None)
-    timings = getattr(event, "timings", None)
-    now = time.time()
-    started = now - (time.perf_counter() - job.started)  # this attempt's start, wall clock
-    accepted = asked.accepted_ms / 1000 if asked.accepted_ms else _stored_at(msg)
+    asked = origin(ended.headers)
+    accepted = asked.accepted_ms / 1000 if asked.accepted_ms else ended.stored_at
     report = UsageEvent(
-        model=model,
-        kind=parts[2] if len(parts) > 2 else "request",  # llm.req.<kind>.<model>
-        request_id=job.id,
-        at=now,
-        outcome=str(event.code) if isinstance(event, Error) else "done",
-        duration_ms=round((now - started) * 1000, 3),
-        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        model=ended.model,
+        kind=ended.kind,
+        request_id=ended.request_id,
+        at=ended.ended_at,
+        outcome=ended.error or "done",
+        duration_ms=round(ended.duration_s * 1000, 3),
+        prompt_tokens=ended.prompt_tokens,
+        completion_tokens=ended.completion_tokens,
         tenant=asked.tenant,
         key_id=asked.key_id,
         api=asked.api,
-        requested_model=asked.model or model,
+        requested_model=asked.model or ended.model,
         route=asked.route,
-        host=host,
-        attempt=int(getattr(job, "attempt", 1) or 1),
-        queued_ms=round(max(0.0, started - accepted) * 1000, 3) if accepted else None,
-        ttft_ms=getattr(timings, "ttft_ms", None),
-        tokens_per_s=getattr(timings, "tokens_per_s", None),
-        trace_id=_trace_id(hdrs),
+        host=ended.host,
+        attempt=ended.attempt,
+        queued_ms=round(max(0.0, ended.started_at - accepted) * 1000, 3) if accepted else None,
+        ttft_ms=ended.ttft_ms,
+        tokens_per_s=ended.tokens_per_s,
+        trace_id=_trace_id(ended.headers),
         accepted_at=accepted,
+        content=ended.content,  # LLMBUS_LEDGER_CONTENT=on (services/runtime/transcript.py)
     )
+    data = _encode(report)
+    if report.content is not None and len(data) > nc.max_payload - 1024:
+        # Prompt and answer too big for one message (LLMBUS_LEDGER_CONTENT_MAX_BYTES set above
+        # NATS's limit): the row matters more, so it goes without them.
+        data = _encode(msgspec.structs.replace(report, content=_TOO_BIG))
     with contextlib.suppress(Exception):
         await nc.publish(
-            subjects.usage_subject(model), _encode(report), headers={headers.MSG_ID: f"{job.id}.usage"}
+            subjects.usage_subject(ended.model), data, headers={headers.MSG_ID: f"{ended.request_id}.usage"}
         )
-
-
-def _stored_at(msg: Any) -> float | None:
-    """When JetStream stored the request (a direct publisher sends no `Llmbus-Origin`)."""
-    with contextlib.suppress(Exception):
-        stamp = msg.metadata.timestamp
-        return float(stamp.timestamp()) if stamp is not None else None
-    return None

@@ -141,6 +141,7 @@ class FakeConfig:
     embed_call_cost: float = 0.0  # seconds per /api/embed call ...
     embed_item_cost: float = 0.0  # ... plus seconds per input item (Ollama on CPU)
     embed_dim: int = 64
+    embed_dimensions: bool = True  # False: an older Ollama, which ignores `dimensions` (full-size vectors)
     parallel: int | None = None  # max concurrent generations/embed calls (OLLAMA_NUM_PARALLEL); others queue
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     pullable: set[str] | None = None  # names /api/pull can fetch; None = any name
@@ -165,6 +166,7 @@ class Call:
     disconnected_at: float | None = None
     aborted: bool = False  # the fake dropped the connection (disconnect_after, stop())
     tokens_sent: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-case, as ASGI gives them
 
 
 # ---------------------------------------------------------------------------- constants
@@ -376,8 +378,20 @@ def _details(name: str) -> dict[str, Any]:
         "family": family,
         "families": [family],
         "parameter_size": _parameters(name)[1],
-        "quantization_level": "F16" if _is_embedding(name) else "Q4_K_M",
+        "quantization_level": _quantization(name),
     }
+
+
+# Ollama's ggml.ParseFileType names (upper case) that `quantize` accepts.
+_QUANT_TYPES = frozenset(
+    {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"}
+)
+
+
+def _quantization(name: str) -> str:
+    """Embedding models and `fp16` tags are F16 (the only bases `create` can quantize)."""
+    tag = name.split(":", 1)[1] if ":" in name else ""
+    return "F16" if _is_embedding(name) or "fp16" in tag else "Q4_K_M"
 
 
 def _capabilities(name: str) -> list[str]:
@@ -586,6 +600,7 @@ class _ModelMeta:
     system: str = ""
     template: str = "{{ .Prompt }}"
     parameters: dict[str, Any] = field(default_factory=dict)
+    quantization: str = ""  # set by `create` with `quantize`; else the root's
 
 
 @dataclass
@@ -863,6 +878,7 @@ class FakeOllama:
         path: str = scope["path"]
         method: str = scope["method"]
         call = Call(method=method, path=path, body=None, started_at=time.monotonic())
+        call.headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         if not path.startswith("/_fake/"):
             self.calls.append(call)
             self._notify()
@@ -967,6 +983,7 @@ class FakeOllama:
         meta = self._meta_for(name)
         details = _details(meta.root)
         details["parent_model"] = meta.parent
+        details["quantization_level"] = meta.quantization or details["quantization_level"]
         return {
             "name": name,
             "model": name,
@@ -1353,7 +1370,8 @@ class FakeOllama:
             _embed_tokens(text) > _CONTEXT_LENGTH for text in inputs
         ):
             raise _HTTPError(400, "the input length exceeds the context length")
-        result = await self._embed_all(ex, req, model, inputs, dimensions or self.config.embed_dim)
+        size = dimensions if dimensions and self.config.embed_dimensions else self.config.embed_dim
+        result = await self._embed_all(ex, req, model, inputs, size)
         if result is not None:
             await ex.json(result if inputs else {"model": model, "embeddings": []})
 
@@ -1421,9 +1439,10 @@ class FakeOllama:
                 await asyncio.sleep(delay)
         await ex.finish(_ENCODE(items[-1]) + b"\n")
 
-    async def _pull_failure(self, ex: _Exchange, stream: bool) -> None:
-        # Ollama reports a failed pull in-band when streaming: 200, then an error line.
-        message = "pull model manifest: file does not exist"
+    async def _pull_failure(
+        self, ex: _Exchange, stream: bool, message: str = "pull model manifest: file does not exist"
+    ) -> None:
+        # Ollama reports a failed pull or create in-band when streaming: 200, then an error line.
         if not stream:
             await ex.json({"error": message}, 500)
             return
@@ -1507,6 +1526,22 @@ class FakeOllama:
             {"status": f"using existing layer sha256:{_digest(root + '/' + layer)}"}
             for layer in ("model", "template")
         ]
+        # `quantize` (or the old `quantization`), as Ollama's createModel checks it: F16/F32 bases only.
+        quantize = _field(req, "quantize", str, "", "CreateRequest", "string")
+        quantize = (quantize or _field(req, "quantization", str, "", "CreateRequest", "string")).upper()
+        quantization = ""
+        if quantize:
+            have = self._model_entry(parent)["details"]["quantization_level"] if parent else "F16"
+            if quantize not in _QUANT_TYPES:
+                await self._pull_failure(ex, stream, f"unsupported quantization type {quantize}")
+                return
+            if have not in ("F16", "F32"):
+                await self._pull_failure(ex, stream, "quantization is only supported for F16 and F32 models")
+                return
+            if have != quantize:
+                events[0] = {"status": f"quantizing {have} model to {quantize}"}
+                events.append({"status": f"creating new layer sha256:{_digest(name + '/' + quantize)}"})
+            quantization = quantize
         if spec.get("system") or spec["parameters"]:
             events.append({"status": f"creating new layer sha256:{_digest(name + '/config')}"})
         events += [{"status": "writing manifest"}, {"status": "success"}]
@@ -1517,6 +1552,7 @@ class FakeOllama:
             system=spec.get("system", ""),
             template=spec.get("template") or "{{ .Prompt }}",
             parameters=spec["parameters"],
+            quantization=quantization,
         )
         self._add_model(name, meta)
         await self._stream_status(ex, events, stream)

@@ -61,10 +61,13 @@ def tool_call(call_id: str, name: str, arguments: dict[str, Any]) -> ToolCall:
 def data_url_image(url: str, where: str) -> str:
     """A `data:image/...;base64,` URL's base64 payload, as the backend's `images` take it.
 
-    Remote URLs are refused: fetching them would make the edge a client of any host a user names
-    (no allow-list, size and time limits, or private-address guard exist yet)."""
+    A remote URL left here was not fetched (services/edge/image_fetch.py): the edge fetches only from
+    the hosts an operator allows, so it is refused."""
     if url.startswith(("http://", "https://")):
-        raise unsupported(where, "only `data:` URLs are taken (the edge does not fetch remote images)")
+        why = (
+            "only `data:` URLs are taken (the edge fetches remote images only from LLMBUS_IMAGE_FETCH_HOSTS)"
+        )
+        raise unsupported(where, why)
     head, sep, payload = url.partition(",")
     if not (url.startswith("data:") and sep and head.endswith(";base64")):
         raise bad(where, "must be a `data:<type>;base64,` URL")

@@ -24,6 +24,7 @@ from contracts.tools import Logprob, ToolCall
 from services.edge.admission import Admission
 from services.edge.compat.events import Seamless
 from services.edge.compat.ollama_bodies import ChatBody, EmbedBody, GenerateBody, LegacyEmbeddingsBody
+from services.edge.compat.ollama_manage import MANAGE_ROUTES
 from services.edge.compat.ollama_models import MODEL_ROUTES, json_answer
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers, request_id_of
@@ -245,7 +246,7 @@ async def embeddings(data: JSONBody[LegacyEmbeddingsBody], pipeline: Piped) -> R
 
 router = Router(
     path="/ollama",
-    route_handlers=[chat, generate, embed, embeddings, *MODEL_ROUTES, version, root],
+    route_handlers=[chat, generate, embed, embeddings, *MODEL_ROUTES, *MANAGE_ROUTES, version, root],
     tags=["Ollama-compatible"],
     exception_handlers=handlers(ollama_error),  # type: ignore[arg-type]
 )

@@ -58,6 +58,23 @@ class OllamaMessage(msgspec.Struct):
         return tool_call(call.id or f"call_{place}", call.function.name, call.function.arguments)
 
 
+def _linked(messages: list[Message]) -> list[Message]:
+    """A tool result that names neither its tool nor its call (the `ollama` client drops both; so
+    Ollama's templates take results in order) answers the next call of the assistant message before
+    it: linked to that call here, so every backend gets the link."""
+    pending: list[ToolCall] = []
+    for i, message in enumerate(messages):
+        if message.tool_calls:
+            pending = list(message.tool_calls)
+        elif message.role == "tool" and pending:
+            call = pending.pop(0)
+            if message.tool_name is None and message.tool_call_id is None:
+                messages[i] = msgspec.structs.replace(
+                    message, tool_call_id=call.id, tool_name=call.function.name
+                )
+    return messages
+
+
 class _Common(msgspec.Struct, Refusing, kw_only=True):
     model: str
     stream: bool = True  # Ollama streams unless told not to
@@ -113,7 +130,7 @@ class ChatBody(_Common, kw_only=True):
         return not self.messages
 
     def to_request(self, request_id: str) -> GenerateRequest:
-        messages = [m.to_message(i) for i, m in enumerate(self.messages)]
+        messages = _linked([m.to_message(i) for i, m in enumerate(self.messages)])
         return GenerateRequest(id=request_id, messages=messages, tools=self.tools or None, **self.common())
 
 

@@ -38,15 +38,19 @@ async def tags(request: Request[Any, Any, Any], inventory: Inventory) -> Respons
 
 @get("/api/ps", summary="Ollama-compatible list of loaded models")
 async def ps(request: Request[Any, Any, Any], inventory: Inventory) -> Response[bytes]:
-    found = listing(inventory, None, loaded_only=True).data
+    return json_answer({"models": loaded(inventory)}, request_id_of(request))
+
+
+def loaded(inventory: InventoryView) -> list[dict[str, Any]]:
+    """The loaded models as `/api/ps` lists them (also seed 003's `/api/v1/models/ps`)."""
     entries = []
-    for model in found:
+    for model in listing(inventory, None, loaded_only=True).data:
         info = model.hosts[0]
         entry = _entry(info) | {"size_vram": info.size_vram}
         if info.expires_at is not None:
             entry["expires_at"] = _iso(info.expires_at)
         entries.append(entry)
-    return json_answer({"models": entries}, request_id_of(request))
+    return entries
 
 
 class ShowBody(msgspec.Struct, kw_only=True):
@@ -62,6 +66,11 @@ async def show(
     name = data.model or data.name
     if not name:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "model is required")
+    return json_answer(await details(name, inventory, admin), request_id_of(request))
+
+
+async def details(name: str, inventory: InventoryView, admin: AdminClient) -> dict[str, Any]:
+    """A model's `/api/show` body, from the janitor of a host that has it (also seed 003's)."""
     ModelRef(name).validate()
     hosts = sorted(info.host for info in inventory.lookup(name) if info.ready)
     if not hosts and inventory.populated:
@@ -78,9 +87,11 @@ async def show(
         "model_info": shown.model_info,
         "capabilities": shown.capabilities,
     }
-    if shown.info is not None:
+    if shown.modified_at:  # the host's own time of the model's last change
+        body["modified_at"] = shown.modified_at
+    elif shown.info is not None:  # a host that does not say: when the inventory last saw it change
         body["modified_at"] = _iso(shown.info.updated_at)
-    return json_answer(body, request_id_of(request))
+    return body
 
 
 def _first(infos: list[ModelInfo], *, ready: bool) -> ModelInfo | None:

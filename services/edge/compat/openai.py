@@ -1,6 +1,7 @@
 """OpenAI-compatible routes under `/openai/v1`: chat completions, completions and embeddings.
 
-(`GET /openai/v1/models` is served with `/v1/models`, in services/edge/models.py.)
+(`GET /openai/v1/models` is served with `/v1/models`, in services/edge/models.py; `GET
+/openai/v1/models/{id}` here, so an unknown model is a 404 in OpenAI's error shape.)
 
 Streaming answers are `data: {chunk}` lines ending with `data: [DONE]`, as the OpenAI SDKs expect;
 errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
@@ -14,24 +15,34 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Response, Router, post
-from litestar.params import JSONBody
+from litestar import Response, Router, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
-from contracts import Completion, Done, EmbedResponse, Error, Token
+from contracts import Completion, Done, EmbedResponse, Error, ErrorCode, LlmbusError, Token
 from contracts.messages import Thinking, ToolCallEvent
 from contracts.route import Routed
 from contracts.tools import Logprob, ToolCall
 from services.edge.compat.events import Seamless
 from services.edge.compat.fields import dumps
-from services.edge.compat.openai_bodies import ChatCompletionBody, CompletionBody, EmbeddingsBody
+from services.edge.compat.openai_bodies import (
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingsBody,
+    image_urls,
+)
 from services.edge.embed import Embedding, embed_with
 from services.edge.errors import Failure, handlers
 from services.edge.generation import collect
+from services.edge.image_fetch import ImageFetcher, decoded_size, too_large
+from services.edge.models import ModelEntry, model_entry
 from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
 from services.runtime.events import RawEvent
+from services.runtime.inventory import InventoryView
 from services.runtime.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
+Inventory = NamedDependency[InventoryView]
 
 
 _ERROR_TYPES = {
@@ -227,10 +238,31 @@ class OpenAI(Dialect):
 async def _answer(pipeline: Pipeline, body: ChatCompletionBody | CompletionBody, chat: bool) -> Answer:
     request_id = pipeline.request_id
     usage = body.stream_options is not None and body.stream_options.include_usage
+    if isinstance(body, ChatCompletionBody):
+        await _images(pipeline, body)
     wire = body.to_request(request_id)
     echo = wire.prompt or "" if isinstance(body, CompletionBody) and body.echo else ""
     dialect = OpenAI(_Shape(chat, request_id, body.model, echo), streams=body.stream, include_usage=usage)
     return await pipeline.serve(wire, dialect, timeout_s=body.timeout)
+
+
+async def _images(pipeline: Pipeline, body: ChatCompletionBody) -> None:
+    """Each `data:` image within the per-image limit, named as the API names it; http(s) URLs become
+    `data:` URLs when the operator allows their hosts, else they stay and `to_request` refuses them."""
+    found = image_urls(body.messages)
+    if not found:
+        return
+    limit = pipeline.settings.max_image_bytes
+    for where, image in found:
+        head, _, payload = image.url.partition(",")
+        if head.startswith("data:") and (size := decoded_size(payload)) > limit:
+            raise too_large(where, size, limit)
+    remote = [(where, image) for where, image in found if image.url.startswith(("http://", "https://"))]
+    fetcher = ImageFetcher(pipeline.settings, int(pipeline.request.headers.get("content-length") or 0))
+    if remote and fetcher.enabled:
+        fetched = await fetcher.fetch_all((where, image.url) for where, image in remote)
+        for where, image in remote:
+            image.url = fetched[where]
 
 
 @post("/chat/completions", summary="OpenAI-compatible chat completions", status_code=200)
@@ -273,6 +305,15 @@ async def embeddings(data: JSONBody[EmbeddingsBody], pipeline: Piped) -> Respons
     return await embed_with(pipeline, data.to_request(pipeline.request_id), dialect, data.timeout)
 
 
+@get("/models/{model_id:path}", summary="OpenAI-compatible model (`models.retrieve`)")
+async def retrieve_model(inventory: Inventory, model_id: FromPath[str]) -> ModelEntry:
+    name = model_id.lstrip("/")  # a `path` parameter keeps its leading slash
+    entry = model_entry(inventory, name) if name else None
+    if entry is None:
+        raise LlmbusError(ErrorCode.MODEL_NOT_FOUND, f"The model `{name}` does not exist")
+    return entry
+
+
 def _base64(vector: list[float]) -> str:
     """OpenAI's base64 encoding: the vector's little-endian float32 bytes (exact: vectors are float32)."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -280,7 +321,7 @@ def _base64(vector: list[float]) -> str:
 
 router = Router(
     path="/openai/v1",
-    route_handlers=[chat_completions, completions, embeddings],
+    route_handlers=[chat_completions, completions, embeddings, retrieve_model],
     tags=["OpenAI-compatible"],
     exception_handlers=handlers(openai_error),  # type: ignore[arg-type]
 )

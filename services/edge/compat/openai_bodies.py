@@ -86,6 +86,16 @@ class ChatMessage(msgspec.Struct, Refusing):
         return tool_call(call.id, call.function.name, arguments)
 
 
+def image_urls(messages: list[ChatMessage]) -> list[tuple[str, _ImageUrl]]:
+    """The `image_url` parts, each with where it is (the edge checks their size, may fetch them)."""
+    found = []
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if part.type == "image_url" and part.image_url is not None:
+                found.append((f"messages[{i}].content[{j}].image_url", part.image_url))
+    return found
+
+
 def _content(content: str | list[ContentPart] | None, where: str) -> tuple[str, list[str]]:
     """A message's text and its images' base64, from a string or an array of content parts."""
     if content is None or isinstance(content, str):

@@ -25,9 +25,8 @@ def claims(handler: Any) -> list[tuple[str, str]]:
     return [(method, path) for path in sorted(handler.paths) for method in methods]
 
 
-def mounted(setting: str) -> list[Any]:
-    """The route handlers of the dialects named in `setting` (comma-separated)."""
-    names = [name.strip() for name in setting.split(",") if name.strip()]
+def mounted(names: list[str]) -> list[Any]:
+    """The route handlers of the dialects named (`LLMBUS_DIALECTS`)."""
     unknown = [name for name in names if name not in NAMES]
     if unknown:
         raise DialectConflict(f"LLMBUS_DIALECTS: unknown dialect {unknown[0]!r}; known: {', '.join(NAMES)}")

@@ -36,7 +36,7 @@ from services.runtime.backends.base import (
     unsupported,
 )
 from services.runtime.backends.observed import embedding, generation
-from services.runtime.backends.streaming import StreamError, StreamingClient
+from services.runtime.backends.transport import JSON, http_client
 
 
 class _CallFunction(msgspec.Struct):
@@ -155,21 +155,10 @@ def error_for_status(status: int, body: bytes, model: str) -> LlmbusError:
 class OllamaBackend:
     def __init__(self, url: str, *, connect_timeout: float = 5.0, max_connections: int = 256) -> None:
         self.url = url.rstrip("/")
-        # No read timeout: a model may load or evaluate a long prompt for minutes; the request's
-        # deadline bounds every call instead.
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=httpx.Timeout(None, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
-        # Generations, the hot path, go through a leaner client (see streaming.py for why).
-        self._stream = StreamingClient(
-            self.url, connect_timeout=connect_timeout, max_connections=max_connections
-        )
+        self._client = http_client(self.url, connect_timeout=connect_timeout, max_connections=max_connections)
 
     async def aclose(self) -> None:
         await self._client.aclose()
-        await self._stream.aclose()
 
     async def version(self) -> str:
         try:
@@ -191,9 +180,7 @@ class OllamaBackend:
         if dimensions is not None:
             body["dimensions"] = dimensions
         with http_failures(self.url, "embedding call"):
-            response = await self._client.post(
-                "/api/embed", content=_encode(body), headers={"content-type": "application/json"}
-            )
+            response = await self._client.post("/api/embed", content=_encode(body), headers=JSON)
             if response.status_code != 200:
                 raise error_for_status(response.status_code, response.content, model)
             answer = _decode_embed(response.content)
@@ -208,11 +195,11 @@ class OllamaBackend:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Piece]:
         path = "/api/chat" if request.is_chat else "/api/generate"
         body = _encode(request_body(request))
-        try:
-            async with self._stream.post(path, body) as response:
-                if response.status != 200:
-                    raise error_for_status(response.status, await response.read(), request.model)
-                lines = _ndjson(response.body())
+        with http_failures(self.url, "backend stream"):
+            async with self._client.stream("POST", path, content=body, headers=JSON) as response:
+                if response.status_code != 200:
+                    raise error_for_status(response.status_code, await response.aread(), request.model)
+                lines = _ndjson(response.aiter_bytes())
                 async for line in lines:
                     chunk = _decode_chunk(line)
                     if chunk.error is not None:
@@ -247,14 +234,6 @@ class OllamaBackend:
                         )
                         return
                 raise LlmbusError(ErrorCode.BACKEND_ERROR, "backend closed the stream before it was done")
-        except StreamError as exc:
-            if exc.connect:
-                raise LlmbusError(
-                    ErrorCode.BACKEND_UNAVAILABLE, f"cannot reach the model backend at {self.url}"
-                ) from exc
-            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend stream failed: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise LlmbusError(ErrorCode.BACKEND_ERROR, f"backend stream failed: {exc!r}") from exc
 
 
 async def _ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -67,9 +67,12 @@ class CreateSpec(msgspec.Struct, omit_defaults=True):
     from_: str = msgspec.field(default="", name="from")
     system: str | None = None
     template: str | None = None
-    license: str | None = None
+    license: str | list[str] | None = None
     parameters: dict[str, Any] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    files: dict[str, str] | None = None  # blobs already on the host: file name -> `sha256:<hex>`
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
     from_file: str | None = None  # a local GGUF file: uploaded as a blob, then passed as `files`
 
 
@@ -185,7 +188,7 @@ class OllamaAdmin:
         if spec.from_file is not None:
             path = Path(spec.from_file)
             digest = await self._push_blob(path)
-            body["files"] = {path.name: digest}
+            body["files"] = {**(spec.files or {}), path.name: digest}
         async for status in self._statuses("/api/create", model, {"model": model, "stream": True, **body}):
             yield status
 

@@ -32,6 +32,7 @@ from services.runtime.backends.openai_wire import (
     Usage,
     request_body,
 )
+from services.runtime.backends.transport import JSON, http_client
 
 __all__ = ["OpenAIBackend", "error_for_status", "request_body", "sse_data"]
 
@@ -81,7 +82,6 @@ _decode_error = msgspec.json.Decoder(_ErrorBody).decode
 _decode_models = msgspec.json.Decoder(_Models).decode
 _decode_embeddings = msgspec.json.Decoder(_Embeddings).decode
 _encode = msgspec.json.Encoder().encode
-_JSON = {"content-type": "application/json"}
 _DONE = b"[DONE]"
 _MODELS_REFRESH_S = 1.0  # an unknown name re-reads /v1/models at most this often
 
@@ -129,12 +129,10 @@ class OpenAIBackend:
     ) -> None:
         self.url = url.rstrip("/")
         self.stream = stream
-        # No read timeout: a model may load or evaluate a long prompt for minutes; the request's
-        # deadline bounds every call instead.
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=httpx.Timeout(None, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        self._client = http_client(
+            self.url,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
             headers={"authorization": f"Bearer {api_key}"} if api_key else None,
         )
         self._served: set[str] | None = None  # None: the server does not list models; do not check
@@ -233,7 +231,7 @@ class OpenAIBackend:
         with http_failures(self.url, "backend stream"):
             request = msgspec.structs.replace(request, model=await self._served_name(request.model))
             body = request_body(request, await self._capabilities(request), stream=self.stream)
-            async with self._client.stream("POST", path, content=_encode(body), headers=_JSON) as response:
+            async with self._client.stream("POST", path, content=_encode(body), headers=JSON) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, await response.aread(), request.model)
                 if not self.stream:
@@ -291,7 +289,7 @@ class OpenAIBackend:
             body["dimensions"] = dimensions
         with http_failures(self.url, "embedding call"):
             body["model"] = await self._served_name(model)
-            response = await self._client.post("/v1/embeddings", content=_encode(body), headers=_JSON)
+            response = await self._client.post("/v1/embeddings", content=_encode(body), headers=JSON)
             if response.status_code != 200:
                 raise error_for_status(response.status_code, response.content, model)
             answer = _decode_embeddings(response.content)

@@ -26,6 +26,7 @@ from contracts import ErrorCode, LlmbusError
 from contracts.models import canonical_model
 from services.runtime.backends.ollama_admin import CreateSpec, Details, Running, Status, Tag
 from services.runtime.backends.openai import error_for_status
+from services.runtime.backends.openai_show import described, parameter_size
 
 _LOAD_WAIT_S = 600.0  # a router loads in a child process: wait this long for `loaded`
 _LOAD_POLL_S = 0.25
@@ -72,12 +73,6 @@ def cannot(op: str, url: str) -> LlmbusError:
     )
 
 
-def _parameter_size(n: int | None) -> str:
-    if not n:
-        return ""
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
 class _Server:
     def __init__(self, url: str, client: httpx.AsyncClient) -> None:
         self.url = url.rstrip("/")
@@ -121,6 +116,15 @@ class _Server:
             return _decode_listing(response.content).data, raw if isinstance(raw, dict) else {}
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
+
+    async def props(self) -> dict[str, Any]:
+        """llama.cpp's `/props` (chat template, modalities, the model's file); {} elsewhere."""
+        response = await self._get("/props")
+        try:
+            found = msgspec.json.decode(response.content) if response.status_code == 200 else {}
+        except msgspec.DecodeError:
+            return {}
+        return found if isinstance(found, dict) else {}
 
     async def post(self, path: str, model: str) -> None:
         try:
@@ -182,7 +186,7 @@ class OpenAIAdmin:
         for _, model in await self._models():
             meta = model.meta or _Meta()
             details = Details(
-                parameter_size=_parameter_size(meta.n_params), quantization_level=meta.ftype or ""
+                parameter_size=parameter_size(meta.n_params), quantization_level=meta.ftype or ""
             )
             tags.append(
                 Tag(name=model.id, size=meta.size or 0, details=details, context_length=meta.n_ctx_train)
@@ -198,16 +202,13 @@ class OpenAIAdmin:
         ]
 
     async def show(self, model: str) -> dict[str, Any]:
+        """Ollama's `/api/show` shape from what the server tells: its listing (llama.cpp adds
+        `meta` and an Ollama-style `models` entry), llama.cpp's `/props` and the GGUF's header."""
         server, found = await self._find(model)
         _, raw = await server.listing()
-        entry = next(
-            (m for m in raw.get("data") or [] if isinstance(m, dict) and m.get("id") == found.id), {}
-        )
-        meta = entry.get("meta")
-        return {
-            "details": {k: v for k, v in entry.items() if k != "meta"},
-            "model_info": meta if isinstance(meta, dict) else {},
-        }
+        props = await server.props()
+        # Off the event loop: it may read the GGUF's header and the file's time.
+        return await asyncio.to_thread(described, found.id, raw, props, embeds=server is not self._servers[0])
 
     async def load(self, model: str, keep_alive_s: float | None) -> None:
         """Router mode only; `keep_alive_s` has no counterpart there (the janitor's idle TTL unloads)."""
