@@ -119,6 +119,7 @@ async def test_json_nested_too_deeply_is_400_on_every_post_route(client: AsyncCl
     assert upload.status_code == 400 and "multipart/form-data" in upload.text
     posts.remove("/openai/v1/files")
     posts.remove("/openai/v1/batches/{batch_id}/cancel")  # takes no body
+    posts.remove("/v1/batches/{batch_id}/cancel")
     deep = b'{"model": "llama3.2:1b", "input": ' + nested(5000) + b"}"
     fmt = msgspec.json.encode({"model": "llama3.2:1b", "messages": USER})[:-1] + b', "format": '
     fmt += b'{"a": ' * 3000 + b"{}" + b"}" * 3000 + b"}"
