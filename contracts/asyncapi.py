@@ -40,6 +40,7 @@ from contracts.models import (
     PullRequest,
     UsageEvent,
 )
+from contracts.queue import Queued, QueueReport
 from contracts.route import CLASSIFY_SUBJECT, ROUTE_SUBJECT, ClassifyReply, ClassifyRequest
 from contracts.schema_form import normalised
 
@@ -51,6 +52,8 @@ _MODEL_MESSAGES += ["LoadRequest", "UsageQuery", "StatsQuery", "HistoryQuery", "
 # The ledger's read API (contracts/ledger.py).
 _MODEL_TYPES += [UsageQuery, UsageReport, StatsQuery, StatsReport, HistoryQuery, HistoryPage, RecordRef]
 _MODEL_TYPES += [RequestRecord, Erased, Spend]
+# The edge's own (HTTP only, never on the bus): the `queued` SSE event and GET /v1/queue.
+_MODEL_TYPES += [Queued, QueueReport]
 
 
 _DEAD_LETTER_PAYLOAD = (
@@ -301,6 +304,11 @@ def asyncapi() -> str:
                 "ClassifyReply": {"payload": {"$ref": _ref("ClassifyReply")}},
                 "ErrorBody": {"payload": {"$ref": _ref("ErrorBody")}},
                 **{name: {"payload": {"$ref": _ref(name)}} for name in _MODEL_MESSAGES},
+                "Queued": {
+                    "payload": {"$ref": _ref("Queued")},
+                    "description": "SSE only, never on the bus: the edge's `queued` event (seq -1, no "
+                    "SSE id) while a streamed request waits for a generator, before `start`.",
+                },
             },
         },
     }

@@ -50,6 +50,7 @@ from contracts.models import (
     PullRequest,
     UsageEvent,
 )
+from contracts.queue import Queued, QueueReport
 from contracts.route import ClassifyReply, ClassifyRequest, Routed
 from contracts.schema_form import normalised
 
@@ -93,6 +94,8 @@ MESSAGES: dict[str, Any] = {
     "HistoryPage": HistoryPage,
     "RequestRecord": RequestRecord,
     "Spend": Spend,
+    "Queued": Queued,
+    "QueueReport": QueueReport,
 }
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -22,3 +22,7 @@ TRACESTATE = "tracestate"
 DLQ_REASON = "Llmbus-Dlq-Reason"
 DLQ_SUBJECT = "Llmbus-Dlq-Subject"
 DLQ_DELIVERIES = "Llmbus-Dlq-Deliveries"
+
+# HTTP, not NATS: a request's cache mode (`off`, `exact`, `semantic`, `force`), and on the answer
+# whether it came from the response cache (`hit`, `semantic`) or not (`miss`) (docs/cache.md).
+CACHE = "Llmbus-Cache"

@@ -171,6 +171,7 @@ class Done(EventBase, tag="done"):
     usage: Usage
     timings: Timings
     output: Annotated[Any, msgspec.Meta(description=_OUTPUT)] = None
+    cached: bool | None = None  # replayed from the edge's response cache (docs/cache.md)
 
 
 class Error(EventBase, tag="error"):
@@ -245,3 +246,4 @@ class Completion(msgspec.Struct, omit_defaults=True):
     thinking: str | None = None  # the `thinking` events' text
     tool_calls: list[ToolCall] | None = None
     logprobs: list[Logprob] | None = None  # every `token` event's, in order
+    cached: bool | None = None  # replayed from the edge's response cache (docs/cache.md)

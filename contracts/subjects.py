@@ -27,6 +27,7 @@ BATCH_LANE_PREFIX = "llm.req.batch."
 BATCH_GENERATE_SUBJECTS = BATCH_LANE_PREFIX + "generate.>"
 BATCH_EMBED_SUBJECTS = BATCH_LANE_PREFIX + "embed.>"
 EMBED_CACHE_BUCKET = "llm_embed_cache"  # KV: float32 vectors shared by every embedder replica
+RESPONSE_CACHE_BUCKET = "llm_response_cache"  # KV: answers replayed by every edge (docs/cache.md)
 EVENT_PREFIX = "llm.out."
 CANCEL_PREFIX = "llm.cancel."
 CANCEL_SUBJECTS = "llm.cancel.*"

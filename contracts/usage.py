@@ -12,6 +12,9 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+CACHE_HOST = "cache"  # a usage event's `host` when the edge's response cache answered (docs/cache.md)
+
+
 class Origin(msgspec.Struct, omit_defaults=True, kw_only=True):
     """The edge's note of who asked (header `Llmbus-Origin`), copied by workers into `UsageEvent`.
 

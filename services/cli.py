@@ -7,7 +7,7 @@ import importlib
 import importlib.metadata
 import sys
 
-from services import dlq, provision
+from services import dlq, provision, queue_cli
 from services.edge import tenants
 from services.janitor import cli as models_cli
 from services.ledger import cli as ledger_cli
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--check", action="store_true", help="fail if the checked-in export is stale")
     dlq.add_parser(sub)
     ledger_cli.add_parser(sub)  # `llmbus usage`, `llmbus stats`, `llmbus erase`
+    queue_cli.add_parser(sub)  # `llmbus queue`
     tenants.add_parser(sub)  # `llmbus keys new|hash`
     sub.add_parser("provision", help="create the streams and apply changed settings to them (as admin)")
     sub.add_parser("config", help="print every effective setting and where it comes from")
@@ -83,6 +84,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return dlq.main(args, settings)
     if args.command in ("usage", "stats", "erase"):
         return ledger_cli.main(args, settings)
+    if args.command == "queue":
+        return queue_cli.main(args, settings)
     if args.command == "provision":
         return provision.main(settings)
     if args.command == "keys":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.edge.cache_store import cache_stream as response_cache_stream
 from services.embedder.cache import cache_stream
 from services.runtime import bus
 from services.runtime.settings import Settings
@@ -27,6 +28,9 @@ async def provision(settings: Settings) -> list[str]:
             cache = cache_stream(settings)
             await bus.ensure_stream(js, cache, update=True)
             streams.append(cache.name or "")
+        answers = response_cache_stream(settings)  # the edge's response cache (docs/cache.md)
+        await bus.ensure_stream(js, answers, update=True)
+        streams.append(answers.name or "")
         return streams
     finally:
         await nc.close()

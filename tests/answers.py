@@ -40,7 +40,8 @@ class Audit:
         audit.seq_repeats = len(seqs) - len(set(seqs))
         audit.seq_gaps = (max(seqs) + 1 - len(set(seqs))) if seqs else 0
         audit.terminals = sum(e["type"] in ("done", "error") for e in events)
-        audit.attempts = {e["attempt"] for e in events if "attempt" in e}
+        # `queued` (the edge's, before `start`, seq -1) is no attempt of a worker.
+        audit.attempts = {e["attempt"] for e in events if "attempt" in e and e["type"] != "queued"}
         got: list[str] = []
         for event in events:
             if event["type"] == "token":

@@ -47,6 +47,7 @@ def hermetic_environment(environ: dict[str, str] | os._Environ[str], workdir: Pa
     for key in [k for k in environ if k.startswith(("LLMBUS_", "NATS_"))]:
         del environ[key]
     environ["LLMBUS_DATA_DIR"] = str(workdir / ".llmbus")
+    environ["LLMBUS_RESPONSE_CACHE"] = "off"  # repeats reach the model; cache tests turn it on
     # Subprocesses import `tests.*` and `scripts.*` from the checkout whatever their directory.
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH", "")]))
 
@@ -113,6 +114,7 @@ def settings(nats_server: NatsServer, fake_ollama: FakeOllama) -> Settings:
         shutdown_grace_s=1.0,
         max_body_bytes=64 * 1024,
         concurrency=8,
+        response_cache="off",  # as the environment above; tests/test_response_cache.py turns it on
     )
 
 

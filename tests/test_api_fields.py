@@ -187,6 +187,7 @@ _NATIVE: dict[str, Row] = {
     "model": Edge_(MODEL),
     "stream": Edge_(False),
     "timeout": Edge_(30),
+    "cache": Edge_("off"),  # the edge's response cache (docs/cache.md)
     "options": Carried({"temperature": 0.5}, at("options", "temperature", equals=0.5)),
     "format": Carried("json", at("format", equals="json")),
     "think": Carried("low", at("think", equals="low"), model=THINKER),

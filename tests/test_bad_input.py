@@ -120,6 +120,12 @@ async def test_json_nested_too_deeply_is_400_on_every_post_route(client: AsyncCl
     posts.remove("/openai/v1/files")
     posts.remove("/openai/v1/batches/{batch_id}/cancel")  # takes no body
     posts.remove("/v1/batches/{batch_id}/cancel")
+    # A blob upload's body is a model file, never JSON: refused whatever it holds, naming why.
+    blob = await client.post(
+        "/ollama/api/blobs/sha256:00", content=nested(5000), headers={"content-type": "application/json"}
+    )
+    assert blob.status_code == 400 and "blobs" in blob.text
+    posts.remove("/ollama/api/blobs/{digest}")
     deep = b'{"model": "llama3.2:1b", "input": ' + nested(5000) + b"}"
     fmt = msgspec.json.encode({"model": "llama3.2:1b", "messages": USER})[:-1] + b', "format": '
     fmt += b'{"a": ' * 3000 + b"{}" + b"}" * 3000 + b"}"

@@ -36,7 +36,7 @@ REQUEST_ID = "victim-request-0001"
 
 # operation -> (publish or subscribe, subject, the users allowed it); everyone else is refused.
 MATRIX: dict[str, tuple[str, str, set[str]]] = {
-    "read a queued request by sequence": ("pub", f"{API}.STREAM.MSG.GET.LLM_REQ", set()),
+    "read a queued request by sequence": ("pub", f"{API}.STREAM.MSG.GET.LLM_REQ", {"edge"}),  # /v1/queue
     "delete a queued request": ("pub", f"{API}.STREAM.MSG.DELETE.LLM_REQ", {"edge"}),
     "update LLM_REQ (e.g. max_age 1 s)": ("pub", f"{API}.STREAM.UPDATE.LLM_REQ", set()),
     "update LLM_OUT": ("pub", f"{API}.STREAM.UPDATE.LLM_OUT", set()),

@@ -122,6 +122,9 @@ async def test_a_request_no_worker_took_before_its_deadline_has_one_terminal_eve
         response = await http.post("/v1/chat", json={**CHAT, "stream": True, "timeout": 0.5})
         live = await collect(response)  # no generator runs: the edge ends it
         request_id = response.headers["x-request-id"]
+        # It waited (its place, `queued`, no id: not part of the sequence), then ended once.
+        assert {e.event for e in live[:-1]} <= {"queued"} and all(e.id is None for e in live[:-1])
+        live = live[-1:]
         [error] = live
         assert error.event == "error" and error.data["code"] == "deadline_exceeded" and error.id == "0"
         # A generator starts later and finds the expired request: it adds no second ending.

@@ -11,6 +11,7 @@ import logging
 import os
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -40,6 +41,7 @@ class Route(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     examples: list[str] = msgspec.field(default_factory=list)  # utterances for similarity
     rules: list[Rule] = msgspec.field(default_factory=list)
     threshold: float | None = None  # overrides [router].threshold for this route
+    cache: Literal["", "off", "exact", "semantic"] = ""  # `route:NAME` requests' cache (docs/cache.md)
 
 
 class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

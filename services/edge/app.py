@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from services.edge import models
 from services.edge.auth import Authenticate, admin_only
 from services.edge.batches import router as native_batches
+from services.edge.cache_routes import ROUTES as CACHE_ROUTES
 from services.edge.classify import classify
 from services.edge.compat.ollama import ollama_error
 from services.edge.compat.ollama import router as ollama_router
@@ -33,6 +34,7 @@ from services.edge.health import live, ready
 from services.edge.images import ImagePolicy
 from services.edge.ledger_routes import ROUTES as LEDGER_ROUTES
 from services.edge.observability import Observability
+from services.edge.queue import queue
 from services.edge.requests import cancel_request, request_events
 from services.edge.task_catalog import load_tasks
 from services.edge.tasks import list_tasks, run_task, show_task
@@ -92,6 +94,8 @@ def create_app(
             ready,
             *models.ROUTES,
             *LEDGER_ROUTES,
+            queue,  # GET /v1/queue
+            *CACHE_ROUTES,
             openai_router,
             openai_batches(settings),
             native_batches(),

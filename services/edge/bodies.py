@@ -12,10 +12,14 @@ from contracts.tools import MAX_TOP_LOGPROBS, Think, Tool, ToolChoice
 Timeout = Annotated[float, msgspec.Meta(gt=0, description="Seconds; bounded by the server maximum")]
 # true: SSE; false: one JSON answer; "deferred": 202 at once with the id and an events URL to follow.
 Stream = bool | Literal["deferred"]
+# The response cache for this request (docs/cache.md); the `Llmbus-Cache` header says the same.
+CacheMode = Literal["off", "exact", "semantic", "force"]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    model: str
+    model: str | None = (
+        None  # left out: the server's default (LLMBUS_DEFAULT_MODEL, else the default route's)
+    )
     options: Options = msgspec.field(default_factory=Options)
     format: Format | None = None
     stream: Stream = False
@@ -23,11 +27,12 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     think: Think | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    cache: CacheMode | None = None
 
     def to_request(self, request_id: str) -> GenerateRequest:
-        """The wire request: every field but how to answer (`stream`, `timeout`)."""
+        """The wire request: every field but how to answer (`stream`, `timeout`, `cache`)."""
         fields = msgspec.structs.asdict(self)
-        del fields["stream"], fields["timeout"]
+        del fields["stream"], fields["timeout"], fields["cache"]
         return GenerateRequest(id=request_id, **fields)
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -35,38 +33,37 @@ from contracts import (
 )
 from contracts.route import ROUTE_SUBJECT, is_routed
 from contracts.usage import Origin
+from services.edge.accepted import AcceptedRecords, fingerprint
 from services.edge.admission import Admission, Ticket
 from services.edge.backlog import Slot
-from services.edge.feed import PUBLISH_ERRORS, STORE_ERRORS, TERMINAL_GRACE_S, EventFeed, in_background
+from services.edge.feed import (
+    PUBLISH_BACKOFF,
+    PUBLISH_ERRORS,
+    PUBLISH_PATIENCE_S,
+    STORE_ERRORS,
+    EventFeed,
+    in_background,
+)
 from services.edge.routing import RouteFallback, RouteGuard
 from services.edge.tenants import ANONYMOUS, Tenant
-from services.runtime import bus, events, tracing, usage
+from services.runtime import bus, events, queue_stats, tracing, usage
 from services.runtime.inventory import InventoryView
-from services.runtime.retry import Backoff, with_backoff
+from services.runtime.queue_stats import Waiting
+from services.runtime.retry import with_backoff
 
 __all__ = ["Dispatcher", "EventFeed"]
 
 log = logging.getLogger("llmbus.edge")
 
 _encode = msgspec.json.Encoder().encode
-_decode_accepted = msgspec.json.Decoder(Accepted).decode
 _decode_head = msgspec.json.Decoder(EventHead).decode
 
-# How long the edge keeps trying to get a request persisted before it answers 503.
-PUBLISH_PATIENCE_S = 6.0
 # JetStream's error code for a message over the stream's `max_msg_size`.
 MESSAGE_TOO_LARGE = 10054
-PUBLISH_BACKOFF = Backoff(retries=6, base_s=0.2, max_s=2.0)
 
 Request = GenerateRequest | EmbedRequest
 # Told of every request the bus accepted, with the model asked for (the HTTP layer's metrics).
 OnAccepted = Callable[[EventFeed, str], None]
-
-
-def fingerprint(request: Request) -> str:
-    """Identifies a request's content whatever its id: an `Idempotency-Key` reused for another."""
-    body = _encode(msgspec.structs.replace(request, id="-"))
-    return hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
 class Dispatcher:
@@ -90,9 +87,7 @@ class Dispatcher:
         self.fallback = fallback
         self.inventory = inventory  # the janitors' models: refuse one no host has, before queueing
         self._feeds: weakref.WeakSet[EventFeed] = weakref.WeakSet()
-        # The `accepted` records this edge stored, until their requests' deadlines (oldest first):
-        # a restarted NATS loses LLM_OUT (memory), and with it the owner's way to follow or cancel.
-        self._records: OrderedDict[str, tuple[Accepted, float]] = OrderedDict()
+        self.records = AcceptedRecords(nc)
         self.unsubscribe = bus.reconnects(nc).subscribe(self.after_reconnect)
 
     def _track(self, feed: EventFeed) -> EventFeed:
@@ -106,20 +101,11 @@ class Dispatcher:
         try:
             if self._provision is not None:
                 await self._provision()
-            loop = asyncio.get_running_loop()
-            live = [(a, d) for a, d in self._records.values() if d > loop.time()]
-            give_up = loop.time() + PUBLISH_PATIENCE_S
-            await asyncio.gather(*(self._record(a, deadline=min(d, give_up)) for a, d in live))
+            await self.records.store_again(PUBLISH_PATIENCE_S)
         finally:
             for feed in list(self._feeds):
                 if not feed.finished:
                     feed.poke()
-
-    def _remember(self, accepted: Accepted, deadline: float) -> None:
-        now = asyncio.get_running_loop().time()
-        while self._records and next(iter(self._records.values()))[1] < now:
-            self._records.popitem(last=False)
-        self._records[accepted.request_id] = (accepted, deadline + TERMINAL_GRACE_S)
 
     async def submit(
         self,
@@ -189,7 +175,7 @@ class Dispatcher:
     ) -> EventFeed:
         loop = asyncio.get_running_loop()
         if idempotent:
-            accepted = await self._accepted(request.id)
+            accepted = await self.records.read(request.id)
             if accepted is not None:
                 if accepted.fingerprint and accepted.fingerprint != fingerprint(request):
                     raise LlmbusError(
@@ -246,7 +232,9 @@ class Dispatcher:
         # idempotent request: a retry with its key follows the record, so it must name a request
         # that was stored. (When the request cannot be stored, its caller gets 503 and a follower
         # of the orphan record `deadline_exceeded` at its deadline.)
-        record = None if idempotent else asyncio.ensure_future(self._record(accepted, deadline=patience))
+        record = (
+            None if idempotent else asyncio.ensure_future(self.records.store(accepted, deadline=patience))
+        )
         try:
             ack = await self._publish(subject, payload, hdrs, deadline=patience)
         except BaseException:
@@ -259,12 +247,14 @@ class Dispatcher:
         self._accepted_hook(feed, request.model)
         if not ack.duplicate:
             slot.stored(ack.seq)
+            if subject.startswith(subjects.GENERATE_PREFIX):  # its place can be shown (`queued`)
+                feed.waiting = Waiting(queue_stats.of(self.nc), subject, ack.seq)
         if ack.duplicate:  # the same id inside the de-duplication window: it runs once, follow that run
             feed.replay = True  # (its record, if sent again above, was de-duplicated too)
             return feed
         if record is None:
-            await self._record(accepted, deadline=patience)
-        self._remember(accepted, feed.deadline)
+            await self.records.store(accepted, deadline=patience)
+        self.records.keep(accepted, feed.deadline)
         if guard is not None:
             guard.start(feed, ack.seq)
         return feed
@@ -312,22 +302,6 @@ class Dispatcher:
         if self.on_accepted is not None:
             self.on_accepted(feed, model)
 
-    async def _record(self, accepted: Accepted, *, deadline: float) -> None:
-        async def publish() -> PubAck:
-            hdrs = {headers.MSG_ID: f"{accepted.request_id}.accepted"}
-            return await self.js.publish(subject, _encode(accepted), headers=hdrs, timeout=2)
-
-        subject = subjects.accepted_subject(accepted.request_id)
-        try:
-            await with_backoff(
-                publish,
-                backoff=PUBLISH_BACKOFF,
-                retryable=lambda exc: isinstance(exc, PUBLISH_ERRORS),
-                deadline=deadline,
-            )
-        except PUBLISH_ERRORS as exc:  # it is queued and runs; only following it by id fails
-            log.warning("request %s: could not store its `accepted` record: %r", accepted.request_id, exc)
-
     def detach(self, feed: EventFeed) -> None:
         """Lets a request run on without its client (`"stream": "deferred"`). Its feed is followed
         in the background only when it holds a tenant's in-flight slot, so the slot (and the tokens
@@ -350,7 +324,7 @@ class Dispatcher:
 
         Closing it never cancels the request. Raises `not_found` for an id with no trace in LLM_OUT.
         """
-        accepted = await self._accepted(request_id)
+        accepted = await self.records.read(request_id)
         self._check_owner(request_id, accepted, tenant)
         if accepted is None and not await self._has_events(request_id):
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no request {request_id} (or it ended too long ago)")
@@ -361,7 +335,7 @@ class Dispatcher:
 
         Raises `not_found` for an id with no trace in LLM_OUT.
         """
-        accepted = await self._accepted(request_id)
+        accepted = await self.records.read(request_id)
         self._check_owner(request_id, accepted, tenant)
         last = await self._last_event(request_id)
         if accepted is None and last is None:
@@ -403,20 +377,6 @@ class Dispatcher:
         await feed.subscribe()
         await feed.prefetch()  # what is stored: a resume at or past the end is answered at once
         return feed
-
-    async def _accepted(self, request_id: str) -> Accepted | None:
-        try:
-            data = await events.last(self.nc, subjects.accepted_subject(request_id))
-        except STORE_ERRORS as exc:
-            raise LlmbusError(
-                ErrorCode.BACKEND_UNAVAILABLE, "the event store is unavailable", retry_after=1
-            ) from exc
-        if data is None:
-            return None
-        try:
-            return _decode_accepted(data)
-        except msgspec.DecodeError:
-            return None
 
     async def _last_event(self, request_id: str) -> bytes | None:
         try:

@@ -27,6 +27,8 @@ from contracts import TERMINAL_TYPES, Error, ErrorCode, EventHead, headers, subj
 from services.edge.outcome import Outcome
 from services.runtime import events
 from services.runtime.events import RawEvent, Sequencer
+from services.runtime.queue_stats import Waiting
+from services.runtime.retry import Backoff
 
 __all__ = ["EventFeed", "Outcome", "RawEvent"]
 
@@ -52,6 +54,10 @@ IDLE_PROBE_S = 2.0
 IDLE_PROBE_MAX_S = 30.0
 STORE_ERRORS = (NatsTimeoutError, NoRespondersError, TimeoutError, OSError)
 PUBLISH_ERRORS = (NoStreamResponseError, NoRespondersError, NatsTimeoutError, TimeoutError)
+# How the edge retries a publish JetStream must acknowledge (a request, its `accepted` record), and
+# how long it keeps trying before it answers 503.
+PUBLISH_BACKOFF = Backoff(retries=6, base_s=0.2, max_s=2.0)
+PUBLISH_PATIENCE_S = 6.0
 
 
 class Hold(Protocol):
@@ -82,6 +88,12 @@ class _Inbox:
 
     def put(self, item: Msg | None) -> None:
         self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def wake(self) -> None:
+        """Ends the current wait with nothing taken (`EventFeed.wake`)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -145,6 +157,8 @@ class EventFeed:
         self.routed: _Routed | None = None  # a routed request's model that answers, and its route
         self._sub: Any = None
         self._replayed: list[RawEvent] | None = None  # read by `prefetch`, not yet delivered
+        self.waiting: Waiting | None = None  # where it waits in LLM_REQ (set by the dispatcher)
+        self._woken = False
 
     async def subscribe(self) -> None:
         first = self.first_event
@@ -189,6 +203,10 @@ class EventFeed:
                         break
                     out = []
                     items = await inbox.take(GAP_WAIT_S if sequencer.gap else idle)
+                    if not items and self._woken:  # `wake`: the relay has something to say
+                        self._woken = False
+                        yield []
+                        continue
                     if not items:  # this wait's own bound ran out, not the deadline
                         if sequencer.gap:
                             out = await self._backfill()
@@ -278,6 +296,12 @@ class EventFeed:
     @property
     def holds_ticket(self) -> bool:
         return self._ticket is not None
+
+    def wake(self) -> None:
+        """Makes `batches` yield an empty batch now if it is waiting (services/edge/waiting.py:
+        a `queued` status goes out from the relay's own task, which iterates the feed)."""
+        self._woken = True
+        self._inbox.wake()
 
     def poke(self) -> None:
         """Makes the feed look at LLM_OUT now (its live subscription may have missed events)."""

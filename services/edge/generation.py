@@ -14,18 +14,22 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.params import JSONBody
 
-from contracts import Completion, Done, Error, Event, Restart, Routed, Token
+from contracts import Completion, Done, Error, Event, EventHead, Restart, Routed, Token
 from contracts.base import check_id
 from contracts.messages import Thinking, ToolCallEvent
+from contracts.queue import Queued
 from contracts.tools import Logprob, ToolCall
 from services.edge.admission import request_id_for_key
 from services.edge.bodies import ChatBody, GenerateBody
+from services.edge.defaults import default_model
 from services.edge.dispatch import Dispatcher, EventFeed
 from services.edge.errors import set_request_id
 from services.edge.requests import deferred, last_event_id, no_more_events
 from services.edge.serve import Answer, Dialect, Piped, Pipeline, Source
+from services.edge.sse import frame
 
 _decode_event = msgspec.json.Decoder(Event).decode
+_encode = msgspec.json.Encoder().encode
 
 
 @post("/v1/chat", summary="Chat with a model", status_code=200)
@@ -46,25 +50,32 @@ class Native(Dialect):
         self.dispatcher = dispatcher
 
     def at_once(self, source: Source) -> Response[bytes] | None:
-        assert isinstance(source, EventFeed)
         if self.detached:
+            assert isinstance(source, EventFeed)  # never cached (services/edge/response_cache.py)
             self.dispatcher.detach(source)  # the client follows it at the events URL, on any edge
             return deferred(source.request_id)
-        if self.streams and source.nothing_after:
+        if self.streams and isinstance(source, EventFeed) and source.nothing_after:
             return no_more_events(source)
         return None
 
     async def collect(self, source: Source) -> Completion | Error:
         return await collect(source, self.model)
 
+    shows_queue = True
+
+    def queued(self, status: Queued) -> bytes:
+        return frame([(EventHead(type="queued", seq=-1), _encode(status))])  # no `id:`: not replayable
+
 
 async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer:
     request = pipeline.request
     key = idempotency_key(request)
+    if body.model is None:  # left out ("" is refused as any invalid name is)
+        body.model = default_model(pipeline.settings)
     wire = body.to_request(key or set_request_id(request))
     detached = body.stream == "deferred"
     streams = not detached and (body.stream is True or pipeline.accepts_events)
-    dialect = Native(body.model, streams=streams, detached=detached, dispatcher=pipeline.dispatcher)
+    dialect = Native(wire.model, streams=streams, detached=detached, dispatcher=pipeline.dispatcher)
     return await pipeline.serve(
         wire,
         dialect,
@@ -73,6 +84,7 @@ async def _generate(pipeline: Pipeline, body: ChatBody | GenerateBody) -> Answer
         detached=detached,
         # A retry resumes a stream after its Last-Event-ID; a JSON answer is always the whole one.
         after=last_event_id(request) if key and streams else -1,
+        cache=body.cache,
     )
 
 
@@ -120,6 +132,7 @@ async def collect(source: Source, model: str) -> Completion | Error:
                     thinking="".join(thinking) or None,
                     tool_calls=calls or None,
                     logprobs=logprobs or None,
+                    cached=event.cached,
                 )
             elif isinstance(event, Error):
                 return event

@@ -82,6 +82,14 @@ class RouteFallback:
 
             self.available = Inventory(self.js, tags, view=inventory)
 
+    def route_cache_mode(self, name: str) -> str:
+        """A route's response cache mode from the routes file ("": the route sets none)."""
+        try:
+            route = self.table.current().by_name(name)
+        except LlmbusError:  # no usable routes file: the request fails where it is routed
+            return ""
+        return route.cache if route is not None else ""
+
     async def close(self) -> None:
         await self._close()
 

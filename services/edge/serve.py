@@ -20,6 +20,8 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from contracts.headers import CACHE as CACHE_HEADER
+from contracts.queue import Queued
 from services.edge import image_fetch
 from services.edge.auth import origin_of
 from services.edge.dispatch import Dispatcher
@@ -27,6 +29,7 @@ from services.edge.errors import native_error, request_id_of
 from services.edge.hangup import ClientGone, unless_client_leaves
 from services.edge.images import Shrunk, shrink
 from services.edge.sse import frame
+from services.edge.waiting import while_queued
 from services.runtime.events import RawEvent
 from services.runtime.settings import Settings
 
@@ -47,6 +50,15 @@ class Source(Protocol):
     def batches(self) -> AsyncIterator[list[RawEvent]]: ...
 
     def close(self) -> None: ...
+
+
+class Cache(Protocol):
+    """The response cache (services/edge/response_cache.py): a hit's replay, or the request
+    submitted (its events recorded when it may be cached)."""
+
+    async def open(
+        self, dispatcher: Dispatcher, wire: Wire, mode: str | None, submit: dict[str, Any]
+    ) -> Source: ...
 
 
 class Dialect:
@@ -78,6 +90,12 @@ class Dialect:
         """What a stream ends with after its terminal event (OpenAI's `data: [DONE]`)."""
         return b""
 
+    shows_queue = False  # this API tells a waiting request its place (`queued`, services/edge/waiting.py)
+
+    def queued(self, status: Queued) -> bytes:
+        """A `queued` status as this API frames it (only called when `shows_queue`)."""
+        return b""
+
     async def collect(self, source: Source) -> Any:
         """The answer (or the `Error` event that ended the request)."""
         raise NotImplementedError
@@ -92,12 +110,19 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
     """The pipeline bound to one HTTP request: what every API's handler is given (the `pipeline`
     dependency, services/edge/wiring.py), with the parts its dialects may need."""
 
-    __slots__ = ("dispatcher", "request", "settings")
+    __slots__ = ("cache", "dispatcher", "request", "settings")
 
-    def __init__(self, request: Request[Any, Any, Any], dispatcher: Dispatcher, settings: Settings) -> None:
+    def __init__(
+        self,
+        request: Request[Any, Any, Any],
+        dispatcher: Dispatcher,
+        settings: Settings,
+        cache: Cache | None = None,
+    ) -> None:
         self.request = request
         self.dispatcher = dispatcher
         self.settings = settings
+        self.cache = cache  # the response cache (services/edge/response_cache.py), if on
 
     @property
     def request_id(self) -> str:
@@ -118,7 +143,12 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         if isinstance(wire, GenerateRequest):  # every API's images, shrunk before they are queued
             wire, dialect.shrunk = await shrink(self.settings, wire)
         caller = {"tenant": request.user, "origin": origin_of(request)}
-        source = await dialect.open(self.dispatcher, wire, caller | submit)
+        mode = submit.pop("cache", None) or request.headers.get(CACHE_HEADER)  # the request's cache mode
+        if self.cache is not None and type(dialect).open is Dialect.open:  # (a task runs its own attempts)
+            source = await self.cache.open(self.dispatcher, wire, mode, caller | submit)
+        else:
+            source = await dialect.open(self.dispatcher, wire, caller | submit)
+        cached = {CACHE_HEADER: source.cache_status} if hasattr(source, "cache_status") else {}
         early = dialect.at_once(source)
         if early is not None:
             return early
@@ -126,7 +156,7 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
             return Stream(
                 relay(source, dialect),
                 media_type=dialect.media_type,
-                headers={**SSE_HEADERS, "X-Request-Id": source.request_id},
+                headers={**SSE_HEADERS, "X-Request-Id": source.request_id, **cached},
             )
         try:
             result = await unless_client_leaves(request, source, dialect.collect(source))
@@ -134,15 +164,17 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
             return Response(b"", status_code=GONE)
         if isinstance(result, Error):  # rendered by the API's exception handler, which records its code
             raise LlmbusError(result.code, result.message, retry_after=result.retry_after)
-        return dialect.answer(result, source.request_id)
+        response = dialect.answer(result, source.request_id)
+        response.headers.update(cached)
+        return response
 
 
 async def relay(source: Source, dialect: Dialect) -> AsyncIterator[bytes]:
     """A stream's body, one write per batch of events. Litestar cancels this generator when the
     client disconnects; closing the source then cancels the request upstream."""
     try:
-        async for batch in source.batches():
-            chunk = dialect.frame(batch)
+        async for batch in while_queued(source, dialect.shows_queue):
+            chunk = dialect.queued(batch) if isinstance(batch, Queued) else dialect.frame(batch)
             if chunk:
                 yield chunk
             if dialect.ended:

@@ -36,6 +36,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -60,6 +61,7 @@ class Tenant(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     tokens_per_month: int = 0
     cost_per_day: float = 0.0
     cost_per_month: float = 0.0
+    cache: Literal["", "off", "exact", "semantic"] = ""  # the response cache's mode ("": the edge's)
 
     @property
     def budget(self) -> Budget:

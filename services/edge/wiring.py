@@ -24,6 +24,7 @@ from services.edge import models, observability
 from services.edge.admission import Admission
 from services.edge.auth import PUBLIC
 from services.edge.dispatch import Dispatcher
+from services.edge.response_cache import ResponseCache
 from services.edge.routing import RouteFallback
 from services.edge.serve import Pipeline
 from services.edge.task_catalog import Task
@@ -44,6 +45,7 @@ class Parts:
         self.admin: AdminClient | None = None
         self.admission: Admission | None = None
         self.dispatcher: Dispatcher | None = None
+        self.cache: ResponseCache | None = None
         self.closers: list[Callable[[], Awaitable[Any]]] = []
 
     async def attach(self) -> Dispatcher:
@@ -67,7 +69,11 @@ class Parts:
             await bus.provision(nc.jetstream(), settings)
             await fallback.claims.reopen()
             await admission.reopen()
+            if self.cache is not None:
+                await self.cache.store.start()  # the response cache's bucket (file-backed, maybe lost)
 
+        self.cache = await ResponseCache.start(nc, settings, fallback.route_cache_mode)  # shared (KV)
+        self.closers.append(self.cache.stop)
         self.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,
@@ -109,7 +115,7 @@ class Parts:
 
         def pipeline(request: Request[Any, Any, Any]) -> Pipeline:
             assert self.dispatcher is not None  # the `connected` guard ran first
-            return Pipeline(request, self.dispatcher, self.settings)
+            return Pipeline(request, self.dispatcher, self.settings, self.cache)
 
         return {
             "settings": provide(lambda: self.settings),
@@ -120,6 +126,7 @@ class Parts:
             "admin": provide(lambda: self.admin),
             "admission": provide(lambda: self.admission),
             "dispatcher": provide(lambda: self.dispatcher),
+            "response_cache": provide(lambda: self.cache),
             "pipeline": provide(pipeline),  # the answer pipeline, bound to the request
         }
 

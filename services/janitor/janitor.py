@@ -25,6 +25,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from contracts import ErrorCode, LlmbusError, subjects
 from contracts.models import ModelEvent, ModelInfo, OpDone, UnloadReason, UsageEvent, canonical_model
+from contracts.usage import CACHE_HOST
 from services.janitor import desired as desired_state
 from services.janitor import metrics, policy
 from services.janitor.operations import Operations, busy
@@ -126,6 +127,8 @@ class Janitor:
             self.reconcile_now.set()
 
     def on_usage(self, event: UsageEvent) -> None:
+        if event.host == CACHE_HOST:  # answered from the edge's response cache: the model was not used
+            return
         found = self.records.get(canonical_model(event.model))
         if found is not None and found.tag is not None and event.at > (found.last_used or 0.0):
             found.last_used = event.at

@@ -136,6 +136,17 @@ QUEUE_ACK_PENDING = Gauge(
     ["consumer", "subject"],
     registry=EDGE,
 )
+CACHE_LOOKUPS = Counter(
+    "llmbus_cache_lookups",
+    "Response cache lookups (docs/cache.md), by kind (exact, semantic) and result (hit, miss)",
+    ["kind", "result"],
+    registry=EDGE,
+)
+CACHE_STORED_BYTES = Counter(
+    "llmbus_cache_stored_bytes",
+    "Bytes of answers this edge wrote to the response cache",
+    registry=EDGE,
+)
 
 # -------------------------------------------------------------------------------------- worker
 WORKER_REQUESTS = Counter(

@@ -259,6 +259,7 @@ def roles() -> dict[str, Role]:
                 route.CLASSIFY_SUBJECT,
                 subjects.ADMIN_PREFIX + ">",
                 "$SRV.PING.>",  # readiness: is a generator there?
+                "$SRV.INFO.>",  # /v1/queue: the generators and their concurrency
                 # Queue depth (`/metrics`, queue_full): consumer info, never their messages.
                 f"{API}.CONSUMER.LIST.{REQ}",
                 f"{API}.CONSUMER.NAMES.{REQ}",
@@ -266,12 +267,19 @@ def roles() -> dict[str, Role]:
                 # Routing a request itself (no classifier answered): the `llm.req.route` copy it
                 # queued goes (the edge put every request there, so it can take nothing it lacks).
                 f"{API}.STREAM.MSG.DELETE.{REQ}",
+                # /v1/queue: a model's running requests and its oldest waiting one (the edge put
+                # every request there; it reads them, never consumes them).
+                f"{API}.STREAM.MSG.GET.{REQ}",
                 # Its own buckets (route claims, admission counters) and reading the inventory.
                 *_kv(route.CLAIMS_BUCKET, write=True),
                 *_kv(subjects.ADMISSION_BUCKET, write=True),
                 *_kv(subjects.MODELS_BUCKET, write=False),
                 *_ledger_reader(),  # /v1/usage, /v1/stats, /v1/history; budgets
                 *_batches(consume=False),  # /openai/v1/files and /openai/v1/batches
+                # The response cache (docs/cache.md): its bucket, a purge, a hit's usage event.
+                *_kv(subjects.RESPONSE_CACHE_BUCKET, write=True),
+                f"{API}.STREAM.PURGE.KV_{subjects.RESPONSE_CACHE_BUCKET}",
+                subjects.USAGE_SUBJECTS,
             ],
             subscribe=[subjects.EVENT_SUBJECTS],
             deny_publish=_NO_CONSUMING,

@@ -91,6 +91,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     embed_max_input_chars: int = 32_768  # characters in one input (400 prompt_too_large above)
     embed_cache_ttl_s: float = 86_400.0  # how long a cached vector lives; 0 turns the cache off
     embed_cache_max_bytes: int = 256 * 1024 * 1024  # the cache bucket's size; oldest entries go first
+    # The edge's response cache (docs/cache.md): reproducible answers replayed from a shared KV bucket.
+    response_cache: Literal["off", "exact", "semantic"] = "exact"  # a tenant or a request may override
+    response_cache_ttl_s: float = 3600.0  # how long an answer is served after it was stored
+    response_cache_max_bytes: int = 256 * 1024 * 1024  # the bucket's size; least recently used go first
+    response_cache_max_entry_bytes: int = 512 * 1024  # a bigger answer is not stored
+    semantic_threshold: float = 0.95  # cosine similarity a semantic hit needs
+    semantic_embed_model: str = "nomic-embed-text"  # the embedder's model for semantic keys
     # The janitor (docs/operations.md "Models"): one per Ollama host; the desired state it keeps.
     # The edge is ready only once a janitor's inventory lists a model it can serve, so `GET
     # /v1/models` is never empty after readiness (`llmbus up` sets it: its stack has a janitor).
@@ -242,6 +249,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "embed_concurrency", "embed_batching", "embed_max_batch", "embed_max_wait_ms", "embed_max_calls",
         "embed_max_inputs", "embed_max_input_chars", "embed_cache_ttl_s", "embed_cache_max_bytes",
     ),
+    "cache": (
+        "response_cache", "response_cache_ttl_s", "response_cache_max_bytes",
+        "response_cache_max_entry_bytes", "semantic_threshold", "semantic_embed_model",
+    ),
     "routing": ("routes_file", "route_wait_s"),
     "janitor": ("janitor_host", "models_file", "janitor_interval_s", "janitor_reconcile_s"),
     "edge": (
@@ -263,7 +274,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 _WORKER = ("bus", "process", "worker", "backend")
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "up": tuple(GROUPS),
-    "edge": ("bus", "process", "edge", "routing", "worker", "batches"),
+    "edge": ("bus", "process", "edge", "routing", "worker", "batches", "cache"),
     "batcher": ("bus", "process", "worker", "batches"),
     "generator": (*_WORKER, "generator", "content"),
     "embedder": (*_WORKER, "embedder"),

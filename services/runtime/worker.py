@@ -125,7 +125,11 @@ class Worker(Generic[R]):
             name=f"llmbus-{self.service}",
             version="0.1.0",
             description=f"llmbus {self.service} worker",
-            metadata={"filter": ",".join(bus.filters(self.filter_subject))},
+            metadata={
+                "filter": ",".join(bus.filters(self.filter_subject)),
+                "durable": self.durable,  # /v1/queue: which consumer's queue it serves ...
+                "concurrency": str(self.concurrency),  # ... with how many slots
+            },
         )
         self._tasks = [asyncio.create_task(self._slot()) for _ in range(self.concurrency)]
         if self.batch_slots:

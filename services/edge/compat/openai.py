@@ -21,6 +21,7 @@ from litestar.params import FromPath, JSONBody
 
 from contracts import Completion, Done, EmbedResponse, Error, ErrorCode, LlmbusError, Token
 from contracts.messages import Thinking, ToolCallEvent
+from contracts.queue import Queued
 from contracts.route import Routed
 from contracts.tools import Logprob, ToolCall
 from services.edge.compat.events import Seamless
@@ -227,6 +228,15 @@ class OpenAI(Dialect):
 
     def tail(self) -> bytes:
         return b"data: [DONE]\n\n"
+
+    shows_queue = True  # as SSE comments, which OpenAI's clients skip (tests/test_queue_events.py)
+
+    def queued(self, status: Queued) -> bytes:
+        return b": queued position=%d ahead=%d running=%d\n\n" % (
+            status.position,
+            status.ahead,
+            status.running,
+        )
 
     async def collect(self, source: Source) -> Completion | Error:
         return await collect(source, self.shape.model)

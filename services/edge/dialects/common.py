@@ -1,40 +1,19 @@
-"""What several seed dialects share: the server's default model, and a token relay that resolves
+"""What several seed dialects share: a token relay that resolves
 `restart` (services/edge/compat/events.py)."""
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 import msgspec
 
-from contracts import Completion, Done, Error, ErrorCode, LlmbusError, Routed, Token
-from services.classifier.routes import RouteTable
+from contracts import Completion, Done, Error, Routed, Token
 from services.edge.compat.events import Seamless
 from services.edge.generation import collect
 from services.edge.serve import Dialect, Source
 from services.runtime.events import RawEvent
-from services.runtime.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
-
-
-@cache
-def _table(path: str) -> RouteTable:
-    return RouteTable(path)
-
-
-def default_model(settings: Settings) -> str:
-    """`LLMBUS_DEFAULT_MODEL`, else the routes file's default route's model."""
-    if settings.default_model:
-        return settings.default_model
-    try:
-        return _table(settings.routes_file).current().default.model
-    except Exception as exc:  # a broken routes file: say so, with the setting that avoids it
-        raise LlmbusError(
-            ErrorCode.BAD_REQUEST,
-            f"the request names no model and there is no default (set LLMBUS_DEFAULT_MODEL): {exc}",
-        ) from exc
 
 
 class TextDialect(Dialect):

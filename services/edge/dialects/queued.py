@@ -22,7 +22,8 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from contracts import Done, Error, ErrorCode, GenerateRequest, LlmbusError
-from services.edge.dialects.common import TextDialect, default_model, sse_data
+from services.edge.defaults import default_model
+from services.edge.dialects.common import TextDialect, sse_data
 from services.edge.serve import SSE_HEADERS, Answer, Piped, Source
 
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream

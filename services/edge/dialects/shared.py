@@ -38,7 +38,8 @@ from contracts.tools import Tool
 from services.edge.compat.fields import data_url_image
 from services.edge.compat.openai import OpenAI, _Shape
 from services.edge.compat.openai_bodies import ChatCompletionBody, ResponseFormat
-from services.edge.dialects.common import TextDialect, default_model, sse_data
+from services.edge.defaults import default_model
+from services.edge.dialects.common import TextDialect, sse_data
 from services.edge.dialects.shared_admin import ROUTES as ADMIN_ROUTES
 from services.edge.dialects.shared_http import origin, seed_code, shared_post
 from services.edge.embed import Embedding

@@ -11,7 +11,8 @@ from litestar import Response, post
 from litestar.params import JSONBody
 
 from contracts import Completion, GenerateRequest
-from services.edge.dialects.common import TextDialect, default_model, sse_data
+from services.edge.defaults import default_model
+from services.edge.dialects.common import TextDialect, sse_data
 from services.edge.serve import Answer, Piped
 
 _encode = msgspec.json.Encoder().encode
