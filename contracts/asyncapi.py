@@ -174,6 +174,20 @@ def asyncapi() -> str:
                 "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
                 "messages": {"embedRequest": {"$ref": "#/components/messages/EmbedRequest"}},
             },
+            "batchGenerateRequests": {
+                "address": subjects.batch_lane(subjects.GENERATE_PREFIX) + "{model}",
+                "description": "The batch lane: a batch's generation lines (or any low-priority work), "
+                f"in {subjects.REQUEST_STREAM}; a generator takes one only with a slot interactive "
+                "requests leave free.",
+                "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
+                "messages": {"generateRequest": {"$ref": "#/components/messages/GenerateRequest"}},
+            },
+            "batchEmbedRequests": {
+                "address": subjects.batch_lane(subjects.EMBED_PREFIX) + "{model}",
+                "description": "The batch lane for embedding requests (see batchGenerateRequests).",
+                "parameters": {"model": {"description": "model name, percent-encoded: `.` becomes `%2E`"}},
+                "messages": {"embedRequest": {"$ref": "#/components/messages/EmbedRequest"}},
+            },
             "requestEvents": {
                 "address": subjects.EVENT_PREFIX + "{requestId}",
                 "description": "start, token..., then exactly one done or error; kept briefly in "

@@ -21,6 +21,11 @@ GENERATE_PREFIX = "llm.req.generate."
 GENERATE_SUBJECTS = "llm.req.generate.>"
 EMBED_PREFIX = "llm.req.embed."
 EMBED_SUBJECTS = "llm.req.embed.>"
+# The batch lane (docs/batches.md): a batch's lines wait here, apart from interactive requests, so a
+# worker takes one only when it has a slot no interactive request is waiting for.
+BATCH_LANE_PREFIX = "llm.req.batch."
+BATCH_GENERATE_SUBJECTS = BATCH_LANE_PREFIX + "generate.>"
+BATCH_EMBED_SUBJECTS = BATCH_LANE_PREFIX + "embed.>"
 EMBED_CACHE_BUCKET = "llm_embed_cache"  # KV: float32 vectors shared by every embedder replica
 RESPONSE_CACHE_BUCKET = "llm_response_cache"  # KV: answers replayed by every edge (docs/cache.md)
 EVENT_PREFIX = "llm.out."
@@ -71,6 +76,11 @@ def generate_subject(model: str) -> str:
 
 def embed_subject(model: str) -> str:
     return EMBED_PREFIX + encode_model(model)
+
+
+def batch_lane(subject: str) -> str:
+    """`llm.req.generate.<model>` -> `llm.req.batch.generate.<model>` (also a `>` filter)."""
+    return BATCH_LANE_PREFIX + subject.removeprefix("llm.req.")
 
 
 def model_from_subject(subject: str) -> str:

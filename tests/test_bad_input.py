@@ -119,6 +119,7 @@ async def test_json_nested_too_deeply_is_400_on_every_post_route(client: AsyncCl
     assert upload.status_code == 400 and "multipart/form-data" in upload.text
     posts.remove("/openai/v1/files")
     posts.remove("/openai/v1/batches/{batch_id}/cancel")  # takes no body
+    posts.remove("/v1/batches/{batch_id}/cancel")
     # A blob upload's body is a model file, never JSON: refused whatever it holds, naming why.
     blob = await client.post(
         "/ollama/api/blobs/sha256:00", content=nested(5000), headers={"content-type": "application/json"}

@@ -131,6 +131,9 @@ async def test_a_batch_survives_a_killed_generator_and_batcher_and_answers_each_
 
     listed = await sdk.batches.list(limit=10)
     assert [b.id for b in listed.data] == [batch.id]
+    files = [f.id async for f in sdk.files.list(purpose="batch_output")]
+    assert sorted(files) == sorted([done.output_file_id, done.error_file_id])
+    assert [f.id async for f in sdk.files.list(purpose="batch")] == [uploaded.id]
 
 
 async def test_files_and_batches_refuse_what_they_cannot_take(

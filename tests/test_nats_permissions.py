@@ -65,8 +65,24 @@ MATRIX: dict[str, tuple[str, str, set[str]]] = {
     "publish into the edge's inbox": ("pub", "_INBOX.edge.x", {"janitor"}),
     "publish into the dlq tool's inbox": ("pub", "_INBOX.dlq.x", set()),
     "publish into a direct publisher's inbox": ("pub", "_INBOX.publisher.x", WORKERS),
-    "publish a generate request": ("pub", "llm.req.generate.m", EDGES | {"classifier", "dlq", "publisher"}),
-    "publish an embed request": ("pub", "llm.req.embed.m", EDGES | {"dlq", "publisher"}),
+    "publish a generate request": ("pub", "llm.req.generate.m", {"edge", "classifier", "dlq", "publisher"}),
+    "publish an embed request": ("pub", "llm.req.embed.m", {"edge", "dlq", "publisher"}),
+    # The batcher's lines wait in the batch lane, never on the interactive subjects.
+    "publish a batch-lane request": (
+        "pub",
+        "llm.req.batch.generate.m",
+        EDGES | {"classifier", "dlq", "publisher"},
+    ),
+    "pull from the generators' batch lane": (
+        "pub",
+        f"{API}.CONSUMER.MSG.NEXT.LLM_REQ.generator-batch",
+        {"generator"},
+    ),
+    "pull from the embedders' batch lane": (
+        "pub",
+        f"{API}.CONSUMER.MSG.NEXT.LLM_REQ.embedder-batch",
+        {"embedder"},
+    ),
     "write the model inventory": ("pub", "$KV.llm_models.host.model", {"janitor"}),
     "subscribe to every request's events": ("sub", "llm.out.>", EDGES),
     "pull from the batch queue": ("pub", f"{API}.CONSUMER.MSG.NEXT.LLM_BATCH.batcher", {"batcher"}),

@@ -14,14 +14,22 @@ from typing import Any
 import msgspec
 
 from contracts import Completion, EmbedRequest, EmbedResponse, Error, ErrorCode, GenerateRequest, LlmbusError
-from contracts.batches import InputLine, LineResult
+from contracts.batches import NATIVE_ENDPOINTS, InputLine, LineResult
+from services.edge.bodies import ChatBody, GenerateBody
 from services.edge.compat.openai_bodies import ChatCompletionBody, CompletionBody, EmbeddingsBody
+from services.edge.embed import EmbedBody
 
 _decode_line = msgspec.json.Decoder(InputLine).decode
-_BODIES: dict[str, type[ChatCompletionBody | CompletionBody | EmbeddingsBody]] = {
+_NATIVE = frozenset(NATIVE_ENDPOINTS)
+Body = ChatCompletionBody | CompletionBody | EmbeddingsBody | ChatBody | GenerateBody | EmbedBody
+_BODIES: dict[str, type[Body]] = {
     "/v1/chat/completions": ChatCompletionBody,
     "/v1/completions": CompletionBody,
     "/v1/embeddings": EmbeddingsBody,
+    # The native API's (`POST /v1/batches`): answered with the native objects.
+    "/v1/chat": ChatBody,
+    "/v1/generate": GenerateBody,
+    "/v1/embed": EmbedBody,
 }
 
 
@@ -57,7 +65,7 @@ def parse(batch_id: str, endpoint: str, data: bytes) -> tuple[list[Line], dict[i
             body = msgspec.convert(line.body, _BODIES[endpoint])
             if getattr(body, "stream", False):
                 raise LlmbusError(ErrorCode.BAD_REQUEST, "`stream` is not supported in a batch")
-            request = body.to_request(line_request_id(batch_id, index))
+            request = _request(body, line_request_id(batch_id, index))
             request.validate()
             lines.append(Line(index=index, custom_id=custom_id, request=request))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -65,6 +73,14 @@ def parse(batch_id: str, endpoint: str, data: bytes) -> tuple[list[Line], dict[i
         except LlmbusError as exc:
             bad[index] = invalid(batch_id, index, custom_id, f"line {index + 1}: {exc.message}")
     return lines, bad
+
+
+def _request(body: Body, request_id: str) -> GenerateRequest | EmbedRequest:
+    if isinstance(body, EmbedBody):
+        fields = msgspec.structs.asdict(body)
+        del fields["timeout"]  # a line's deadline is the batcher's
+        return EmbedRequest(id=request_id, **fields)
+    return body.to_request(request_id)
 
 
 def count(data: bytes) -> int:
@@ -84,6 +100,22 @@ def invalid(batch_id: str, index: int, custom_id: str, message: str) -> LineResu
     )
 
 
+def expired(line: Line) -> LineResult:
+    """A line the batch's completion window ended before: OpenAI's `batch_expired` error record."""
+    return LineResult(
+        ok=False,
+        record={
+            "id": f"batch_req_{line.request.id}",
+            "custom_id": line.custom_id,
+            "response": None,
+            "error": {
+                "code": "batch_expired",
+                "message": "This line could not be run before the batch's completion window expired.",
+            },
+        },
+    )
+
+
 def answered(line: Line, endpoint: str, result: Completion | EmbedResponse | Error) -> LineResult:
     """A line that ran: its response (status 200 and the endpoint's object), or its error."""
     request_id = line.request.id
@@ -97,6 +129,8 @@ def answered(line: Line, endpoint: str, result: Completion | EmbedResponse | Err
                 "code": result.code.value,
             }
         }
+    elif endpoint in _NATIVE:
+        status, body = 200, msgspec.to_builtins(result)  # what the native endpoint answers
     else:
         status, body = 200, _body(endpoint, request_id, result)
     return LineResult(

@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from contracts.batches import BATCH_STREAM, BATCH_SUBJECT
 from services.batcher.runner import BatchRun
+from services.edge.admission import Admission
 from services.edge.dispatch import Dispatcher
 from services.edge.tenants import ANONYMOUS, Tenant, TenantsFile
 from services.runtime import bus, service
@@ -29,6 +30,7 @@ from services.runtime.settings import Settings
 log = logging.getLogger("llmbus.batcher")
 
 DURABLE = "batcher"
+SWEEP_S = 60.0  # how often expired files are deleted (a lookup refuses one at once anyway)
 ACK_WAIT_S = 30.0  # a batcher that died gives up its batch after this (it heartbeats far more often)
 
 
@@ -37,9 +39,11 @@ class BatcherService:
         self.settings = settings
         self.ack_wait_s = ack_wait_s
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         # A batch's lines run as its owner; with auth off everyone is the anonymous tenant.
         self.tenants = TenantsFile(settings.tenants_file) if settings.auth == "on" else None
         self.nc: Client | None = None
+        self.admission: Admission | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -47,9 +51,13 @@ class BatcherService:
         js = nc.jetstream()
         await bus.provision(js, settings)
         self.store = await BatchStore.open(js, settings)
+        # The owner's limits as the edge applies them (models, budget, requests per minute,
+        # in flight): a line is an ordinary request of the tenant's.
+        self.admission = await Admission(settings, js).start()
         self.dispatcher = Dispatcher(
             nc,
             max_timeout_s=settings.request_timeout_s,
+            admission=self.admission,
             # After a reconnect (maybe a restarted NATS without LLM_OUT), as the edge does.
             provision=lambda: bus.provision(js, settings),
         )
@@ -65,6 +73,17 @@ class BatcherService:
         )
         self.pull = await js.pull_subscribe_bind(DURABLE, BATCH_STREAM)
         self._task = asyncio.create_task(self._loop())
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Files past their `expires_at` go (their bytes too); every replica may, deleting is idempotent."""
+        while True:
+            try:
+                if swept := await self.store.sweep_files():
+                    log.info("deleted %d expired files", swept)
+            except Exception as exc:  # NATS away for a moment: next time
+                log.warning("expired files: %r", exc)
+            await asyncio.sleep(SWEEP_S)
 
     async def _loop(self) -> None:
         while True:
@@ -98,10 +117,14 @@ class BatcherService:
         return self.tenants.current().tenants.get(name) or Tenant(name=name)
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.admission is not None:
+            with contextlib.suppress(Exception):
+                await self.admission.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):

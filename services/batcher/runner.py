@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from contracts import Completion, EmbedRequest, EmbedResponse, Error, Event, LlmbusError, subjects
-from contracts.batches import Batch, BatchError, BatchErrors, LineResult, RequestCounts
+from contracts.batches import BATCH_API, Batch, BatchError, BatchErrors, LineResult, RequestCounts
 from contracts.embed import Embeddings, Vectors
+from contracts.route import is_routed
 from contracts.usage import Origin
-from services.batcher.lines import Line, answered, count, parse
+from services.batcher.lines import Line, answered, count, expired, parse
 from services.edge.dispatch import Dispatcher
 from services.edge.feed import EventFeed
 from services.edge.generation import collect
@@ -34,7 +35,8 @@ _decode_event = msgspec.json.Decoder(Event).decode
 _encode = msgspec.json.Encoder().encode
 
 TICK_S = 0.5  # how often progress is written and a cancel looked for
-RETRY_S = 1.0  # a line refused for now (queue full, NATS away) is submitted again after this
+RETRY_S = 1.0  # a line refused for now (queue full, NATS away) is submitted again after this ...
+MAX_RETRY_S = 30.0  # ... or after the refusal's retry_after (a rate limit, a spent budget), this at most
 TERMINAL = frozenset({"failed", "completed", "expired", "cancelled"})
 
 
@@ -54,7 +56,9 @@ class BatchRun:
         self.settings = settings
         self.batch_id = batch_id
         self.results: dict[int, LineResult] = {}
-        self.cancelled = False
+        self.cancelled = False  # no more lines start (cancelled, or expired)
+        self.expired = False  # the completion window ended first: unfinished lines are `batch_expired`
+        self.lines: list[Line] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     async def run(self, heartbeat: Callable[[], Awaitable[None]]) -> None:
@@ -68,6 +72,7 @@ class BatchRun:
             await self._fail(f"the input file has more than {self.settings.batch_max_lines} lines")
             return
         lines, bad = parse(batch.id, batch.endpoint, content)
+        self.lines = lines
         if not lines and not bad:
             await self._fail("the input file has no lines")
             return
@@ -85,9 +90,10 @@ class BatchRun:
         batch = await self.store.update_batch(batch.id, started)
         todo = [line for line in lines if line.index not in self.results]
         log.info("batch %s: %d lines, %d to run", batch.id, total, len(todo))
+        self.expired = self.cancelled = time.time() >= batch.expires_at  # it waited out its window
         ticker = asyncio.create_task(self._tick(total, heartbeat))
         try:
-            if batch.status != "cancelling":
+            if batch.status != "cancelling" and not self.expired:
                 await self._run_lines(batch.endpoint, todo)
         finally:
             ticker.cancel()
@@ -114,14 +120,20 @@ class BatchRun:
 
     async def _answer(self, line: Line) -> Completion | EmbedResponse | Error:
         request = line.request
-        subject = subjects.embed_subject(request.model) if isinstance(request, EmbedRequest) else ""
+        # The batch lane: workers take a line only with a slot no interactive request waits for.
+        if isinstance(request, EmbedRequest):
+            subject = subjects.batch_lane(subjects.embed_subject(request.model))
+        elif is_routed(request.model):
+            subject = ""  # the classifier's queue; it hands a line on to the batch lane (its origin's api)
+        else:
+            subject = subjects.batch_lane(subjects.generate_subject(request.model))
         while True:
             try:
                 feed = await self.dispatcher.submit(
                     request,
                     subject=subject,
                     tenant=self.tenant,
-                    origin=Origin(tenant=self.tenant.name, api="batch"),
+                    origin=Origin(tenant=self.tenant.name, api=BATCH_API),
                     idempotent=True,
                     detached=True,
                 )
@@ -129,7 +141,9 @@ class BatchRun:
             except LlmbusError as exc:
                 if exc.retry_after is None:  # refused for good (unknown model, too large): its error
                     return Error(seq=0, attempt=0, code=exc.code, message=exc.message)
-                await asyncio.sleep(RETRY_S)
+                # Refused for now: the owner's rate limits and budget count a batch's lines as any
+                # request, so a batch over them waits (until it ends by its window: `expire`).
+                await asyncio.sleep(min(max(exc.retry_after, RETRY_S), MAX_RETRY_S))
         try:
             if isinstance(request, EmbedRequest):
                 return await _embeddings(feed)
@@ -152,10 +166,11 @@ class BatchRun:
                 )
 
             batch = await self.store.update_batch(self.batch_id, progressed)
-            if batch.status == "cancelling" and not self.cancelled:
+            if not self.cancelled and (batch.status == "cancelling" or time.time() >= batch.expires_at):
+                self.expired = batch.status != "cancelling"
                 self.cancelled = True
                 for task in self._tasks:
-                    task.cancel()
+                    task.cancel()  # running lines are cancelled on the bus too (`_answer`)
             await heartbeat()
 
     def _counts(self, total: int) -> RequestCounts:
@@ -172,18 +187,33 @@ class BatchRun:
                 else msgspec.structs.replace(b, status="finalizing", finalizing_at=now)
             ),
         )
+        if self.expired and batch.status != "cancelling":  # a cancel asked for first wins
+            for line in self.lines:
+                if line.index not in self.results:
+                    self.results[line.index] = expired(line)
         ordered = [self.results[index] for index in sorted(self.results)]
         output = b"".join(_encode(r.record) + b"\n" for r in ordered if r.ok)
         errors = b"".join(_encode(r.record) + b"\n" for r in ordered if not r.ok)
         # Ids derived from the batch's: finishing again after a crash replaces, never adds, a file.
         stem = self.batch_id.removeprefix("batch-")
+        keep = batch.output_expires_s
         out = await self.store.put_file(
-            batch.tenant, f"{self.batch_id}_output.jsonl", "batch_output", output, f"file-out-{stem}"
+            batch.tenant,
+            f"{self.batch_id}_output.jsonl",
+            "batch_output",
+            output,
+            f"file-out-{stem}",
+            expires_s=keep,
         )
         err = None
         if errors:
             err = await self.store.put_file(
-                batch.tenant, f"{self.batch_id}_error.jsonl", "batch_output", errors, f"file-err-{stem}"
+                batch.tenant,
+                f"{self.batch_id}_error.jsonl",
+                "batch_output",
+                errors,
+                f"file-err-{stem}",
+                expires_s=keep,
             )
         counts = self._counts(total)
         done = int(time.time())
@@ -196,6 +226,8 @@ class BatchRun:
             }
             if b.status == "cancelling":
                 return msgspec.structs.replace(b, status="cancelled", cancelled_at=done, **common)
+            if self.expired:
+                return msgspec.structs.replace(b, status="expired", expired_at=done, **common)
             return msgspec.structs.replace(b, status="completed", completed_at=done, **common)
 
         batch = await self.store.update_batch(self.batch_id, finished)

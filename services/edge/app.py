@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from services.edge import models
 from services.edge.auth import Authenticate, admin_only
+from services.edge.batches import router as native_batches
 from services.edge.cache_routes import ROUTES as CACHE_ROUTES
 from services.edge.classify import classify
 from services.edge.compat.ollama import ollama_error
@@ -97,6 +98,7 @@ def create_app(
             *CACHE_ROUTES,
             openai_router,
             openai_batches(settings),
+            native_batches(),
             ollama_router,
             list_tasks,
             show_task,

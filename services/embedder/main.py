@@ -54,6 +54,7 @@ class Embedder:
             handler=Embed(self.nc, self.batcher, cache, self.settings),
             # Many small requests in flight at once is what lets the batcher merge them.
             concurrency=self.settings.embed_concurrency,
+            batch_filter_subject=subjects.BATCH_EMBED_SUBJECTS,  # batch lines, in slots left free
         )
         await self.worker.start()
 

@@ -61,6 +61,8 @@ class Generator:
             handler=Generate.from_settings(self.backend, self.settings),
             durable=self.durable,
             job_factory=recording_jobs(self.settings),  # prompts and answers for the ledger, if on
+            # Its models' batch lane (`<durable>-batch`), taken from only with slots left free.
+            batch_filter_subject=[subjects.batch_lane(f) for f in self.filters],
         )
         await self.worker.start()
 

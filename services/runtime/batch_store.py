@@ -51,6 +51,10 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what a KV key part may be; anythi
 RETENTION_S = 30 * 24 * 3600  # batch records and files are kept this long (OpenAI: 30 days)
 
 
+def _expired(record: FileObject) -> bool:
+    return record.expires_at is not None and record.expires_at <= time.time()
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -102,14 +106,23 @@ class BatchStore:
     # Files
 
     async def put_file(
-        self, tenant: str, filename: str, purpose: str, data: bytes, file_id: str = ""
+        self,
+        tenant: str,
+        filename: str,
+        purpose: str,
+        data: bytes,
+        file_id: str = "",
+        *,
+        expires_s: int | None = None,
     ) -> FileObject:
+        now = int(time.time())
         record = FileObject(
             id=file_id or new_id("file"),
             bytes=len(data),
-            created_at=int(time.time()),
+            created_at=now,
             filename=filename,
             purpose=purpose,
+            expires_at=now + (expires_s or RETENTION_S),
             tenant=tenant,
         )
         await self.files.put(record.id, data)
@@ -118,9 +131,35 @@ class BatchStore:
 
     async def file(self, file_id: str, tenant: str) -> FileObject:
         record = await self._get(f"file.{file_id}", _decode_file) if _ID.match(file_id) else None
+        if record is not None and _expired(record):
+            await self._drop_file(file_id)
+            record = None
         if record is None or record.tenant != tenant:
             raise LlmbusError(ErrorCode.NOT_FOUND, f"no file {file_id}")
         return record
+
+    async def files_of(self, tenant: str) -> list[FileObject]:
+        """The tenant's files (not expired), newest first."""
+        found = map(_decode_file, (await self._values(self.records, "file.*")).values())
+        mine = [record for record in found if record.tenant == tenant and not _expired(record)]
+        return sorted(mine, key=lambda record: (record.created_at, record.id), reverse=True)
+
+    async def sweep_files(self) -> int:
+        """Deletes every file past its `expires_at` (a lookup also refuses one); how many."""
+        expired = [
+            record
+            for record in map(_decode_file, (await self._values(self.records, "file.*")).values())
+            if _expired(record)
+        ]
+        for record in expired:
+            await self._drop_file(record.id)
+        return len(expired)
+
+    async def _drop_file(self, file_id: str) -> None:
+        with contextlib.suppress(ObjectNotFoundError):
+            await self.files.delete(file_id)
+        with contextlib.suppress(KeyNotFoundError):
+            await self.records.delete(f"file.{file_id}")
 
     async def content(self, file_id: str, tenant: str) -> bytes:
         await self.file(file_id, tenant)
@@ -132,9 +171,7 @@ class BatchStore:
 
     async def delete_file(self, file_id: str, tenant: str) -> None:
         await self.file(file_id, tenant)
-        with contextlib.suppress(ObjectNotFoundError):
-            await self.files.delete(file_id)
-        await self.records.delete(f"file.{file_id}")
+        await self._drop_file(file_id)
 
     # Batches
 

@@ -18,6 +18,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from contracts import GenerateRequest, headers, subjects
+from contracts.batches import BATCH_API
 from contracts.route import CLAIMS_BUCKET
 from services.runtime import bus, tracing, usage
 
@@ -73,7 +74,10 @@ async def republish(
 
     `origin` is the routed request's `Llmbus-Origin`, passed on with the `route` it took.
     """
+    asked = usage.origin({headers.ORIGIN: origin}) if origin is not None else None
     subject = subjects.generate_subject(request.model)
+    if asked is not None and asked.api == BATCH_API:  # a batch's line stays on the batch lane
+        subject = subjects.batch_lane(subject)
     hdrs = {
         # Not the bare id: JetStream already saw that on `llm.req.route` and would drop this one.
         headers.MSG_ID: f"{request.id}:routed",
@@ -82,8 +86,7 @@ async def republish(
     }
     if deadline_ms is not None:
         hdrs[headers.DEADLINE] = deadline_ms
-    if origin is not None:
-        asked = usage.origin({headers.ORIGIN: origin})
+    if asked is not None:
         hdrs[headers.ORIGIN] = usage.encode_origin(msgspec.structs.replace(asked, route=route))
     with tracing.publish_span(subject, request.id, hdrs):
         await js.publish(subject, _encode(request), headers=hdrs, timeout=5)

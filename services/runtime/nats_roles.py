@@ -29,7 +29,8 @@ from contracts import batches, route, subjects
 REQ, OUT, DLQ = subjects.REQUEST_STREAM, subjects.EVENT_STREAM, subjects.DEAD_LETTER_STREAM
 API = "$JS.API"
 # The consumers of the request stream, by owner: no other user may use them.
-REQUEST_CONSUMERS = ("generator", "embedder", "classifier")
+# (`<name>-batch`: the batch lane's, services/runtime/worker.py)
+REQUEST_CONSUMERS = ("generator", "embedder", "classifier", "generator-batch", "embedder-batch")
 # Where workers publish a request's events: `llm.out.<id>`, never `llm.out.<id>.accepted`.
 OWN_EVENTS = subjects.EVENT_PREFIX + "*"
 PUBLISHER_INBOXES = subjects.PUBLISHER_INBOX + ">"
@@ -192,12 +193,15 @@ def _batcher() -> Role:
         publish=[
             *_streams(REQ, OUT, DLQ),  # `bus.provision` at start, as every service
             *_events_read(),
-            subjects.GENERATE_SUBJECTS,
-            subjects.EMBED_SUBJECTS,
+            subjects.BATCH_GENERATE_SUBJECTS,  # a line waits in the batch lane (docs/batches.md)
+            subjects.BATCH_EMBED_SUBJECTS,
             route.ROUTE_SUBJECT,
             subjects.CANCEL_SUBJECTS,
             subjects.EVENT_SUBJECTS,  # a line's `accepted` record
             *_batches(consume=True),
+            # The owner's limits, as the edge's admission: in-flight and rate counters, its spend.
+            *_kv(subjects.ADMISSION_BUCKET, write=True),
+            *_kv(subjects.SPEND_BUCKET, write=False),
         ],
         subscribe=[subjects.EVENT_SUBJECTS],
         deny_publish=_NO_CONSUMING,
@@ -225,11 +229,13 @@ _NO_CONSUMING = [
 
 def roles() -> dict[str, Role]:
     generator = _worker("generator", "generator", [subjects.GENERATE_SUBJECTS])
+    generator.publish.extend(_consume("generator-batch", [subjects.BATCH_GENERATE_SUBJECTS]))
     # A generator serving a set of models (LLMBUS_GENERATE_MODELS) has a durable named after them.
     generator_hosts = Role(
         publish=[
             f"{API}.CONSUMER.CREATE.{REQ}.*",
             f"{API}.CONSUMER.CREATE.{REQ}.*.{subjects.GENERATE_SUBJECTS}",
+            f"{API}.CONSUMER.CREATE.{REQ}.*.{subjects.BATCH_GENERATE_SUBJECTS}",
             f"{API}.CONSUMER.DURABLE.CREATE.{REQ}.*",
             f"{API}.CONSUMER.INFO.{REQ}.*",
             f"{API}.CONSUMER.MSG.NEXT.{REQ}.*",
@@ -237,7 +243,9 @@ def roles() -> dict[str, Role]:
         ],
         subscribe=[],
         # ... but never another worker's.
-        deny_publish=[s for other in REQUEST_CONSUMERS if other != "generator" for s in _consumer_of(other)],
+        deny_publish=[
+            s for other in REQUEST_CONSUMERS if not other.startswith("generator") for s in _consumer_of(other)
+        ],
     )
     return {
         # The HTTP edge: publishes requests, reads their events, never consumes a request stream.
@@ -279,6 +287,7 @@ def roles() -> dict[str, Role]:
         "generator": _join(generator, generator_hosts),
         "embedder": _join(
             _worker("embedder", "embedder", [subjects.EMBED_SUBJECTS]),
+            Role(publish=_consume("embedder-batch", [subjects.BATCH_EMBED_SUBJECTS]), subscribe=[]),
             Role(publish=[*_kv(subjects.EMBED_CACHE_BUCKET, write=True)], subscribe=[]),
         ),
         # Routes `llm.req.route` on to `llm.req.generate.<model>`, and answers `llm.classify`.
@@ -287,6 +296,7 @@ def roles() -> dict[str, Role]:
             Role(
                 publish=[
                     subjects.GENERATE_SUBJECTS,
+                    subjects.BATCH_GENERATE_SUBJECTS,  # a batch's routed line stays on the batch lane
                     *_kv(route.CLAIMS_BUCKET, write=True),
                     *_kv(subjects.MODELS_BUCKET, write=False),
                 ],

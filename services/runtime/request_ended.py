@@ -43,6 +43,8 @@ class RequestEnded(msgspec.Struct, frozen=True):
     def kind(self) -> str:
         """`generate`, `embed`, `route`, ... (`request` for a subject of another shape)."""
         parts = self.subject.split(".")
+        if parts[2:3] == ["batch"]:  # the batch lane: llm.req.batch.<kind>.<model>
+            parts.pop(2)
         return parts[2] if len(parts) > 2 else "request"
 
     @property

@@ -49,6 +49,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_port: int = 8080
     data_dir: str = ".llmbus"  # embedded NATS storage, relative to the working directory
     concurrency: int = 16  # requests one worker process runs at once
+    # Batch lines (the batch lane) one worker runs at once, on top of `concurrency` but only while
+    # interactive work leaves one of its slots free; 0: this worker takes no batch work.
+    batch_slots: int = 1
     ack_wait_s: float = 30.0  # JetStream redelivers a request whose worker is silent this long
     max_deliver: int = 5
     dedupe_window_s: float = 120.0  # an Idempotency-Key / Nats-Msg-Id is remembered this long
@@ -235,7 +238,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "nats_tls_key", "data_dir", "stream_replicas", "dedupe_window_s", "event_max_age_s", "dlq_max_age_s",
     ),
     "process": ("log_level", "log_format", "instance_id", "metrics_port", "replica", "shutdown_grace_s"),
-    "worker": ("concurrency", "ack_wait_s", "max_deliver", "request_timeout_s"),
+    "worker": ("concurrency", "batch_slots", "ack_wait_s", "max_deliver", "request_timeout_s"),
     "backend": (
         "ollama_url", "backend", "backend_url", "backend_api_key", "backend_stream", "embed_backend_url",
         "backend_connect_timeout_s", "backend_first_token_timeout_s", "backend_retries",

@@ -17,6 +17,11 @@ The loop itself owns what spans requests: the pull slots, in-progress acks while
 run, cancels, re-creating what a restarted server lost after NATS reconnects (`bus.reconnects`) and
 republishing the events that did not reach `LLM_OUT`, and the graceful drain: on stop, no new
 pulls, in-flight jobs get a grace period, the rest are nak'ed so another replica takes them.
+
+It also owns the batch lane (`llm.req.batch.<kind>.<model>`, a durable of its own): at most
+`LLMBUS_BATCH_SLOTS` batch lines at once, each started only while the worker has a slot free of
+interactive work. A free slot is always pulling interactive requests, so a free slot here means no
+interactive request for these models is waiting anywhere: batch work fills idle capacity only.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Worker(Generic[R]):
         concurrency: int | None = None,
         durable: str | None = None,
         job_factory: Callable[..., Job[R]] | None = None,
+        batch_filter_subject: str | list[str] | None = None,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -76,6 +82,13 @@ class Worker(Generic[R]):
         self.handler = handler
         self._job = job_factory or Job  # a RecordingJob keeps the answer (services/runtime/transcript.py)
         self.concurrency = concurrency or settings.concurrency
+        self.batch_filter_subject = batch_filter_subject
+        self.batch_durable = f"{self.durable}-batch"
+        self.batch_slots = settings.batch_slots if batch_filter_subject else 0
+        self._freed = asyncio.Condition()  # a job ended: a batch slot may start the next line
+        # Until then (event-loop time) a first delivery may be a repeat: a NATS killed before it
+        # wrote its consumers' state hands out again, as first deliveries, what it had delivered.
+        self._repeats_until = 0.0
         self._intake = Intake(nc, service, request_type)
         self._running: Running[R] = Running()
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,6 +108,8 @@ class Worker(Generic[R]):
     async def _provision(self) -> None:
         await bus.provision(self.js, self.settings)
         await bus.ensure_consumer(self.js, self.settings, self.durable, self.filter_subject)
+        if self.batch_slots and self.batch_filter_subject:
+            await bus.ensure_consumer(self.js, self.settings, self.batch_durable, self.batch_filter_subject)
 
     async def start(self) -> None:
         await self._provision()
@@ -117,6 +132,9 @@ class Worker(Generic[R]):
             },
         )
         self._tasks = [asyncio.create_task(self._slot()) for _ in range(self.concurrency)]
+        if self.batch_slots:
+            self._batch_psub = await self.js.pull_subscribe_bind(self.batch_durable, subjects.REQUEST_STREAM)
+            self._tasks += [asyncio.create_task(self._batch_slot()) for _ in range(self.batch_slots)]
         self._keeper = asyncio.create_task(self._keep_alive())
         self._tasks.append(self._keeper)
         self._unsubscribe_reconnects = bus.reconnects(self.nc).subscribe(self._after_reconnect)
@@ -135,6 +153,9 @@ class Worker(Generic[R]):
         # is nak'ed next goes straight to another replica instead of back here.
         with contextlib.suppress(Exception):
             await self._psub.unsubscribe()
+        if self.batch_slots:
+            with contextlib.suppress(Exception):
+                await self._batch_psub.unsubscribe()
         for job in self._running:
             job.cancel("shutdown")
         self._keeper.cancel()  # it may be asleep for ack_wait/3: do not wait for it
@@ -159,6 +180,7 @@ class Worker(Generic[R]):
         not make it into the stream (all of them, into a re-created one)."""
         if self._stopping:
             return
+        self._repeats_until = asyncio.get_running_loop().time() + max(30.0, 3 * self.settings.ack_wait_s)
         try:
             await self._provision()
         finally:
@@ -202,25 +224,64 @@ class Worker(Generic[R]):
         me = asyncio.current_task()
         assert me is not None
         while not self._stopping:
-            self._idle.add(me)
+            self._idle.add(me)  # also while it waits for a fetcher: `stop` ends that wait
             try:
                 async with self._fetchers:
-                    msgs = await self._psub.fetch(1, timeout=5)
-            except (TimeoutError, NatsTimeoutError):
-                continue
+                    msgs = await self._pull(self._psub, 5)
             except asyncio.CancelledError:
                 return
-            except Exception as exc:  # connection trouble: back off, the client reconnects
-                log.warning("fetch failed: %r", exc)
-                await asyncio.sleep(0.5)
-                continue
             finally:
                 self._idle.discard(me)
-            for msg in msgs:
-                try:
-                    await self._process(msg)
-                except Exception:  # e.g. NATS gone for longer than STORE_PATIENCE_S: redeliver
-                    await redeliver_soon(msg)
+            if msgs is None:
+                return
+            await self._handle(msgs)
+
+    async def _batch_slot(self) -> None:
+        """A batch-lane slot: waits until interactive work leaves a slot free, then takes one line
+        (a short pull, so a line is not taken long after the slot it was meant for filled)."""
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping:
+            self._idle.add(me)  # so `stop` ends the wait
+            try:
+                async with self._freed:
+                    await self._freed.wait_for(lambda: self.in_flight < self.concurrency)
+            except asyncio.CancelledError:
+                return
+            finally:
+                self._idle.discard(me)
+            msgs = await self._pull(self._batch_psub, 1)
+            if msgs is None:
+                return
+            await self._handle(msgs)
+
+    async def _pull(self, psub: JetStreamContext.PullSubscription, wait_s: float) -> list[Msg] | None:
+        """One message or none; None once `stop` cancelled the wait."""
+        me = asyncio.current_task()
+        assert me is not None
+        self._idle.add(me)
+        try:
+            return await psub.fetch(1, timeout=wait_s)
+        except (TimeoutError, NatsTimeoutError):
+            return []
+        except asyncio.CancelledError:
+            return None
+        except Exception as exc:  # connection trouble: back off, the client reconnects
+            log.warning("fetch failed: %r", exc)
+            await asyncio.sleep(0.5)
+            return []
+        finally:
+            self._idle.discard(me)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await self._process(msg)
+            except Exception:  # e.g. NATS gone for longer than STORE_PATIENCE_S: redeliver
+                await redeliver_soon(msg)
+            finally:
+                async with self._freed:  # its job ended: a batch slot may take the next line
+                    self._freed.notify_all()
 
     async def _process(self, msg: Msg) -> None:
         """One delivery through the stages, in order (see the module's docstring)."""
@@ -236,7 +297,8 @@ class Worker(Generic[R]):
         seq = int(hdrs[headers.SEQ]) if hdrs.get(headers.SEQ, "").isdigit() else 0
         job = self._job(self.nc, msg, request, reply=reply, attempt=attempt, deadline=deadline, seq=seq)
         job.host = self.host
-        if attempt > 1 and not await take_over(self.nc, job):
+        repeat = attempt > 1 or asyncio.get_running_loop().time() < self._repeats_until
+        if repeat and not await take_over(self.nc, job):
             return
         if attempt > self.settings.max_deliver:
             await exhausted(self.nc, self.service, job)

@@ -16,7 +16,7 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from nats.aio.client import Client
 
 from contracts import ErrorCode, LlmbusError
-from contracts.batches import ACTIVE, ENDPOINTS, Batch, public
+from contracts.batches import ACTIVE, ENDPOINTS, Batch, ExpiresAfter, public
 from services.batcher.lines import count
 from services.edge.auth import tenant_of
 from services.edge.compat.openai import openai_error
@@ -34,9 +34,10 @@ class CreateBatchBody(msgspec.Struct, kw_only=True):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
-async def _store(
+async def store_of(
     request: Request[Any, Any, Any], nc: NamedDependency[Client], settings: NamedDependency[Settings]
 ) -> BatchStore:
     """Opened on first use, so an edge that never sees a batch never creates its buckets (two
@@ -90,8 +91,61 @@ async def upload_file(
         raise LlmbusError(
             ErrorCode.BAD_REQUEST, f"a batch file may have at most {settings.batch_max_lines} lines"
         )
-    record = await store.put_file(_tenant(request), upload.filename or "batch.jsonl", "batch", data)
+    expires = _expires_after(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
+    record = await store.put_file(
+        _tenant(request), upload.filename or "batch.jsonl", "batch", data, expires_s=expires
+    )
     return _json(public(record))
+
+
+def _expires_after(anchor: object, seconds: object) -> int | None:
+    """The multipart `expires_after[anchor]` and `expires_after[seconds]` (as the openai client
+    sends them): the file's lifetime in seconds, None when not given (30 days)."""
+    if anchor is None and seconds is None:
+        return None
+    try:
+        expires = ExpiresAfter(anchor=str(anchor), seconds=int(str(seconds)))  # type: ignore[arg-type]
+        msgspec.convert(msgspec.to_builtins(expires), ExpiresAfter).validate()
+    except (ValueError, msgspec.ValidationError) as exc:
+        raise LlmbusError(
+            ErrorCode.BAD_REQUEST, f"`expires_after` needs anchor=created_at and seconds: {exc}"
+        ) from exc
+    return expires.seconds
+
+
+@get("/files", summary="The caller's files, newest first")
+async def list_files(
+    request: Request[Any, Any, Any],
+    store: Store,
+    *,
+    purpose: FromQuery[str | None] = None,
+    after: FromQuery[str | None] = None,
+    limit: FromQuery[int] = 10_000,
+    order: FromQuery[str] = "desc",
+) -> Response[bytes]:
+    if not 1 <= limit <= 10_000:
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "`limit` must be between 1 and 10000")
+    if order not in ("asc", "desc"):
+        raise LlmbusError(ErrorCode.BAD_REQUEST, "`order` must be asc or desc")
+    files = [f for f in await store.files_of(_tenant(request)) if purpose is None or f.purpose == purpose]
+    if order == "asc":
+        files.reverse()
+    return _json(_page(files, after, limit))
+
+
+def _page(items: list[Any], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page: the items after the one with id `after`, at most `limit`."""
+    if after is not None:
+        ids = [item.id for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": [public(item) for item in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(items) > limit,
+    }
 
 
 @get("/files/{file_id:str}", summary="A file's record")
@@ -127,17 +181,16 @@ async def create_batch(
     window = COMPLETION_WINDOW_S.get(data.completion_window)
     if window is None:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "`completion_window` must be 24h")
+    if data.output_expires_after is not None:
+        try:
+            data.output_expires_after.validate()
+        except ValueError as exc:
+            raise LlmbusError(ErrorCode.BAD_REQUEST, f"`output_expires_after`: {exc}") from exc
     tenant = _tenant(request)
     source = await store.file(data.input_file_id, tenant)
     if source.purpose != "batch":
         raise LlmbusError(ErrorCode.BAD_REQUEST, f"file {source.id} is not a `purpose=batch` file")
-    active = [batch for batch in await store.batches(tenant) if batch.status in ACTIVE]
-    if len(active) >= settings.batch_max_active:
-        raise LlmbusError(
-            ErrorCode.RATE_LIMITED,
-            f"at most {settings.batch_max_active} unfinished batches at once; wait for one to end",
-            retry_after=60,
-        )
+    await check_active(store, settings, tenant)
     now = int(time.time())
     batch = Batch(
         id=new_id("batch"),
@@ -148,9 +201,21 @@ async def create_batch(
         expires_at=now + window,
         metadata=data.metadata,
         tenant=tenant,
+        output_expires_s=data.output_expires_after.seconds if data.output_expires_after else None,
     )
     await store.create_batch(batch)
     return _json(public(batch))
+
+
+async def check_active(store: BatchStore, settings: Settings, tenant: str) -> None:
+    """429 `rate_limited` when the tenant has `LLMBUS_BATCH_MAX_ACTIVE` unfinished batches."""
+    active = [batch for batch in await store.batches(tenant) if batch.status in ACTIVE]
+    if len(active) >= settings.batch_max_active:
+        raise LlmbusError(
+            ErrorCode.RATE_LIMITED,
+            f"at most {settings.batch_max_active} unfinished batches at once; wait for one to end",
+            retry_after=60,
+        )
 
 
 @get("/batches/{batch_id:str}", summary="A batch")
@@ -169,35 +234,27 @@ async def list_batches(
 ) -> Response[bytes]:
     if not 1 <= limit <= 100:
         raise LlmbusError(ErrorCode.BAD_REQUEST, "`limit` must be between 1 and 100")
-    batches = await store.batches(_tenant(request))
-    if after is not None:
-        ids = [batch.id for batch in batches]
-        batches = batches[ids.index(after) + 1 :] if after in ids else []
-    page = batches[:limit]
-    return _json(
-        {
-            "object": "list",
-            "data": [public(batch) for batch in page],
-            "first_id": page[0].id if page else None,
-            "last_id": page[-1].id if page else None,
-            "has_more": len(batches) > limit,
-        }
-    )
+    return _json(_page(await store.batches(_tenant(request)), after, limit))
 
 
 @post("/batches/{batch_id:str}/cancel", summary="Cancel a batch", status_code=200)
 async def cancel_batch(
     request: Request[Any, Any, Any], store: Store, batch_id: FromPath[str]
 ) -> Response[bytes]:
-    await store.batch(batch_id, _tenant(request))
+    return _json(public(await cancel(store, batch_id, _tenant(request))))
+
+
+async def cancel(store: BatchStore, batch_id: str, tenant: str) -> Batch:
+    """Asks the batcher to stop the batch (`cancelling`); a batch ending or ended stays as it is."""
+    await store.batch(batch_id, tenant)
     now = int(time.time())
 
     def cancelling(batch: Batch) -> Batch | None:
         if batch.status not in ("validating", "in_progress"):
-            return None  # ending or ended: a cancel changes nothing
+            return None
         return msgspec.structs.replace(batch, status="cancelling", cancelling_at=now)
 
-    return _json(public(await store.update_batch(batch_id, cancelling)))
+    return await store.update_batch(batch_id, cancelling)
 
 
 def router(settings: Settings) -> Router:
@@ -212,6 +269,7 @@ def router(settings: Settings) -> Router:
         path="/openai/v1",
         route_handlers=[
             upload,
+            list_files,
             show_file,
             file_content,
             delete_file,
@@ -221,6 +279,6 @@ def router(settings: Settings) -> Router:
             cancel_batch,
         ],
         tags=["OpenAI-compatible batches"],
-        dependencies={"store": Provide(_store, use_cache=False)},
+        dependencies={"store": Provide(store_of, use_cache=False)},
         exception_handlers=handlers(openai_error),  # type: ignore[arg-type]
     )
