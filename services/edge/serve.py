@@ -19,7 +19,7 @@ from litestar import Request, Response
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from contracts import EmbedRequest, Error, Event, GenerateRequest, LlmbusError
 from services.edge import image_fetch
 from services.edge.auth import origin_of
 from services.edge.dispatch import Dispatcher
@@ -34,6 +34,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 GONE = 499  # the client hung up before its answer: nobody reads this status
 
 _encode = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(Event).decode
+PRELUDE = frozenset({"start", "routed"})  # the events before the model's first word
 
 Wire = GenerateRequest | EmbedRequest
 Answer = Response[bytes] | Stream
@@ -57,6 +59,9 @@ class Dialect:
 
     media_type = "text/event-stream"
     streams = False  # this request's answer is a stream
+    # The stream's HTTP status waits for the model's first word, so an error before it (an unknown
+    # model) is a status, as OpenAI's and Ollama's own streams answer it: their clients raise on it.
+    status_waits = False
     ended = False  # set by `frame` when the stream must stop early (a compat stream that diverged)
     shrunk = Shrunk()  # what `LLMBUS_IMAGE_*` did to the request's images (services/edge/images.py)
 
@@ -123,8 +128,18 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         if early is not None:
             return early
         if dialect.streams:
+            batches = source.batches()
+            head: list[list[RawEvent]] = []
+            if dialect.status_waits:
+                try:
+                    head = await unless_client_leaves(request, source, _head(batches), close=False)
+                except ClientGone:
+                    return Response(b"", status_code=GONE)
+                if (failed := _first_error(head)) is not None:
+                    source.close()
+                    raise LlmbusError(failed.code, failed.message, retry_after=failed.retry_after)
             return Stream(
-                relay(source, dialect),
+                relay(source, dialect, _chained(head, batches)),
                 media_type=dialect.media_type,
                 headers={**SSE_HEADERS, "X-Request-Id": source.request_id},
             )
@@ -137,11 +152,41 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         return dialect.answer(result, source.request_id)
 
 
-async def relay(source: Source, dialect: Dialect) -> AsyncIterator[bytes]:
-    """A stream's body, one write per batch of events. Litestar cancels this generator when the
-    client disconnects; closing the source then cancels the request upstream."""
+async def _head(batches: AsyncIterator[list[RawEvent]]) -> list[list[RawEvent]]:
+    """The batches up to and with the first event past the prelude (or all, if the feed ends)."""
+    head = []
+    async for batch in batches:  # leaving the loop leaves the generator open for the relay
+        head.append(batch)
+        if any(event.type not in PRELUDE for event, _ in batch):
+            break
+    return head
+
+
+def _first_error(head: list[list[RawEvent]]) -> Error | None:
+    for event, data in (item for batch in head for item in batch):
+        if event.type not in PRELUDE:
+            first = _decode_event(data)
+            return first if isinstance(first, Error) else None
+    return None
+
+
+async def _chained(
+    head: list[list[RawEvent]], rest: AsyncIterator[list[RawEvent]]
+) -> AsyncIterator[list[RawEvent]]:
+    for batch in head:
+        yield batch
+    async for batch in rest:
+        yield batch
+
+
+async def relay(
+    source: Source, dialect: Dialect, batches: AsyncIterator[list[RawEvent]] | None = None
+) -> AsyncIterator[bytes]:
+    """A stream's body, one write per batch of events (`batches`: the source's, some perhaps read
+    already). Litestar cancels this generator when the client disconnects; closing the source then
+    cancels the request upstream."""
     try:
-        async for batch in source.batches():
+        async for batch in batches if batches is not None else source.batches():
             chunk = dialect.frame(batch)
             if chunk:
                 yield chunk
