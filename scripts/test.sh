@@ -20,11 +20,20 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
     echo "could not install chromium: tests/test_demo_page.py will be skipped" >&2
 fi
-# The official AsyncAPI parser checks contracts/asyncapi.yaml (tests/test_asyncapi.py): installed from
-# tests/node's lock into tests/node/node_modules (gitignored) when Node is here and it is missing.
-if command -v npm >/dev/null 2>&1 && [[ ! -d tests/node/node_modules/@asyncapi/parser ]]; then
+# tests/node's packages: the official AsyncAPI parser, which checks contracts/asyncapi.yaml
+# (tests/test_asyncapi.py), and the official JavaScript clients `openai` and `ollama`
+# (tests/test_js_clients.py). Installed from tests/node's lock into tests/node/node_modules
+# (gitignored) when Node is here and a package is missing or the lock changed since the install.
+node_packages_stale() {
+  [[ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]] ||
+    ! (cd tests/node && node -e '
+      const fs = require("fs");
+      const wanted = Object.keys(require("./package.json").dependencies);
+      process.exit(wanted.every((name) => fs.existsSync(`node_modules/${name}/package.json`)) ? 0 : 1);')
+}
+if command -v npm >/dev/null 2>&1 && node_packages_stale; then
   (cd tests/node && npm ci --silent --no-audit --no-fund) ||
-    echo "could not install @asyncapi/parser: tests/test_asyncapi.py's parser test will be skipped" >&2
+    echo "could not install tests/node's packages: the tests that run them with Node will be skipped" >&2
 fi
 python -m ruff check .
 python -m ruff format --check .

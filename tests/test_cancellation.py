@@ -54,3 +54,19 @@ async def test_non_streaming_client_disconnect_cancels_upstream(
     await fake_ollama.wait_calls(1, path="/api/chat")
     task.cancel()
     await fake_ollama.wait_disconnected(1, timeout=5)
+
+
+async def test_compat_stream_client_gone_before_first_token_cancels_upstream(
+    client: httpx.AsyncClient, fake_ollama: FakeOllama
+) -> None:
+    """OpenAI's and Ollama's streams hold their status until the model's first word (an error
+    before it is a status): a client that leaves meanwhile still cancels the work upstream."""
+    fake_ollama.config.first_token_delay = 30
+    for n, path in enumerate(("/openai/v1/chat/completions", "/ollama/api/chat"), start=1):
+        task = asyncio.create_task(client.post(path, json=BODY))
+        await fake_ollama.wait_calls(n, path="/api/chat")
+        task.cancel()
+        hung_up = time.monotonic()
+        call = (await fake_ollama.wait_disconnected(n, timeout=5))[-1]
+        assert call.tokens_sent == 0
+        assert time.monotonic() - hung_up < 1.0

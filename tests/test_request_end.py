@@ -165,3 +165,34 @@ async def test_the_owner_can_follow_or_cancel_on_another_edge_right_after_the_20
             else:
                 status = (await second_http.delete(f"/v1/requests/{request_id}")).status_code
             assert status in (200, 202), status
+
+
+async def test_a_compat_stream_whose_worker_vanished_still_ends_at_its_deadline(
+    edge: Edge, settings: Settings, fake_ollama: FakeOllama
+) -> None:
+    # OpenAI's and Ollama's streams hold their status for the first word, read by the handler's
+    # task; the rest is read by the relay's. The edge's own deadline must end the stream anyway
+    # when no worker will (it was an `asyncio.timeout` bound to the handler's task: a hang).
+    fake_ollama.config.tokens = 1000
+    fake_ollama.config.token_interval = 0.02
+    gen = Generator(settings)
+    await gen.start()
+    body = {**CHAT, "stream": True, "timeout": 1.5}
+    lines: list[str] = []
+    started = time.monotonic()
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        http.stream("POST", "/openai/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            lines.append(line)
+            if len(lines) == 3:
+                await gen.stop(grace=0)  # no terminal event from it: nothing else serves it
+    took = time.monotonic() - started
+    assert lines[-1] == "data: [DONE]"
+    error = msgspec.json.decode(lines[-2][len("data: ") :])["error"]
+    assert error["code"] == "deadline_exceeded"
+    assert took < 1.5 + 2.0 + QUICK  # the deadline and its grace, not the client's 30 s

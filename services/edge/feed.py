@@ -189,49 +189,63 @@ class EventFeed:
         inbox = self._inbox
         sequencer = self._sequencer
         idle = IDLE_PROBE_S
-        try:
-            async with asyncio.timeout_at(self.deadline + TERMINAL_GRACE_S):
-                out = self._replayed if self._replayed is not None else []
-                self._replayed = None
-                if self.replay:
+        loop = asyncio.get_running_loop()
+        # The deadline (plus the grace) bounds each wait, rather than an `asyncio.timeout` around the
+        # loop: that cancels the task that entered it, and a stream's first events may be read by
+        # the handler's task (its status waits for them) and the rest by the relay's.
+        end = self.deadline + TERMINAL_GRACE_S
+        out = self._replayed if self._replayed is not None else []
+        self._replayed = None
+        if self.replay:
+            out = await self._backfill()
+        if out:
+            yield self._seen(out)
+        while not self.finished:
+            if sequencer.ended:  # at or before `after`: the client has seen the end
+                self.finished = True
+                break
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            out = []
+            items = await inbox.take(min(GAP_WAIT_S if sequencer.gap else idle, remaining))
+            if not items and self._woken:  # `wake`: the relay has something to say
+                self._woken = False
+                yield []
+                continue
+            if not items:  # this wait's own bound ran out (or the deadline: the loop's test)
+                if loop.time() >= end:
+                    break
+                if sequencer.gap:
                     out = await self._backfill()
-                if out:
-                    yield self._seen(out)
-                while not self.finished:
-                    if sequencer.ended:  # at or before `after`: the client has seen the end
-                        self.finished = True
-                        break
-                    out = []
-                    items = await inbox.take(GAP_WAIT_S if sequencer.gap else idle)
-                    if not items and self._woken:  # `wake`: the relay has something to say
-                        self._woken = False
-                        yield []
-                        continue
-                    if not items:  # this wait's own bound ran out, not the deadline
-                        if sequencer.gap:
-                            out = await self._backfill()
-                            sequencer.skip_gap(out)  # never wait for an event the bus lost
-                        elif await self._stored_newer():
-                            out = await self._backfill()
-                        idle = min(idle * 2, IDLE_PROBE_MAX_S)
-                    else:
-                        idle = IDLE_PROBE_S
-                        poked = False
-                        for msg in items:
-                            if msg is None:
-                                poked = True
-                            else:
-                                sequencer.offer(_decode_head(msg.data), msg.data, out)
-                        if poked:  # the edge reconnected: events may have passed it by
-                            out += await self._backfill()
-                    if out:
-                        yield self._seen(out)
-        except TimeoutError:
+                    sequencer.skip_gap(out)  # never wait for an event the bus lost
+                elif await self._stored_newer():
+                    out = await self._backfill()
+                idle = min(idle * 2, IDLE_PROBE_MAX_S)
+            else:
+                idle = IDLE_PROBE_S
+                out = await self._ordered(items)
+            if out:
+                yield self._seen(out)
+        if not self.finished:  # the deadline passed without a terminal event
             self.cancel()
             out = await self._end_at_deadline()
             self.finished = True
             if out:
                 yield self._seen(out)
+
+    async def _ordered(self, items: list[Msg | None]) -> list[RawEvent]:
+        """The delivered events in order, through the sequencer; a poke (None) adds LLM_OUT's."""
+        out: list[RawEvent] = []
+        poked = False
+        for msg in items:
+            if msg is None:
+                poked = True
+            else:
+                self._sequencer.offer(_decode_head(msg.data), msg.data, out)
+        if poked:  # the edge reconnected: events may have passed it by
+            out += await self._backfill()
+        return out
 
     async def _end_at_deadline(self) -> list[RawEvent]:
         """No terminal event by the deadline (plus the grace): the edge ends the request itself.

@@ -21,8 +21,11 @@ class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-async def unless_client_leaves(request: Request[Any, Any, Any], feed: Closable, work: Awaitable[T]) -> T:
+async def unless_client_leaves(
+    request: Request[Any, Any, Any], feed: Closable, work: Awaitable[T], *, close: bool = True
+) -> T:
     """Awaits `work` (which reads `feed`); if the client hangs up first, cancels it and the request.
+    The feed is closed then, and when `work` is done unless `close` is false (a stream goes on).
 
     The body has been read, so the next ASGI message can only be `http.disconnect`.
     """
@@ -32,7 +35,8 @@ async def unless_client_leaves(request: Request[Any, Any, Any], feed: Closable, 
         await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hangup.cancel()
-        feed.close()
+        if close or not task.done():
+            feed.close()
     if not task.done():
         task.cancel()
         raise ClientGone

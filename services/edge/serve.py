@@ -19,7 +19,7 @@ from litestar import Request, Response
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from contracts import EmbedRequest, Error, GenerateRequest, LlmbusError
+from contracts import EmbedRequest, Error, Event, GenerateRequest, LlmbusError
 from contracts.headers import CACHE as CACHE_HEADER
 from contracts.queue import Queued
 from services.edge import image_fetch
@@ -37,8 +37,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 GONE = 499  # the client hung up before its answer: nobody reads this status
 
 _encode = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(Event).decode
+PRELUDE = frozenset({"start", "routed"})  # the events before the model's first word
 
 Wire = GenerateRequest | EmbedRequest
+Item = list[RawEvent] | Queued  # what a stream writes: a batch of events, or the request's queue place
 Answer = Response[bytes] | Stream
 
 
@@ -69,6 +72,9 @@ class Dialect:
 
     media_type = "text/event-stream"
     streams = False  # this request's answer is a stream
+    # The stream's HTTP status waits for the model's first word, so an error before it (an unknown
+    # model) is a status, as OpenAI's and Ollama's own streams answer it: their clients raise on it.
+    status_waits = False
     ended = False  # set by `frame` when the stream must stop early (a compat stream that diverged)
     shrunk = Shrunk()  # what `LLMBUS_IMAGE_*` did to the request's images (services/edge/images.py)
 
@@ -153,8 +159,18 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         if early is not None:
             return early
         if dialect.streams:
+            items = while_queued(source, dialect.shows_queue)
+            head: list[Item] = []
+            if dialect.status_waits:
+                try:
+                    head = await unless_client_leaves(request, source, _head(items), close=False)
+                except ClientGone:
+                    return Response(b"", status_code=GONE)
+                if (failed := _first_error(head)) is not None:
+                    source.close()
+                    raise LlmbusError(failed.code, failed.message, retry_after=failed.retry_after)
             return Stream(
-                relay(source, dialect),
+                relay(source, dialect, _chained(head, items)),
                 media_type=dialect.media_type,
                 headers={**SSE_HEADERS, "X-Request-Id": source.request_id, **cached},
             )
@@ -169,12 +185,46 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         return response
 
 
-async def relay(source: Source, dialect: Dialect) -> AsyncIterator[bytes]:
-    """A stream's body, one write per batch of events. Litestar cancels this generator when the
-    client disconnects; closing the source then cancels the request upstream."""
+async def _head(items: AsyncIterator[Item]) -> list[Item]:
+    """What a stream starts with: the items up to the model's first event past the prelude, or up
+    to the request's first place in the queue (it waits behind others: the status goes out so that
+    its place can be shown), or all of them if the feed ends."""
+    head: list[Item] = []
+    async for item in items:  # leaving the loop leaves the generator open for the relay
+        head.append(item)
+        if isinstance(item, Queued) or any(event.type not in PRELUDE for event, _ in item):
+            break
+    return head
+
+
+def _first_error(head: list[Item]) -> Error | None:
+    """The stream's first event past the prelude, if it is an error (an unknown model, say)."""
+    for item in head:
+        if isinstance(item, Queued):
+            return None
+        for event, data in item:
+            if event.type not in PRELUDE:
+                first = _decode_event(data)
+                return first if isinstance(first, Error) else None
+    return None
+
+
+async def _chained(head: list[Item], rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    for item in head:
+        yield item
+    async for item in rest:
+        yield item
+
+
+async def relay(
+    source: Source, dialect: Dialect, items: AsyncIterator[Item] | None = None
+) -> AsyncIterator[bytes]:
+    """A stream's body, one write per batch of events (`items`: the source's batches with its
+    `queued` places, some perhaps read already). Litestar cancels this generator when the client
+    disconnects; closing the source then cancels the request upstream."""
     try:
-        async for batch in while_queued(source, dialect.shows_queue):
-            chunk = dialect.queued(batch) if isinstance(batch, Queued) else dialect.frame(batch)
+        async for item in items if items is not None else while_queued(source, dialect.shows_queue):
+            chunk = dialect.queued(item) if isinstance(item, Queued) else dialect.frame(item)
             if chunk:
                 yield chunk
             if dialect.ended:

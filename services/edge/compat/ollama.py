@@ -114,6 +114,7 @@ class Ollama(Dialect):
 
     media_type = "application/x-ndjson"
     error = staticmethod(ollama_error)
+    status_waits = True
 
     def __init__(self, shape: _Shape, *, streams: bool) -> None:
         self.shape = shape
@@ -214,6 +215,7 @@ class OllamaEmbedding(Embedding):
     """`/api/embed` (`legacy`: `/api/embeddings`, one text, one vector)."""
 
     error = staticmethod(ollama_error)
+    status_waits = True
 
     def __init__(self, settings: Settings, *, legacy: bool = False) -> None:
         super().__init__(settings)

@@ -186,6 +186,7 @@ class OpenAI(Dialect):
     """Chat completions and completions: `data: {chunk}` lines, then `data: [DONE]`."""
 
     error = staticmethod(openai_error)
+    status_waits = True
 
     def __init__(self, shape: _Shape, *, streams: bool, include_usage: bool) -> None:
         self.shape = shape
@@ -287,6 +288,7 @@ async def completions(data: JSONBody[CompletionBody], pipeline: Piped) -> Answer
 
 class OpenAIEmbedding(Embedding):
     error = staticmethod(openai_error)
+    status_waits = True
 
     def __init__(self, settings: Settings, encoding_format: str) -> None:
         super().__init__(settings)
