@@ -18,13 +18,17 @@ from PIL import Image
 
 from contracts import ErrorCode, GenerateRequest, LlmbusError, Message, subjects
 from contracts.models import UsageEvent
+from services.batcher.main import BatcherService
 from services.edge.app import create_app
 from services.edge.dialects import DialectConflict
 from services.edge.images import ImagePolicy, shrink
 from services.embedder.main import Embedder
+from services.generator.main import Generator
 from services.ledger.store import database_url
 from services.runtime.settings import Settings
+from tests.conftest import Edge
 from tests.fakes.ollama import DEFAULT_MODELS, FakeOllama
+from tests.sse import sse_events
 from tests.test_admission import bearer, with_auth
 from tests.test_dialects import data_lines, replay, seed_edge
 from tests.test_janitor import janitor
@@ -434,6 +438,30 @@ async def test_images_are_shrunk_before_they_are_queued_on_every_api(
         data = base64.b64decode(image)
         assert max(Image.open(io.BytesIO(data)).size) == 512 and len(data) < len(jpeg) / 10
     assert vlm.json()["compression_savings_bytes"] == len(jpeg) - len(base64.b64decode(images[0]))
+
+
+async def test_batch_lines_images_are_shrunk_too(settings: Settings, seed_models: FakeOllama) -> None:
+    # The batcher publishes a batch's lines itself, not through the edge's pipeline: it shrinks them.
+    jpeg = photo(1600, 1200)
+    shrinking = msgspec.structs.replace(settings, image_max_side=512, image_quality=80)
+    line = {"model": VLM_MODEL, "messages": [{"role": "user", "content": "?"}]}
+    line["messages"][0]["images"] = [base64.b64encode(jpeg).decode()]  # type: ignore[index]
+    async with Edge(shrinking) as edge, httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+        generator, batcher = Generator(shrinking), BatcherService(shrinking)
+        await generator.start()
+        await batcher.start()
+        try:
+            body = {"endpoint": "/v1/chat", "lines": [{"custom_id": "a", "body": line}], "stream": True}
+            async with http.stream("POST", "/v1/batches", json=body) as response:
+                events = [event async for event in sse_events(response)]
+            output = (await http.get(f"/v1/batches/{events[-1].data['batch_id']}/output")).text
+        finally:
+            await batcher.stop()
+            await generator.stop(grace=0)
+    assert events[-1].event == "done" and events[-1].data["completed"] == 1, output
+    [sent] = [c.body for c in seed_models.calls if c.path == "/api/chat"]
+    data = base64.b64decode(sent["messages"][-1]["images"][0])
+    assert max(Image.open(io.BytesIO(data)).size) == 512 and len(data) < len(jpeg) / 10
 
 
 async def test_shrinking_keeps_the_bound_never_grows_an_image_and_refuses_what_is_not_one(

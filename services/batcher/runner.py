@@ -16,7 +16,16 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from contracts import Completion, EmbedRequest, EmbedResponse, Error, Event, LlmbusError, subjects
+from contracts import (
+    Completion,
+    EmbedRequest,
+    EmbedResponse,
+    Error,
+    Event,
+    GenerateRequest,
+    LlmbusError,
+    subjects,
+)
 from contracts.batches import BATCH_API, Batch, BatchError, BatchErrors, LineResult, RequestCounts
 from contracts.embed import Embeddings, Vectors
 from contracts.route import is_routed
@@ -25,6 +34,7 @@ from services.batcher.lines import Line, answered, count, expired, parse
 from services.edge.dispatch import Dispatcher
 from services.edge.feed import EventFeed
 from services.edge.generation import collect
+from services.edge.images import shrink
 from services.edge.tenants import ANONYMOUS, Tenant
 from services.runtime.batch_store import BatchStore
 from services.runtime.settings import Settings
@@ -120,6 +130,11 @@ class BatchRun:
 
     async def _answer(self, line: Line) -> Completion | EmbedResponse | Error:
         request = line.request
+        if isinstance(request, GenerateRequest):  # its images shrunk, as the edge does (LLMBUS_IMAGE_*)
+            try:
+                request, _ = await shrink(self.settings, request)
+            except LlmbusError as exc:  # not a readable image: this line's error
+                return Error(seq=0, attempt=0, code=exc.code, message=exc.message)
         # The batch lane: workers take a line only with a slot no interactive request waits for.
         if isinstance(request, EmbedRequest):
             subject = subjects.batch_lane(subjects.embed_subject(request.model))
