@@ -196,7 +196,7 @@ class OllamaBackend:
         path = "/api/chat" if request.is_chat else "/api/generate"
         body = _encode(request_body(request))
         with http_failures(self.url, "backend stream"):
-            async with self._client.stream("POST", path, content=body, headers=JSON) as response:
+            async with self._client.post_stream(path, body) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, await response.aread(), request.model)
                 lines = _ndjson(response.aiter_bytes())

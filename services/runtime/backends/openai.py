@@ -231,7 +231,7 @@ class OpenAIBackend:
         with http_failures(self.url, "backend stream"):
             request = msgspec.structs.replace(request, model=await self._served_name(request.model))
             body = request_body(request, await self._capabilities(request), stream=self.stream)
-            async with self._client.stream("POST", path, content=_encode(body), headers=JSON) as response:
+            async with self._client.post_stream(path, _encode(body)) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, await response.aread(), request.model)
                 if not self.stream:
