@@ -199,7 +199,7 @@ class OllamaBackend:
             async with self._client.post_stream(path, body) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, await response.aread(), request.model)
-                lines = _ndjson(response.aiter_bytes())
+                lines = _ndjson(self._client.chunks(response))
                 async for line in lines:
                     chunk = _decode_chunk(line)
                     if chunk.error is not None:

@@ -244,7 +244,7 @@ class OpenAIBackend:
                 answered_by: str | None = None
                 pieces = 0
                 first_at = last_at = 0.0
-                async for data in sse_data(response.aiter_bytes()):
+                async for data in sse_data(self._client.chunks(response)):
                     if data == _DONE:
                         break
                     chunk = _decode_chunk(data)
