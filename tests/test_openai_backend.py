@@ -161,9 +161,7 @@ async def test_prompt_mode_uses_completions_with_the_system_text(client: httpx.A
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["text"]
-    # `num_predict` caps it; the model may end sooner on its own (then it says `stop`, not `length`).
-    assert 1 <= answer["usage"]["completion_tokens"] <= 8
-    assert (answer["usage"]["completion_tokens"] == 8) == (answer["finish_reason"] == "length")
+    assert 1 <= answer["usage"]["completion_tokens"] <= 8  # `num_predict` caps it; the model may end sooner
 
 
 async def test_embeddings_of_similar_sentences_are_closer_than_unrelated(
