@@ -45,8 +45,7 @@ def freeze_startup_heap() -> None:
 
     The youngest generation is then collected every `YOUNG_GC_THRESHOLD` allocations instead of
     CPython's 700: a streamed request allocates thousands of short-lived objects, almost none in
-    cycles, and at 256 streams the default's collections cost the edge ~10 % of its CPU
-    (docs/benchmarks.md)."""
+    cycles; the default's collections cost the edge 2-3 % of its CPU (docs/benchmarks.md)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
