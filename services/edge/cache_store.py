@@ -22,12 +22,12 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from contracts import subjects
-from services.runtime import bus
+from services.runtime import bus, cache_bucket
 from services.runtime.settings import Settings
 
 log = logging.getLogger("llmbus.edge")
@@ -67,22 +67,12 @@ def tenant_tag(tenant: str) -> str:
 
 
 def cache_stream(settings: Settings) -> StreamConfig:
-    """The bucket's stream: a KV bucket that drops its oldest entries when full (nats-py's
-    create_key_value would refuse writes instead) and forgets them after the TTL."""
-    ttl = settings.response_cache_ttl_s
-    return StreamConfig(
-        name=STREAM,
-        subjects=[f"$KV.{BUCKET}.>"],
-        allow_direct=True,
-        allow_rollup_hdrs=True,
-        deny_delete=True,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=min(120.0, ttl),
-        max_age=ttl,
+    """The bucket's stream: its oldest entries dropped when full, each forgotten after the TTL."""
+    return cache_bucket.cache_stream(
+        BUCKET,
+        ttl_s=settings.response_cache_ttl_s,
         max_bytes=settings.response_cache_max_bytes,
-        max_msgs_per_subject=1,
-        num_replicas=settings.stream_replicas,
-        storage=StorageType.FILE,
+        replicas=settings.stream_replicas,
     )
 
 

@@ -18,12 +18,12 @@ from array import array
 from collections.abc import Sequence
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from contracts import subjects
-from services.runtime import bus
+from services.runtime import bus, cache_bucket
 from services.runtime.settings import Settings
 
 log = logging.getLogger("llmbus.embedder")
@@ -57,24 +57,12 @@ def from_bytes(data: bytes) -> array[float] | None:
 
 
 def cache_stream(settings: Settings) -> StreamConfig:
-    """The cache bucket's stream. nats-py's create_key_value makes a bucket that refuses writes
-    when full; a cache should drop its oldest entries instead, so it is configured here with
-    `discard: old`."""
-    bucket = subjects.EMBED_CACHE_BUCKET
-    ttl = settings.embed_cache_ttl_s
-    return StreamConfig(
-        name=f"KV_{bucket}",
-        subjects=[f"$KV.{bucket}.>"],
-        allow_direct=True,
-        allow_rollup_hdrs=True,
-        deny_delete=True,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=min(120.0, ttl),
-        max_age=ttl,
+    """The cache bucket's stream: its oldest entries dropped when full (services/runtime/cache_bucket.py)."""
+    return cache_bucket.cache_stream(
+        subjects.EMBED_CACHE_BUCKET,
+        ttl_s=settings.embed_cache_ttl_s,
         max_bytes=settings.embed_cache_max_bytes,
-        max_msgs_per_subject=1,
-        num_replicas=settings.stream_replicas,
-        storage=StorageType.FILE,
+        replicas=settings.stream_replicas,
     )
 
 
