@@ -73,7 +73,7 @@ class BackendClient(httpx.AsyncClient):
     async def post_stream(self, path: str, body: bytes) -> AsyncIterator[httpx.Response]:
         """`stream("POST", path, content=body)` with a JSON body, through the same transport but
         without httpx's per-request client work (URL merging, cookie extraction, auth and redirect
-        handling: two thirds of a generation's request cost in the generator, ~0.5 ms at 256
+        handling: two thirds of a generation's request cost in the generator, ~0.3 ms at 256
         streams, docs/benchmarks.md); through the client itself behind a proxy or with credentials."""
         if self._lean is None:
             async with self.stream("POST", path, content=body, headers=JSON) as response:
