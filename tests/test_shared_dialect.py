@@ -363,6 +363,22 @@ async def test_the_readme_size_limits_are_400_prompt_too_large_and_413_request_t
     assert _request_id(long) and _request_id(huge)
 
 
+async def test_the_vlm_compression_knobs_are_refused_by_name_not_ignored(
+    settings: Settings, generator: object, seed_models: FakeOllama
+) -> None:
+    base = {"model": VLM_MODEL, "messages": [{"role": "user", "content": "?"}]}
+    base["images"] = [image_data(photo(64, 48))]
+    knobs = [("image_compression", False), ("max_dimension", 512), ("compression_format", "png")]
+    async with seed_edge(settings, "shared") as http:
+        for field, value in knobs:
+            refused = await http.post("/api/v1/vlm", json={**base, field: value})
+            assert refused.status_code == 400, (field, refused.text)
+            assert refused.json()["code"] == "unsupported" and f"`{field}`" in refused.json()["error"]
+        # The defaults the seed documents stay accepted.
+        ok = await http.post("/api/v1/vlm", json={**base, "image_compression": True})
+    assert ok.status_code == 200, ok.text
+
+
 async def test_with_keys_a_project_is_a_tenant_whose_concurrency_answers_429_with_retry_after(
     settings: Settings, seed_models: FakeOllama, tmp_path: Path
 ) -> None:

@@ -35,7 +35,7 @@ from contracts import (
 )
 from contracts.embed import EmbedResponse
 from contracts.tools import Tool
-from services.edge.compat.fields import data_url_image
+from services.edge.compat.fields import data_url_image, unsupported
 from services.edge.compat.openai import OpenAI, _Shape
 from services.edge.compat.openai_bodies import ChatCompletionBody, ResponseFormat
 from services.edge.defaults import default_model
@@ -106,10 +106,19 @@ class ChatBody(_Knobs, kw_only=True):
 
 class VlmBody(ChatBody, kw_only=True):
     images: list[str]
-    # The seed's per-request compression knobs: the server's LLMBUS_IMAGE_* policy applies instead.
+    # The seed's per-request compression knobs. The server's LLMBUS_IMAGE_* policy decides, so a
+    # request that asks for something else is refused, never quietly given the server's policy.
     image_compression: bool = True
     max_dimension: int | None = None
     compression_format: Literal["jpeg", "png", "webp"] | None = None
+
+    def refuse_compression_knobs(self) -> None:
+        why = "images are shrunk by the server's policy (LLMBUS_IMAGE_MAX_SIDE, LLMBUS_IMAGE_QUALITY)"
+        if not self.image_compression:
+            raise unsupported("image_compression", why)
+        for name in ("max_dimension", "compression_format"):
+            if getattr(self, name) is not None:
+                raise unsupported(name, why)
 
 
 class OpenAIBody(ChatCompletionBody, kw_only=True):
@@ -219,6 +228,7 @@ async def vlm(data: JSONBody[VlmBody], pipeline: Piped) -> Answer:
         raise LlmbusError(
             ErrorCode.BAD_REQUEST, "`images`: at least one image is required (text: /api/v1/chat)"
         )
+    data.refuse_compression_knobs()
     model = data.model or default_model(pipeline.settings)
     messages = [m.to_message(i) for i, m in enumerate(data.messages)]
     images = [_base64(image, f"images[{i}]") for i, image in enumerate(data.images)]
