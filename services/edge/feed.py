@@ -25,7 +25,7 @@ from nats.js.errors import NoStreamResponseError
 
 from contracts import TERMINAL_TYPES, Error, ErrorCode, EventHead, headers, subjects
 from services.edge.outcome import Outcome
-from services.runtime import events
+from services.runtime import direct_sub, events
 from services.runtime.events import RawEvent, Sequencer
 from services.runtime.queue_stats import Waiting
 from services.runtime.retry import Backoff
@@ -164,13 +164,12 @@ class EventFeed:
         first = self.first_event
         inbox = self._inbox
 
-        async def put(msg: Msg) -> None:
+        def put(msg: Msg) -> None:
             inbox.put(msg)
             if not first.is_set():
                 first.set()
 
-        # A callback subscription: nats-py runs one task per subscription, not one per message.
-        self._sub = await self._nc.subscribe(self.subject, cb=put)
+        self._sub, _ = await direct_sub.subscribe(self._nc, self.subject, put)
 
     async def prefetch(self) -> None:
         """Reads what is stored now (after subscribing), so `nothing_after` can be asked at once."""

@@ -163,18 +163,19 @@ def _finish(record: _Record) -> None:
     model = record.model if routed is None else routed.model  # the model that answered, not `auto`
     record.feed = None  # tasks made during the request hold this record (their context): no cycle
     metrics.http_request_ended(record.endpoint, model, code, duration, ttft)
-    log.info(
-        "request finished",
-        extra={
-            "endpoint": record.endpoint,
-            "model": model,
-            "route": None if routed is None else routed.route,
-            "code": code,
-            "status": record.status,
-            "duration_ms": round(duration * 1000, 3),
-            "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
-        },
-    )
+    if log.isEnabledFor(logging.INFO):  # (its fields are not built for nothing)
+        log.info(
+            "request finished",
+            extra={
+                "endpoint": record.endpoint,
+                "model": model,
+                "route": None if routed is None else routed.route,
+                "code": code,
+                "status": record.status,
+                "duration_ms": round(duration * 1000, 3),
+                "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+            },
+        )
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)

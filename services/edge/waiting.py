@@ -35,11 +35,11 @@ async def while_queued(source: Any, shows_queue: bool) -> AsyncIterator[list[Raw
             yield batch
         return
     said: list[Queued] = []
-    looker = asyncio.get_running_loop().create_task(_look(waiting, source, said))
+    looker = _Looker(waiting, source, said)
     try:
         async for batch in batches:
             if batch:
-                looker.cancel()
+                looker.stop()
                 yield batch
                 break
             if said:  # woken by the looker
@@ -49,13 +49,38 @@ async def while_queued(source: Any, shows_queue: bool) -> AsyncIterator[list[Raw
             if batch:
                 yield batch
     finally:
-        looker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await looker
+        await looker.aclose()
+
+
+class _Looker:
+    """The looking, begun `FIRST_LOOK_S` after the request was queued: a timer until then, and a
+    task only for a request that is still waiting (most start at once: no task, no cancellation)."""
+
+    def __init__(self, waiting: Waiting, source: Any, said: list[Queued]) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            FIRST_LOOK_S, self._begin, waiting, source, said
+        )
+
+    def _begin(self, waiting: Waiting, source: Any, said: list[Queued]) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(_look(waiting, source, said))
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        self.stop()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def _look(waiting: Waiting, source: Any, said: list[Queued]) -> None:
-    await asyncio.sleep(FIRST_LOOK_S)
     while True:
         try:
             status = await waiting.look()

@@ -213,16 +213,17 @@ def ended(job: Job[R], event: object) -> RequestEnded:
 async def report(nc: Client, record: RequestEnded) -> None:
     """Metrics, the log line and the usage event (the janitor's last use, the ledger's row)."""
     metrics.worker_request_ended(record)
-    _ended_log.debug(
-        "request ended",
-        extra={
-            "subject": record.family,
-            "model": record.model,
-            "code": record.code,
-            "attempt": record.attempt,
-            "duration_ms": round(record.duration_s * 1000, 3),
-        },
-    )
+    if _ended_log.isEnabledFor(logging.DEBUG):  # (its fields are not built for nothing)
+        _ended_log.debug(
+            "request ended",
+            extra={
+                "subject": record.family,
+                "model": record.model,
+                "code": record.code,
+                "attempt": record.attempt,
+                "duration_ms": round(record.duration_s * 1000, 3),
+            },
+        )
     await usage.publish(nc, record)
 
 
