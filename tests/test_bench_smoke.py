@@ -87,8 +87,13 @@ def test_repeated_runs_with_two_edges_and_two_generators_print_the_spread() -> N
     ]
     out = _run("scripts.bench", *args).stdout
     assert [r.split("|")[2].strip() for r in _first_table(out)] == ["direct", "llmbus"] * 2
-    spread = out.split("| streams | gateway |")[1].splitlines()[2]
-    assert spread.split("|")[2].strip() == "llmbus" and spread.split("|")[3].strip() == "2"  # two runs
+    direct, spread = out.split("| streams | gateway |")[1].splitlines()[2:4]
+    # The upstream alone: its own CPU per request, the floor of one HTTP hop, and the load client's.
+    cells = [c.strip() for c in direct.split("|")]
+    assert cells[2] == "direct (upstream alone)" and cells[8].startswith("upstream ") and cells[9] != "—"
+    cells = [c.strip() for c in spread.split("|")]
+    assert cells[2] == "llmbus" and cells[3] == "2"  # two runs
+    assert "edge " in cells[8] and "generator " in cells[8] and cells[9] != "—"
 
 
 def test_quick_benchmark_with_the_ledger_reports_its_row_lag() -> None:
