@@ -129,5 +129,6 @@ def test_hop_floor_measures_every_hop_kind() -> None:
 def test_http_floor_prints_both_servers_cpu_per_request() -> None:
     out = _run("scripts.bench.http_floor", "--concurrency", "8", "--runs", "1", "--requests", "64").stdout
     rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["raw ASGI on uvicorn", "Litestar Stream on uvicorn"]
+    servers = [row.split("|")[2].strip() for row in rows]
+    assert servers == ["raw ASGI on uvicorn", "Litestar Stream on uvicorn"]
     assert all(float(row.split("|")[3].split()[0]) > 0 for row in rows)  # ~60 ms of CPU each: seen
