@@ -11,6 +11,7 @@ and a terminal `error` event turned into the API's error response.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ from services.edge.errors import native_error, request_id_of
 from services.edge.hangup import ClientGone, unless_client_leaves
 from services.edge.images import Shrunk, shrink
 from services.edge.sse import frame
-from services.edge.waiting import while_queued
+from services.edge.waiting import Items, while_queued
 from services.runtime.events import RawEvent
 from services.runtime.settings import Settings
 
@@ -170,7 +171,7 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
                     source.close()
                     raise LlmbusError(failed.code, failed.message, retry_after=failed.retry_after)
             return Stream(
-                relay(source, dialect, _chained(head, items)),
+                relay(source, dialect, items, head),
                 media_type=dialect.media_type,
                 headers={**SSE_HEADERS, "X-Request-Id": source.request_id, **cached},
             )
@@ -185,7 +186,7 @@ class Pipeline:  # a handler's parameter `pipeline: Piped`
         return response
 
 
-async def _head(items: AsyncIterator[Item]) -> list[Item]:
+async def _head(items: Items) -> list[Item]:
     """What a stream starts with: the items up to the model's first event past the prelude, or up
     to the request's first place in the queue (it waits behind others: the status goes out so that
     its place can be shown), or all of them if the feed ends."""
@@ -209,31 +210,41 @@ def _first_error(head: list[Item]) -> Error | None:
     return None
 
 
-async def _chained(head: list[Item], rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
-    for item in head:
-        yield item
-    async for item in rest:
-        yield item
-
-
 async def relay(
-    source: Source, dialect: Dialect, items: AsyncIterator[Item] | None = None
+    source: Source, dialect: Dialect, items: Items | None = None, head: list[Item] | None = None
 ) -> AsyncIterator[bytes]:
-    """A stream's body, one write per batch of events (`items`: the source's batches with its
-    `queued` places, some perhaps read already). Litestar cancels this generator when the client
-    disconnects; closing the source then cancels the request upstream."""
+    """A stream's body, one write per batch of events: `head`, what was read already (a status
+    wait), then `items`, the source's batches with its `queued` places. Litestar cancels this
+    generator when the client disconnects; closing the source then cancels the request upstream."""
+    if items is None:
+        items = while_queued(source, dialect.shows_queue)
     try:
-        async for item in items if items is not None else while_queued(source, dialect.shows_queue):
-            chunk = dialect.queued(item) if isinstance(item, Queued) else dialect.frame(item)
+        for item in head or ():
+            chunk = _written(dialect, item)
             if chunk:
                 yield chunk
             if dialect.ended:
                 break
+        if not dialect.ended:
+            async for item in items:
+                chunk = _written(dialect, item)
+                if chunk:
+                    yield chunk
+                if dialect.ended:
+                    break
         tail = dialect.tail()
         if tail:
             yield tail
     finally:
         source.close()
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:  # the looking stops now, not when the collector finds it
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+def _written(dialect: Dialect, item: Item) -> bytes:
+    return dialect.queued(item) if isinstance(item, Queued) else dialect.frame(item)
 
 
 Piped = NamedDependency[Pipeline]  # how a handler asks for its pipeline
