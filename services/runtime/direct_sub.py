@@ -3,8 +3,8 @@
 nats-py runs a subscription's callback in a task of the subscription's: every message is put on an
 `asyncio.Queue`, that task wakes, takes it and awaits the callback. For the edge's per-request
 event feeds (one subscription per stream in flight, one message per token) that is a queue put,
-a queue get, a future and a task switch per token: about a tenth of the edge's CPU at 256 streams
-(docs/benchmarks.md). Here nats-py's read loop calls `deliver(msg)` itself, which must be quick
+a queue get, a future and a task switch per token (measured: 1-3 % of the edge's CPU,
+docs/benchmarks.md). Here nats-py's read loop calls `deliver(msg)` itself, which must be quick
 and must not raise (the feed appends to a list and wakes its reader).
 
 It relies on one nats-py detail: its read loop hands a subscription's messages to
